@@ -1,0 +1,45 @@
+# effdstl — two commands set everything up:  `make demo` (the offline Fig. 5 study on digits)
+# and `make test`.  The venv is created here; nothing else needs installing by hand.
+PY      ?= python3
+VENV    ?= .venv
+BIN      = $(VENV)/bin
+STAMP    = $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help venv test test-fast demo demo-cifar10 bench slurm-start slurm-stop clean-results
+
+help:
+	@echo "make demo         offline Fig. 5 replacement study on digits (CPU, a few minutes)"
+	@echo "make test         the full test suite (starts a local Slurm cluster when it can)"
+	@echo "make test-fast    tests without Slurm"
+	@echo "make bench        effdstl bench on this machine's device"
+	@echo "make slurm-start  a real one-node Slurm cluster on localhost (root, Debian)"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	bash scripts/run-tests.sh $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slurm" $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/effdstl demo
+
+bench: $(STAMP)
+	$(BIN)/effdstl bench
+
+slurm-start:
+	bash scripts/local-slurm.sh start
+
+slurm-stop:
+	bash scripts/local-slurm.sh stop
+
+clean-results:
+	rm -rf results/*/

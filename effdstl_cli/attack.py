@@ -1,0 +1,110 @@
+"""The FGSM boundary probe (Sec. 4.3, Fig. 7; METHOD.md 'FGSM boundary probe').
+
+From a distillation run, draw up to ``n`` training samples the run kept (not in its altered
+subset) and up to ``n`` it manipulated (in the subset), attack them with FGSM using the teacher's
+gradient, and record for the teacher, the distilled student and an undistilled network how much
+the true-class confidence drops: ``p(x)[y] - p(x_adv)[y]``. Images are in pixel space [0, 1]
+(normalization lives inside the models), so the step and the clip need no un-normalizing.
+"""
+
+from __future__ import annotations
+
+import io as _io
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from . import io as fio
+from .data import build_data
+from .engine import load_teacher
+from .errors import EffdstlError
+from .models import build_model, load_checkpoint
+from .targets import subset_mask, true_prob
+
+DEFAULT_EPS = (0.5 / 255, 1 / 255, 2 / 255, 4 / 255, 8 / 255)
+
+
+def fgsm(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x_adv = clip(x + eps * sign(grad_x CE(f(x), y)), 0, 1)`` (Goodfellow et al.)."""
+    x = x.clone().requires_grad_(True)
+    loss = F.cross_entropy(model(x), y)
+    (grad,) = torch.autograd.grad(loss, x)
+    return (x + eps * grad.sign()).clamp(0.0, 1.0).detach()
+
+
+def _load_run_model(run_dir: Path, cfg: dict, data) -> torch.nn.Module:
+    path = Path(run_dir) / "model.pt"
+    if not path.exists():
+        raise EffdstlError(f"run {Path(run_dir).name} has no model.pt: train it first (effdstl sweep/train ...)")
+    net = build_model(cfg["model"], data.num_classes, in_chans=data.in_chans, image_size=data.image_size,
+                      mean=data.mean, std=data.std)
+    load_checkpoint(net, str(path))
+    return net.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def _probs(net, split, idx: torch.Tensor, device, tau: float = 1.0, batch: int = 512) -> torch.Tensor:
+    out = []
+    for i in idx.split(batch):
+        out.append(F.softmax(net(_clean_batch(split, i, device)).float() / tau, dim=1))
+    return torch.cat(out)
+
+
+def _clean_batch(split, idx: torch.Tensor, device) -> torch.Tensor:
+    """Training images without augmentation (the probe looks at the samples themselves)."""
+    return split.get_batch(idx, None, device, augment=False)
+
+
+def run_probe(probe: dict, device: str = "auto") -> Path:
+    """Run one probe (a dict from ``studies.probe_targets`` plus n, eps, out, seed); write the table."""
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    cfg = probe["cfg"]
+    data = build_data(cfg["dataset"], cfg.get("data_root"), cfg.get("image_size"))
+    split = data.train
+    teacher = load_teacher(probe["teacher"], cfg["teachers"][probe["teacher"]], data).to(dev)
+    nets = {"teacher": teacher, "student": _load_run_model(probe["run"], cfg, data).to(dev)}
+    if probe.get("undistilled"):
+        ucfg = {**cfg, "model": cfg["model"]}
+        nets["undistilled"] = _load_run_model(probe["undistilled"], ucfg, data).to(dev)
+
+    # Kept vs manipulated: the run's subset rule, evaluated with its teacher and final student.
+    all_idx = torch.arange(len(split))
+    y_all = split.labels.to(dev)
+    p_t = _probs(teacher, split, all_idx, dev, probe["tau"])
+    p_s = _probs(nets["student"], split, all_idx, dev, probe.get("tau_s", 1.0))
+    mask = subset_mask(probe["subset"], p_t, p_s, y_all).cpu()
+    n = int(probe.get("n", 1000))
+    g = torch.Generator().manual_seed(int(probe.get("seed", 0)))
+    chosen = {}
+    for name, m in (("manipulated", mask), ("kept", ~mask)):
+        pool = all_idx[m]
+        chosen[name] = pool[torch.randperm(len(pool), generator=g)[:n]]
+    if min(len(v) for v in chosen.values()) == 0:
+        raise EffdstlError(f"run {Path(probe['run']).name}: the '{probe['subset']}' subset leaves no "
+                           "kept or no manipulated training samples to probe")
+
+    rows = []
+    for eps in probe.get("eps", DEFAULT_EPS):
+        for subset, idx in chosen.items():
+            for i in idx.split(256):
+                x, y = _clean_batch(split, i, dev), y_all[i.to(dev)]
+                x_adv = fgsm(teacher, x, y, float(eps))
+                with torch.no_grad():
+                    for net_name, net in nets.items():
+                        c0 = true_prob(F.softmax(net(x).float(), 1), y)
+                        c1 = true_prob(F.softmax(net(x_adv).float(), 1), y)
+                        rows.append(pd.DataFrame({
+                            "network": net_name, "subset": subset, "sample": i.numpy(), "eps": float(eps),
+                            "conf_clean": c0.cpu().numpy(), "conf_adv": c1.cpu().numpy(),
+                            "drop": (c0 - c1).cpu().numpy(), "run": Path(probe["run"]).name}))
+    df = pd.concat(rows, ignore_index=True)
+    out = Path(probe["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    buf = _io.BytesIO()
+    df.to_parquet(buf, index=False)
+    fio.atomic_write_text(out.with_suffix(".csv"), df.to_csv(index=False))
+    fio.atomic_write_bytes(out, buf.getvalue())  # the parquet last: its presence means 'done'
+    return out

@@ -1,0 +1,549 @@
+"""The ``effdstl`` command: a thin Typer layer over the library (no science here).
+
+Every user-fixable problem reaches the user as one line ``error: ...`` and exit code 2.
+"""
+
+
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import EffdstlError
+
+console = Console(stderr=True)
+out = Console(width=None if sys.stdout.isatty() else 140)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run the studies of Song et al. (ACM MM 2023, EffDstl): what a strong teacher "
+                       "transfers that a weak one does not. Locally, or on Slurm.")
+train_app = typer.Typer(no_args_is_help=True, help="Train a teacher, a group of students, or the EffDstl recipe.")
+sweep_app = typer.Typer(no_args_is_help=True, help="Fig. 5 / Fig. 6 sweeps: replacement or manipulation on subsets.")
+attack_app = typer.Typer(no_args_is_help=True, help="Boundary probes (Fig. 7).")
+app.add_typer(train_app, name="train")
+app.add_typer(sweep_app, name="sweep")
+app.add_typer(attack_app, name="attack")
+
+RESULTS = typer.Option("results", "--results", help="Results root (one folder per study).")
+SETS = typer.Option(None, "--set", help="Override a study key, e.g. --set schedule.epochs=5 --set seeds=[0,1].")
+
+
+def _version(value: bool):
+    if value:
+        out.print(f"effdstl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    pass
+
+
+# -- launch plumbing -------------------------------------------------------------------------
+
+class LaunchArgs:
+    """The options every launching command shares."""
+
+    def __init__(self, executor, device, tasks, gpus_per_job, partition, account, qos, timeout_min,
+                 array_parallelism, max_parallel, compile_, workers, wait):
+        from .launch import LaunchOptions
+
+        self.opts = LaunchOptions(executor=executor, device=device, tasks=tasks, gpus_per_job=gpus_per_job,
+                                  partition=partition, account=account, qos=qos, timeout_min=timeout_min,
+                                  array_parallelism=array_parallelism, max_parallel=max_parallel,
+                                  compile=compile_, workers=workers, wait=wait)
+
+
+def launch_options(
+    executor: str = typer.Option("local", "--executor", "-x", help="debug (this process) | local (submitit subprocesses) | slurm."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    tasks: int = typer.Option(1, "--tasks", help="Processes per job (DDP; gloo on CPU)."),
+    gpus_per_job: Optional[int] = typer.Option(None, "--gpus-per-job", help="GPUs per job = one DDP job (nccl). Use 4 on a GPU cluster."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="Slurm partition."),
+    account: Optional[str] = typer.Option(None, "--account", help="Slurm account."),
+    qos: Optional[str] = typer.Option(None, "--qos", help="Slurm QOS."),
+    timeout_min: int = typer.Option(24 * 60, "--timeout-min", help="Per job; a job past it requeues and resumes."),
+    array_parallelism: int = typer.Option(16, "--array-parallelism", help="Slurm: jobs of an array running at once."),
+    max_parallel: Optional[int] = typer.Option(None, "--max-parallel", help="Local: jobs at once (default: 1 on CPU, one per GPU)."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile students and teachers (GPU)."),
+    workers: int = typer.Option(4, "--workers", help="DataLoader workers for on-disk image folders."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for the jobs and show progress."),
+) -> LaunchArgs:
+    return LaunchArgs(executor, device, tasks, gpus_per_job, partition, account, qos, timeout_min,
+                      array_parallelism, max_parallel, compile_, workers, wait)
+
+
+def _progress_poller(plan):
+    """Progress bars from the run directories alone: the same for every executor."""
+    from .io import read_jsonl
+    from .studies import run_state
+
+    runs = [(c, d) for j in plan.jobs if j.kind == "train" for c, d in j.runs]
+    total_ep = sum(int(c["epochs"]) for c, _ in runs)
+    prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=False)
+    t_runs = prog.add_task("runs finished", total=len(runs))
+    t_ep = prog.add_task("epochs trained", total=total_ep)
+
+    last = [0.0]
+
+    def poll(force: bool = False):
+        if not force and time.time() - last[0] < 0.5:  # debug runs call this every epoch
+            return
+        last[0] = time.time()
+        done = sum(run_state(d) == "done" for _, d in runs)
+        eps = sum(int(c["epochs"]) if (d / "final.json").exists() else len(read_jsonl(d / "metrics.jsonl"))
+                  for c, d in runs)
+        prog.update(t_runs, completed=done)
+        prog.update(t_ep, completed=eps)
+
+    return prog, poll
+
+
+def _run_plan(plan, la: LaunchArgs, dry_run: bool) -> None:
+    from .launch import dry_run_lines, launch
+
+    la.opts.validate()
+    if dry_run:
+        for line in dry_run_lines(plan, la.opts):
+            out.print(line, highlight=False, markup=False, soft_wrap=True)
+        return
+    prog, poll = _progress_poller(plan)
+    poll_fn = poll if la.opts.wait else None
+    t0 = time.time()
+    with prog:
+        poll()
+        outcome = launch(plan, la.opts, report=lambda m: prog.console.print(m, highlight=False, markup=False),
+                         on_poll=poll_fn)
+        poll(force=True)
+    bad = {k: v for k, v in outcome.items() if isinstance(v, str) and (v.startswith("failed") or v.startswith("skipped"))}
+    if outcome and la.opts.wait:
+        console.print(f"study '{plan.study['name']}': {len(outcome)} job(s) ran in {time.time() - t0:.0f} s; "
+                      f"results in {plan.study_dir}")
+    if bad:
+        raise EffdstlError(f"{len(bad)} job(s) did not finish: " + "; ".join(f"{k}: {v}" for k, v in bad.items()))
+
+
+def _load_plan(study: Path, sets, results: str, kinds: tuple[str, ...] | None = None):
+    from .config import load_study
+    from .studies import plan
+
+    s = load_study(study, sets)
+    if kinds and s["kind"] not in kinds:
+        raise EffdstlError(f"study {study} is of kind '{s['kind']}'; this command runs {' or '.join(kinds)} "
+                           f"studies (use `effdstl run --study {study}` for any kind)")
+    return plan(s, results)
+
+
+# -- sweeps and studies ------------------------------------------------------------------------
+
+def _with_launch(fn):
+    """Attach the shared launch options to a command (Typer has no dependency injection)."""
+    import functools
+    import inspect
+
+    params = list(inspect.signature(fn).parameters.values())
+    lparams = list(inspect.signature(launch_options).parameters.values())
+    sig = inspect.signature(fn).replace(parameters=[p for p in params if p.name != "la"] + lparams)
+
+    @functools.wraps(fn)
+    def wrapper(**kw):
+        lkw = {p.name: kw.pop(p.name) for p in lparams}
+        return fn(la=launch_options(**lkw), **kw)
+
+    wrapper.__signature__ = sig
+    return wrapper
+
+
+@sweep_app.command("replacement")
+@_with_launch
+def sweep_replacement(study: Path = typer.Option(..., "--study", "-s", help="A study file, e.g. studies/figure5-digits.yaml."),
+                      sets: Optional[List[str]] = SETS, results: str = RESULTS,
+                      dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG and the jobs; submit nothing."),
+                      la: LaunchArgs = None):
+    """Fig. 5: replace the weak teacher's targets with the strong one's on a subset (full / partial / confidence)."""
+    _run_plan(_load_plan(study, sets, results, ("replacement",)), la, dry_run)
+
+
+@sweep_app.command("manipulation")
+@_with_launch
+def sweep_manipulation(study: Path = typer.Option(..., "--study", "-s", help="A study file, e.g. studies/figure6-digits.yaml."),
+                       sets: Optional[List[str]] = SETS, results: str = RESULTS,
+                       dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG and the jobs; submit nothing."),
+                       la: LaunchArgs = None):
+    """Fig. 6: label smoothing / teacher amplification / student amplification on a subset."""
+    _run_plan(_load_plan(study, sets, results, ("manipulation",)), la, dry_run)
+
+
+@app.command("run")
+@_with_launch
+def run_study(study: Path = typer.Option(..., "--study", "-s", help="Any study file in studies/."),
+              sets: Optional[List[str]] = SETS, results: str = RESULTS,
+              dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG and the jobs; submit nothing."),
+              la: LaunchArgs = None):
+    """Run any study (replacement, manipulation, recipe, ablation, fig8, fgsm) to the end."""
+    _run_plan(_load_plan(study, sets, results), la, dry_run)
+
+
+@train_app.command("recipe")
+@_with_launch
+def train_recipe(study: Path = typer.Option(..., "--study", "-s", help="e.g. studies/table1-digits.yaml."),
+                 sets: Optional[List[str]] = SETS, results: str = RESULTS,
+                 dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG and the jobs; submit nothing."),
+                 la: LaunchArgs = None):
+    """EffDstl (Table 1): stage 1 WSL from the weak teacher, stage 2 CKM from a stronger one, in one
+    resumable run, with the no-distill / KD / RKD / WSL baselines under the same schedule."""
+    _run_plan(_load_plan(study, sets, results, ("recipe", "ablation", "fig8")), la, dry_run)
+
+
+# -- single runs ------------------------------------------------------------------------------
+
+def _parse_distiller(text: str) -> dict:
+    """``kd`` or ``kd:tau=4,lam=0.9`` or ``replace:scheme=full,subset=reg_cor``."""
+    name, _, rest = text.partition(":")
+    spec: dict = {"name": name.strip()}
+    for item in filter(None, rest.split(",")):
+        if "=" not in item:
+            raise EffdstlError(f"--distiller {text}: parameters are key=value, got '{item}'")
+        k, v = item.split("=", 1)
+        spec[k.strip()] = yaml.safe_load(v)
+    return spec
+
+
+def _resolve_teacher(text: str) -> dict:
+    """A teacher from: a model.pt, a run directory, a study folder with one teacher run, or a
+    hub model ``timm:NAME`` / ``tv:NAME`` (pretrained)."""
+    from .io import read_jsonl  # noqa: F401
+
+    if text.startswith(("timm:", "tv:")):
+        return {"model": text, "pretrained": True}
+    p = Path(text)
+    if p.is_dir():
+        if (p / "model.pt").exists():
+            p = p / "model.pt"
+        else:
+            cands = [c for c in sorted(p.glob("runs/*/model.pt"))
+                     if yaml.safe_load((c.parent / "config.yaml").read_text()).get("role") == "teacher"]
+            if len(cands) != 1:
+                raise EffdstlError(f"--teacher {text}: expected one finished teacher run under it, found {len(cands)}")
+            p = cands[0]
+    if not p.exists():
+        raise EffdstlError(f"--teacher {text}: no such checkpoint or run directory")
+    import torch
+
+    try:
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001
+        raise EffdstlError(f"checkpoint {p} is corrupt or truncated") from None
+    spec = blob.get("model_spec") if isinstance(blob, dict) else None
+    if not spec:
+        raise EffdstlError(f"--teacher {text}: the checkpoint does not say its model; pass a run's model.pt")
+    return {"model": spec, "ckpt": str(p.resolve())}
+
+
+def _single_plan(name: str, dataset: str, data_root, image_size, model: str, seed: int, batch_size: int,
+                 sched: dict, distillers: list[dict], teachers: dict, role: str, results: str):
+    from .config import config_hash, validate_schedule
+    from .distillers import build_distiller
+    from .studies import DEFAULT_SCHEDULE, Job, Plan, _stage, study_dir
+
+    validate_schedule("command line", {k: v for k, v in sched.items() if v is not None})
+    sdir = study_dir(results, name)
+    runs = []
+    for d in distillers:
+        dist = build_distiller(d)  # validates names and parameters before anything trains
+        for t in dist.teachers:
+            if t not in teachers:
+                raise EffdstlError(f"distiller '{d['name']}' reads teacher '{t}': pass --teacher PATH"
+                                   + (" and --strong PATH" if t == "strong" else ""))
+        st = _stage({**DEFAULT_SCHEDULE, **{k: v for k, v in sched.items() if v is not None}}, d)
+        label = d["name"] + "".join(f" {k}={v}" for k, v in d.items() if k not in ("name", "teacher"))
+        cfg = {"role": role, "dataset": dataset, "data_root": data_root, "image_size": image_size, "model": model,
+               "seed": seed, "batch_size": batch_size, "epochs": st["epochs"], "stages": [st],
+               "teachers": {t: teachers[t] for t in dist.teachers},
+               "meta": {"study": name, "study_kind": role, "dataset": dataset, "student": model,
+                        "weak": teachers.get("weak", {}).get("model", ""), "strong": teachers.get("strong", {}).get("model", ""),
+                        "triplet": "", "distiller": d["name"], "scheme": d.get("scheme", d.get("kind", "")),
+                        "subset": d.get("subset", "") or "", "param": d.get("t", d.get("delta")), "baseline": "",
+                        "label": label, "seed": seed}}
+        runs.append((cfg, sdir / "runs" / config_hash(cfg)))
+    study = {"name": name, "kind": role, "dataset": dataset}
+    return Plan(study, sdir, [Job(f"{role}-group", "train", runs)])
+
+
+def _print_runs(plan) -> None:
+    from .io import read_json
+
+    t = Table(title=f"{plan.study['name']}  ({plan.study_dir})", title_justify="left")
+    for col in ("run", "model", "distiller", "best top-1", "last top-1", "epochs", "wall s"):
+        t.add_column(col, no_wrap=True)
+    for j in plan.jobs:
+        for c, d in j.runs:
+            f = d / "final.json"
+            r = read_json(f) if f.exists() else {}
+            t.add_row(d.name, c["model"], c["meta"]["label"], f"{r.get('best_top1', float('nan')):.2f}",
+                      f"{r.get('last_top1', float('nan')):.2f}", str(r.get("epochs", "-")), str(r.get("wall_s", "-")))
+    out.print(t)
+    for j in plan.jobs:
+        for c, d in j.runs:
+            if (d / "model.pt").exists():
+                out.print(f"{c['meta']['label']}: {d / 'model.pt'}", highlight=False, soft_wrap=True)
+
+
+SCHED_OPTS = dict(
+    epochs=typer.Option(10, "--epochs", help="Training epochs."),
+    lr=typer.Option(0.1, "--lr", help="Peak learning rate (SGD, momentum 0.9, cosine)."),
+    weight_decay=typer.Option(5e-4, "--weight-decay", help="Weight decay."),
+    warmup_epochs=typer.Option(0.0, "--warmup-epochs", help="Linear warm-up epochs."),
+    batch_size=typer.Option(64, "--batch-size", help="Global batch size."),
+)
+
+
+@train_app.command("teacher")
+@_with_launch
+def train_teacher(dataset: str = typer.Option("digits", "--dataset", "-d", help="digits | synthetic | cifar10 | cifar100 | mnist | fashion-mnist | npz:PATH | folder:PATH | imagenet:PATH."),
+                  model: str = typer.Option(..., "--model", "-m", help="e.g. mlp:256-256, resnet56, wrn_40_2, timm:resnet34d, tv:resnet34."),
+                  name: Optional[str] = typer.Option(None, "--name", help="Folder under the results root (default teacher-<dataset>)."),
+                  data_root: Optional[str] = typer.Option(None, "--data-root", help="Where torchvision datasets live / download to."),
+                  image_size: Optional[int] = typer.Option(None, "--image-size", help="Folder/ImageNet crop size (default 224)."),
+                  seed: int = typer.Option(0, "--seed"),
+                  epochs: int = SCHED_OPTS["epochs"], lr: float = SCHED_OPTS["lr"],
+                  weight_decay: float = SCHED_OPTS["weight_decay"], warmup_epochs: float = SCHED_OPTS["warmup_epochs"],
+                  batch_size: int = SCHED_OPTS["batch_size"], results: str = RESULTS,
+                  dry_run: bool = typer.Option(False, "--dry-run"), la: LaunchArgs = None):
+    """Train one teacher on labels; prints where its model.pt is (pass it to --teacher)."""
+    sched = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
+    plan = _single_plan(name or f"teacher-{dataset.split(':')[0]}", dataset, data_root, image_size, model, seed,
+                        batch_size, sched, [{"name": "none"}], {}, "teacher", results)
+    _run_plan(plan, la, dry_run)
+    if not dry_run:
+        _print_runs(plan)
+
+
+@train_app.command("student")
+@_with_launch
+def train_student(dataset: str = typer.Option("digits", "--dataset", "-d", help="Dataset spec (as for train teacher)."),
+                  model: str = typer.Option(..., "--model", "-m", help="Student model spec, e.g. mlp:32, resnet20, timm:resnet18."),
+                  teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help="The (weak) teacher: a model.pt, a run folder, a study folder with one teacher, or timm:/tv: pretrained."),
+                  strong: Optional[str] = typer.Option(None, "--strong", help="A second, stronger teacher (replace, ckm)."),
+                  distiller: List[str] = typer.Option(["kd"], "--distiller", "-D", help="Repeat to train a group on one data stream: none, kd, wsl, ckm, rkd, replace:scheme=full,subset=reg_cor, manipulate:kind=teacher_amp,delta=0.2,subset=reg."),
+                  name: Optional[str] = typer.Option(None, "--name", help="Folder under the results root (default students-<dataset>)."),
+                  data_root: Optional[str] = typer.Option(None, "--data-root"),
+                  image_size: Optional[int] = typer.Option(None, "--image-size"),
+                  seed: int = typer.Option(0, "--seed"),
+                  epochs: int = SCHED_OPTS["epochs"], lr: float = SCHED_OPTS["lr"],
+                  weight_decay: float = SCHED_OPTS["weight_decay"], warmup_epochs: float = SCHED_OPTS["warmup_epochs"],
+                  batch_size: int = SCHED_OPTS["batch_size"], results: str = RESULTS,
+                  dry_run: bool = typer.Option(False, "--dry-run"), la: LaunchArgs = None):
+    """Train one student, or a group of students (one per --distiller) that share every batch."""
+    teachers = {}
+    if teacher:
+        teachers["weak"] = _resolve_teacher(teacher)
+    if strong:
+        teachers["strong"] = _resolve_teacher(strong)
+    specs = [_parse_distiller(d) for d in distiller]
+    for s in specs:  # a single --teacher serves every distiller, ckm included
+        if s["name"] in ("kd", "wsl", "rkd", "ckm", "replace", "manipulate") and "teacher" not in s:
+            s["teacher"] = "strong" if (s["name"] == "ckm" and strong) else "weak"
+    sched = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
+    plan = _single_plan(name or f"students-{dataset.split(':')[0]}", dataset, data_root, image_size, model, seed,
+                        batch_size, sched, specs, teachers, "student", results)
+    _run_plan(plan, la, dry_run)
+    if not dry_run:
+        _print_runs(plan)
+
+
+# -- probes -----------------------------------------------------------------------------------
+
+@attack_app.command("fgsm")
+@_with_launch
+def attack_fgsm(study: Path = typer.Option(..., "--study", "-s", help="A study whose distilled runs to probe (figure7-*, table1-*)."),
+                sets: Optional[List[str]] = SETS, results: str = RESULTS,
+                n: int = typer.Option(1000, "--n", help="Samples drawn from each of kept and manipulated."),
+                eps: Optional[List[float]] = typer.Option(None, "--eps", help="FGSM step(s) in pixel units [0,1]; repeat. Default 0.5/255 .. 8/255."),
+                dry_run: bool = typer.Option(False, "--dry-run"), la: LaunchArgs = None):
+    """Fig. 7: FGSM on kept vs manipulated samples; saves the per-sample confidence change table.
+
+    Trains whatever the study still needs first (skipping finished runs)."""
+    from .attack import DEFAULT_EPS
+    from .studies import Job, probe_targets
+
+    if n < 1:
+        raise EffdstlError(f"--n must be >= 1, got {n}")
+    if eps and any(e <= 0 or e > 1 for e in eps):
+        raise EffdstlError(f"--eps values must be in (0, 1] (pixel units), got {eps}")
+    plan = _load_plan(study, sets, results)
+    targets = probe_targets(plan)
+    if not targets:
+        raise EffdstlError(f"study {study} has no distilled run with an altered subset to probe")
+    train_jobs = list(plan.jobs)
+    for i, tgt in enumerate(targets):
+        tgt.update(n=n, eps=list(eps or DEFAULT_EPS), seed=tgt["cfg"]["seed"],
+                   out=str(plan.study_dir / "fgsm" / tgt["run"].name / "fgsm.parquet"))
+        job_of = next(j.name for j in train_jobs if any(d == tgt["run"] for _, d in j.runs))
+        plan.jobs.append(Job(f"probe-{tgt['run'].name}", "probe", [], [job_of], tgt))
+    _run_plan(plan, la, dry_run)
+    if not dry_run:
+        for tgt in targets:
+            out.print(f"FGSM table: {tgt['out']}")
+
+
+# -- status, results, figures, tables ------------------------------------------------------
+
+def _study_dir(study: str, results: str) -> Path:
+    """A study by name (results/<name>), by folder, or by its YAML file."""
+    from .studies import study_dir
+
+    p = Path(study)
+    if p.suffix in (".yaml", ".yml"):
+        from .config import load_study
+
+        return study_dir(results, load_study(p)["name"])
+    if p.is_dir() and (p / "runs").is_dir():
+        return p
+    d = study_dir(results, study)
+    if not d.is_dir():
+        have = sorted(x.name for x in Path(results).glob("*/") if (x / "runs").is_dir()) if Path(results).is_dir() else []
+        from .errors import unknown
+
+        raise unknown(f"study (no folder {d})", study, have) if have else EffdstlError(f"no study folder {d}")
+    return d
+
+
+@app.command("status")
+def status(study: str = typer.Argument(..., help="Study name, folder, or YAML file."), results: str = RESULTS):
+    """A table of every run: state, epoch, accuracy, job id."""
+    from .io import read_json, read_jsonl
+    from .studies import run_state
+
+    d = _study_dir(study, results)
+    t = Table(title=f"{d.name}")
+    for col in ("run", "label", "model", "seed", "state", "epoch", "best top-1", "job"):
+        t.add_column(col)
+    counts: dict[str, int] = {}
+    for rd in sorted((d / "runs").glob("*/")):
+        if not (rd / "config.yaml").exists():
+            continue
+        cfg = yaml.safe_load((rd / "config.yaml").read_text())
+        st = run_state(rd)
+        counts[st] = counts.get(st, 0) + 1
+        hist = read_jsonl(rd / "metrics.jsonl")
+        fin = read_json(rd / "final.json") if (rd / "final.json").exists() else {}
+        job = read_json(rd / "job.json").get("job_id", "") if (rd / "job.json").exists() else ""
+        best = fin.get("best_top1", max((h["test_top1"] for h in hist), default=float("nan")))
+        color = {"done": "green", "failed": "red", "running": "yellow"}.get(st, "white")
+        t.add_row(rd.name, cfg.get("meta", {}).get("label", ""), cfg["model"], str(cfg["seed"]),
+                  f"[{color}]{st}[/]", f"{len(hist)}/{cfg['epochs']}", f"{best:.2f}", str(job))
+    out.print(t)
+    out.print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no runs yet")
+
+
+@app.command("results")
+def results_cmd(study: str = typer.Argument(..., help="Study name, folder, or YAML file."), results: str = RESULTS,
+                fmt: str = typer.Option("table", "--format", help="table (print) | csv | parquet (write; print the path)")):
+    """Collect every run into one table (CSV + Parquet under <study>/tables/)."""
+    from .results import collect, write_table
+
+    if fmt not in ("table", "csv", "parquet"):
+        from .errors import unknown
+
+        raise unknown("format", fmt, ("table", "csv", "parquet"))
+    d = _study_dir(study, results)
+    df = collect(d)
+    paths = write_table(df, d / "tables")
+    if fmt == "table":
+        cols = [c for c in ("label", "student", "seed", "state", "best_top1", "last_top1", "epochs", "wall_s") if c in df]
+        out.print(df[cols].to_string(index=False))
+    for p in (paths if isinstance(paths, (list, tuple)) else [paths]):
+        if fmt == "table" or str(p).endswith(fmt):
+            out.print(f"wrote {p}")
+
+
+@app.command("plot")
+def plot(figure: str = typer.Argument(..., help="figure5 | figure6 | figure7 | figure8"),
+         study: str = typer.Argument(..., help="Study name, folder, or YAML file."), results: str = RESULTS):
+    """Draw one of the paper's figures (PNG + PDF under <study>/figures/)."""
+    from . import plots
+
+    kinds = ("figure5", "figure6", "figure7", "figure8")
+    if figure not in kinds:
+        from .errors import unknown
+
+        raise unknown("figure", figure, kinds)
+    paths = getattr(plots, figure)(_study_dir(study, results))
+    for p in (paths if isinstance(paths, (list, tuple)) else [paths]):
+        out.print(f"wrote {p}")
+
+
+@app.command("table")
+def table(which: str = typer.Argument(..., help="table1 | table3 | table4"),
+          study: str = typer.Argument(..., help="Study name, folder, or YAML file."), results: str = RESULTS):
+    """Write one of the paper's tables (Markdown, CSV, LaTeX) with the paper's numbers beside ours."""
+    from . import tables
+
+    kinds = ("table1", "table3", "table4")
+    if which not in kinds:
+        from .errors import unknown
+
+        raise unknown("table", which, kinds)
+    res = getattr(tables, which)(_study_dir(study, results))
+    df, paths = res if isinstance(res, tuple) else (res, [])
+    md = next((p for p in paths if str(p).endswith(".md")), None)
+    out.print(Path(md).read_text() if md else df.to_string(index=False), markup=False, highlight=False)
+    for p in paths:
+        out.print(f"wrote {p}")
+
+
+@app.command("demo")
+def demo(results: str = RESULTS, executor: str = typer.Option("debug", "--executor", "-x",
+                                                             help="debug (in this process, fastest) | local | slurm."),
+         sets: Optional[List[str]] = SETS):
+    """The offline demo: the Fig. 5 replacement study on digits, its table and figure (CPU, minutes)."""
+    from .launch import LaunchOptions
+    from . import plots
+    from .results import collect, write_table
+
+    la = LaunchArgs(executor, "auto", 1, None, None, None, None, 60, 16, None, False, 0, True)
+    study = Path(__file__).resolve().parent.parent / "studies" / "figure5-digits.yaml"
+    if not study.exists():
+        study = Path("studies/figure5-digits.yaml")
+    plan = _load_plan(study, sets, results, ("replacement",))
+    _run_plan(plan, la, False)
+    df = collect(plan.study_dir)
+    write_table(df, plan.study_dir / "tables")
+    paths = plots.figure5(plan.study_dir)
+    for p in (paths if isinstance(paths, (list, tuple)) else [paths]):
+        out.print(f"wrote {p}")
+    _ = LaunchOptions
+
+
+@app.command("bench")
+def bench(device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+          args: Optional[List[str]] = typer.Argument(None, hidden=True)):
+    """Measure the engine against a naive loop, groups against separate runs, and the data pipeline."""
+    from .bench import main as bench_main
+
+    bench_main(device=device, argv=args or [])
+
+
+def main() -> None:
+    try:
+        app()
+    except EffdstlError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        console.print("interrupted: finished epochs are saved; run the same command again to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

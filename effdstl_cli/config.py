@@ -1,0 +1,160 @@
+"""Study files: load (safe YAML), override (``--set a.b=v``), validate; and a run's identity.
+
+A run's identity is the hash of its resolved config (Dora-style), so re-running a study finds
+what is already done. Keys that say *where* rather than *what* (meta labels, data_root, the path
+of a teacher trained by the study) are left out, so moving a results tree or a dataset between a
+laptop and a cluster keeps every hash.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import EffdstlError, unknown
+
+KINDS = ("replacement", "manipulation", "fgsm", "fig8", "recipe", "ablation")
+
+STUDY_KEYS = {
+    "name": str, "kind": str, "description": str, "dataset": str, "data_root": (str, type(None)),
+    "image_size": (int, type(None)), "seeds": list, "batch_size": int, "teachers": dict,
+    "teacher_schedule": dict, "triplets": list, "schedule": dict, "distill": dict, "grid": dict,
+    "recipe": dict, "baselines": list, "ablations": list, "fgsm": dict, "probe": dict,
+    "slurm": dict, "paper": dict,
+}
+SCHEDULE_KEYS = ("epochs", "lr", "momentum", "weight_decay", "nesterov", "warmup_epochs", "min_lr", "batch_size", "seed")
+TEACHER_KEYS = ("model", "pretrained", "ckpt") + SCHEDULE_KEYS
+
+
+def config_hash(cfg: dict) -> str:
+    """12 hex chars of sha256 over the config's identity (see module doc)."""
+    ident = copy.deepcopy({k: v for k, v in cfg.items() if k not in ("meta", "data_root")})
+    for t in (ident.get("teachers") or {}).values():
+        if "run" in t:
+            t.pop("ckpt", None)
+    blob = json.dumps(ident, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _parse_set(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise EffdstlError(f"--set expects key=value (e.g. schedule.epochs=5), got '{item}'")
+    key, val = item.split("=", 1)
+    try:
+        value = yaml.safe_load(val)
+    except yaml.YAMLError:
+        value = val
+    return key.strip().split("."), value
+
+
+def apply_sets(study: dict, sets: list[str] | None) -> dict:
+    """``--set schedule.epochs=5 --set seeds=[0,1]``: values parsed as YAML."""
+    study = copy.deepcopy(study)
+    for item in sets or []:
+        path, value = _parse_set(item)
+        if path[0] not in STUDY_KEYS:
+            raise unknown("study key", path[0], STUDY_KEYS)
+        node = study
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise EffdstlError(f"--set {item}: '{p}' is not a mapping in the study")
+        node[path[-1]] = value
+    return study
+
+
+def load_study(path: str | Path, sets: list[str] | None = None) -> dict:
+    """Read, override and validate a study file; every problem is one clear line."""
+    path = Path(path)
+    if not path.exists():
+        near = sorted(p.name for p in Path("studies").glob("*.yaml")) if Path("studies").is_dir() else []
+        hint = f" (studies here: {', '.join(near)})" if near else ""
+        raise EffdstlError(f"study file {path} does not exist{hint}")
+    try:
+        study = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise EffdstlError(f"study file {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(study, dict):
+        raise EffdstlError(f"study file {path} must be a mapping of keys (name, kind, dataset, ...)")
+    study = apply_sets(study, sets)
+    study.setdefault("name", path.stem)
+    validate_study(study, str(path))
+    return study
+
+
+def _positive(where: str, key: str, value: Any, integer: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if integer:
+        ok = ok and float(value).is_integer()
+    if not ok:
+        kind = "a positive integer" if integer else "a positive number"
+        raise EffdstlError(f"{where}: {key} must be {kind}, got {value!r}")
+
+
+def validate_schedule(where: str, sched: dict) -> None:
+    for k in sched:
+        if k not in SCHEDULE_KEYS:
+            raise unknown(f"schedule key in {where}", k, SCHEDULE_KEYS)
+    if "epochs" in sched:
+        _positive(where, "epochs", sched["epochs"], integer=True)
+    if "batch_size" in sched:
+        _positive(where, "batch_size", sched["batch_size"], integer=True)
+    if "lr" in sched:
+        _positive(where, "lr", sched["lr"])
+    for k in ("weight_decay", "min_lr", "warmup_epochs", "momentum"):
+        v = sched.get(k)
+        if v is not None and (not isinstance(v, (int, float)) or v < 0):
+            raise EffdstlError(f"{where}: {k} must be a number >= 0, got {v!r}")
+
+
+def validate_study(study: dict, where: str) -> None:
+    import re
+
+    for k, v in study.items():
+        if k not in STUDY_KEYS:
+            raise unknown(f"key in study {where}", k, STUDY_KEYS)
+        if not isinstance(v, STUDY_KEYS[k]):
+            raise EffdstlError(f"{where}: '{k}' has the wrong type ({type(v).__name__})")
+    name = str(study["name"])
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name) or ".." in name:
+        raise EffdstlError(f"{where}: study name '{name}' must be letters, digits, '.', '_' or '-' "
+                           "(it names a folder under the results root)")
+    for req in ("kind", "dataset"):
+        if req not in study:
+            raise EffdstlError(f"{where}: missing required key '{req}'")
+    if study["kind"] not in KINDS:
+        raise unknown("study kind", study["kind"], KINDS)
+    seeds = study.get("seeds", [0])
+    if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise EffdstlError(f"{where}: seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+    if "batch_size" in study:
+        _positive(where, "batch_size", study["batch_size"], integer=True)
+    validate_schedule(f"{where} schedule", study.get("schedule", {}))
+    validate_schedule(f"{where} teacher_schedule", study.get("teacher_schedule", {}))
+    for tname, t in (study.get("teachers") or {}).items():
+        if not isinstance(t, dict) or "model" not in t:
+            raise EffdstlError(f"{where}: teacher '{tname}' needs at least 'model'")
+        for k in t:
+            if k not in TEACHER_KEYS:
+                raise unknown(f"key of teacher '{tname}'", k, TEACHER_KEYS)
+        validate_schedule(f"{where} teacher '{tname}'", {k: v for k, v in t.items() if k in SCHEDULE_KEYS})
+        if t.get("ckpt") and not Path(str(t["ckpt"])).expanduser().exists():
+            raise EffdstlError(f"{where}: teacher '{tname}' checkpoint {t['ckpt']} does not exist")
+    for i, tr in enumerate(study.get("triplets") or []):
+        for k in ("weak", "strong", "student"):
+            if k not in tr:
+                raise EffdstlError(f"{where}: triplet {i} needs '{k}'")
+        for k in ("weak", "strong"):
+            if tr[k] not in (study.get("teachers") or {}):
+                raise unknown(f"teacher in triplet {i}", tr[k], study.get("teachers") or {})
+    dist = study.get("distill") or {}
+    for k in ("tau",):
+        if k in dist and not (isinstance(dist[k], (int, float)) and dist[k] > 0):
+            raise EffdstlError(f"{where}: distill.{k} must be > 0, got {dist[k]!r}")

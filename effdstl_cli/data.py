@@ -1,0 +1,474 @@
+"""Datasets by name -> splits of (image, label, index) in pixel space.
+
+Every split yields float32 CHW images in [0, 1]. Normalization (mean/std) lives in the model
+wrapper (models.Net), so the FGSM probe can step and clip in pixel space and timm/torchvision
+pretrained weights see the normalization they were trained with.
+
+Two kinds of split:
+- in-memory (digits, synthetic, mnist, fashion-mnist, cifar10/100, npz:PATH): all images in one
+  tensor; ``get_batch`` gathers and augments a whole batch on the device, drawing randomness only
+  from the generator it is given, so every student of a group sees identical batches and a run is
+  reproducible from (seed, epoch) alone.
+- on-disk (folder:PATH, imagenet:PATH): ImageFolder trees decoded per sample with PIL; used
+  through a DataLoader (``__getitem__``) or ``get_batch`` (same per-sample path).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from .errors import EffdstlError, unknown
+
+DATASETS = ("digits", "synthetic", "mnist", "fashion-mnist", "cifar10", "cifar100",
+            "npz:PATH", "folder:PATH", "imagenet:PATH")
+_PATH_KINDS = ("npz", "folder", "imagenet")
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+# Per-channel statistics the models normalize with. digits/synthetic keep raw pixels (identity):
+# the measured digits triplets in METHOD.md feed the MLPs pixel/16 unnormalized.
+_STATS = {
+    "identity": ((0.0,), (1.0,)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+_U8_TO_UNIT = torch.arange(256, dtype=torch.float32) / 255  # uint8 -> [0, 1], as the CPU rounds it
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def online(host: str, port: int = 443, timeout: float = 2.0) -> bool:
+    """Whether a download from ``host`` can start: False at once under EFFDSTL_OFFLINE=1.
+
+    A cheap TCP connect (to the proxy when one is set) run in a thread, so a hanging DNS lookup
+    cannot stall us past ``timeout``; this replaces library retry loops that take ~50 s offline.
+    """
+    if os.environ.get("EFFDSTL_OFFLINE", "") not in ("", "0"):
+        return False
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    if proxy:
+        p = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = p.hostname or host, p.port or 80
+    ok: list[bool] = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    return bool(ok)
+
+
+# -- splits --------------------------------------------------------------------------------
+
+def _crop_flip(x: torch.Tensor, generator: torch.Generator | None, pad: int = 4) -> torch.Tensor:
+    """Batched random crop (zero padding ``pad``) + horizontal flip, as one gather on x's device.
+
+    Random numbers come from ``generator`` on its own device, then move to x's device, so a CPU
+    generator gives the same crops whether the batch lives on the CPU or a GPU.
+    """
+    b, _, h, w = x.shape
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=gdev).to(x.device)
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=gdev).to(x.device)
+    flip = torch.randint(0, 2, (b,), generator=generator, device=gdev).to(x.device).bool()
+    xp = F.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1)  # (B, H+2p, W+2p, C), zeros outside
+    ar_h, ar_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    rows = oy[:, None] + ar_h
+    cols = ox[:, None] + torch.where(flip[:, None], w - 1 - ar_w, ar_w)  # a flip reads columns backwards
+    out = xp[torch.arange(b, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+class TensorSplit(Dataset):
+    """An in-memory split: ``images`` (N, C, H, W), uint8 (0-255) or float (already in [0, 1])."""
+
+    in_memory = True
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, train: bool, augment: str = "none"):
+        if len(images) != len(labels):
+            raise EffdstlError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images.contiguous()
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.train = train
+        self.augment = augment if train else "none"   # 'crop_flip' (CIFAR family) or 'none'
+        self._on_device: dict[tuple, torch.Tensor] = {}  # (device, tensor id) -> its copy there
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def images_on(self, device, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """``self.images`` (or another CPU ``tensor``) on ``device``, copied there only once."""
+        tensor = self.images if tensor is None else tensor
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev == tensor.device:
+            return tensor
+        key = (str(dev), id(tensor))
+        if key not in self._on_device:
+            self._on_device[key] = tensor.to(dev)
+        return self._on_device[key]
+
+    def get_batch(self, idx: torch.Tensor, generator: torch.Generator | None = None, device="cpu",
+                  augment: bool | None = None) -> torch.Tensor:
+        """Images ``idx`` as float (B, C, H, W) in [0, 1] on ``device``.
+
+        ``augment`` defaults to ``self.train``; pass False for clean training images (probes).
+        With augmentation on and ``generator`` None the global RNG is used (DataLoader path).
+        """
+        src = self.images_on(device)
+        x = src[torch.as_tensor(idx, dtype=torch.long).to(src.device)]
+        if (self.train if augment is None else augment) and self.augment == "crop_flip":
+            x = _crop_flip(x, generator)
+        if x.dtype != torch.uint8:
+            return x.float()
+        if x.is_cpu:
+            return x.float().div_(255)
+        # CUDA divides by a scalar as a multiply by its reciprocal, which differs from x/255 in the
+        # last bit for half the values; a table of the CPU's quotients keeps batches bit-identical
+        return self.images_on(x.device, _U8_TO_UNIT)[x.int()]
+
+    def __getitem__(self, i: int):
+        return self.get_batch(torch.tensor([i]))[0], int(self.labels[i]), i
+
+
+class FolderSplit(Dataset):
+    """An ImageFolder split decoded per sample with PIL (ImageNet-style transforms, no jitter)."""
+
+    in_memory = False
+
+    def __init__(self, samples: list[tuple[str, int]], train: bool, image_size: int):
+        self.samples = samples
+        self.labels = torch.tensor([y for _, y in samples], dtype=torch.long)
+        self.train = train
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read_bytes(self, i: int) -> torch.Tensor:
+        """The raw encoded file (for a GPU-decode path)."""
+        return torch.frombuffer(bytearray(Path(self.samples[i][0]).read_bytes()), dtype=torch.uint8)
+
+    def load(self, i: int, generator: torch.Generator | None = None, augment: bool | None = None) -> torch.Tensor:
+        from PIL import Image
+        import torchvision.transforms.functional as TF
+
+        s = self.image_size
+        with Image.open(self.samples[i][0]) as im:
+            im = im.convert("RGB")
+        if self.train if augment is None else augment:
+            # RandomResizedCrop(s) + RandomHorizontalFlip only (METHOD.md: no colour jitter)
+            top, left, h, w = _rrc_params(im.width, im.height, generator)
+            im = TF.resized_crop(im, top, left, h, w, [s, s], antialias=True)
+            if torch.randint(0, 2, (1,), generator=generator).item():
+                im = TF.hflip(im)
+        else:
+            im = TF.center_crop(TF.resize(im, round(s * 256 / 224), antialias=True), [s, s])
+        return TF.to_tensor(im)
+
+    def get_batch(self, idx: torch.Tensor, generator: torch.Generator | None = None, device="cpu",
+                  augment: bool | None = None) -> torch.Tensor:
+        return torch.stack([self.load(int(i), generator, augment) for i in idx]).to(device)
+
+    def __getitem__(self, i: int):
+        return self.load(i), int(self.labels[i]), i
+
+
+def _rrc_params(width: int, height: int, g: torch.Generator | None,
+                scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params, drawing from ``g`` instead of the global RNG."""
+    area = width * height
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(1, generator=g).item())
+        aspect = math.exp(lo + (hi - lo) * torch.rand(1, generator=g).item())
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=g))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=g))
+            return top, left, h, w
+    in_ratio = width / height  # fallback: the central crop with the nearest allowed aspect ratio
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@dataclass
+class Data:
+    name: str
+    family: str             # digits | synthetic | mnist | cifar | imagenet
+    num_classes: int
+    classes: list[str]
+    in_chans: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train: TensorSplit | FolderSplit
+    test: TensorSplit | FolderSplit
+
+
+# -- builders --------------------------------------------------------------------------------
+
+def build_data(spec: str, data_root: str | None = None, image_size: int | None = None,
+               augment: bool = True) -> Data:
+    """A dataset by spec (see DATASETS). ``augment=False`` turns training augmentation off."""
+    spec = str(spec).strip()
+    kind, colon, arg = spec.partition(":")
+    kind = kind.lower()
+    if kind in _PATH_KINDS:
+        if not arg:
+            raise EffdstlError(f"dataset '{spec}' needs a path: {kind}:PATH")
+    elif colon or kind not in DATASETS:
+        raise unknown("dataset", spec, DATASETS)
+    if kind == "folder" or kind == "imagenet":
+        data = _folder(spec, Path(arg).expanduser(), int(image_size or 224))
+    else:
+        data = {"digits": _digits, "synthetic": _synthetic, "npz": lambda: _npz(spec, Path(arg).expanduser()),
+                "mnist": lambda: _mnist(kind, data_root), "fashion-mnist": lambda: _mnist(kind, data_root),
+                "cifar10": lambda: _cifar(kind, data_root), "cifar100": lambda: _cifar(kind, data_root)}[kind]()
+        if image_size is not None and int(image_size) != data.image_size:
+            raise EffdstlError(f"image_size={image_size} applies to folder/imagenet datasets only; "
+                               f"{spec} images are {data.image_size}x{data.image_size} (set image_size: null)")
+    if not augment:
+        data.train.augment = "none"
+        if isinstance(data.train, FolderSplit):
+            data.train.train = False
+    return data
+
+
+def _in_memory(name, family, classes, stats, xtr, ytr, xte, yte, augment="none") -> Data:
+    """Data from (N, C, H, W) tensors; labels checked against the class list."""
+    for split, y in (("train", ytr), ("test", yte)):
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(classes)):
+            raise EffdstlError(f"{name}: {split} labels span {int(y.min())}..{int(y.max())} "
+                               f"but there are {len(classes)} classes")
+    return Data(name=name, family=family, num_classes=len(classes), classes=list(classes),
+                in_chans=xtr.shape[1], image_size=xtr.shape[2], mean=stats[0], std=stats[1],
+                train=TensorSplit(xtr, ytr, True, augment), test=TensorSplit(xte, yte, False))
+
+
+def _digits() -> Data:
+    """scikit-learn digits (embedded, offline): 8x8 grey, pixel/16; fixed stratified 1078/719 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = torch.tensor(d.images / 16.0, dtype=torch.float32)[:, None]  # (1797, 1, 8, 8) in [0, 1]
+    y = torch.tensor(d.target, dtype=torch.long)
+    tr, te = train_test_split(np.arange(len(y)), test_size=0.4, stratify=d.target, random_state=0)
+    return _in_memory("digits", "digits", [str(c) for c in range(10)], _STATS["identity"],
+                      x[tr], y[tr], x[te], y[te])
+
+
+def _synthetic(seed: int = 0, n_train: int = 2000, n_test: int = 500, sigma: float = 0.6) -> Data:
+    """10 noisy class prototypes, 1x8x8: fast, deterministic (numpy PCG64), learnable, not trivial.
+
+    With sigma 0.6 a 64-16-10 MLP reaches ~85% test in a few epochs and a 256-256 MLP ~92%.
+    """
+    rng = np.random.default_rng(seed)
+    protos = rng.uniform(0, 1, (10, 64))
+
+    def draw(n):
+        y = np.arange(n) % 10
+        rng.shuffle(y)
+        x = np.clip(protos[y] + rng.normal(0, sigma, (n, 64)), 0, 1)
+        return torch.tensor(x, dtype=torch.float32).view(n, 1, 8, 8), torch.tensor(y, dtype=torch.long)
+
+    (xtr, ytr), (xte, yte) = draw(n_train), draw(n_test)
+    return _in_memory("synthetic", "synthetic", [f"class{c}" for c in range(10)], _STATS["identity"],
+                      xtr, ytr, xte, yte)
+
+
+def _default_root(data_root: str | None) -> Path:
+    return Path(data_root or os.environ.get("EFFDSTL_DATA") or "data").expanduser()
+
+
+def _torchvision(cls, kind: str, root: Path, host: str, cure: str):
+    """(train, test) torchvision datasets from ``root``, downloading them only when online."""
+    try:
+        return cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
+    except RuntimeError:
+        pass  # not there (or corrupt): try a download
+    if not online(host):
+        raise EffdstlError(f"{kind} is not under {root} and cannot be downloaded (offline?): {cure}")
+    try:
+        return cls(str(root), train=True, download=True), cls(str(root), train=False, download=True)
+    except Exception as exc:  # network errors come in many types
+        raise EffdstlError(f"{kind} could not be downloaded into {root} ({type(exc).__name__}: {exc}); {cure}")
+
+
+def _cifar(kind: str, data_root: str | None) -> Data:
+    import torchvision.datasets as tvd
+
+    root = _default_root(data_root)
+    cure = (f"use npz:PATH made by /work/shared/data/unpack-cifar10 (CIFAR-10), "
+            f"or put the torchvision files under {root}")
+    cls = tvd.CIFAR10 if kind == "cifar10" else tvd.CIFAR100
+    tr, te = _torchvision(cls, kind, root, "www.cs.toronto.edu", cure)
+    as_t = lambda a: torch.from_numpy(np.asarray(a)).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+    return _in_memory(kind, "cifar", tr.classes, _STATS[kind], as_t(tr.data), torch.tensor(tr.targets),
+                      as_t(te.data), torch.tensor(te.targets), augment="crop_flip")
+
+
+def _mnist(kind: str, data_root: str | None) -> Data:
+    import torchvision.datasets as tvd
+
+    root = _default_root(data_root)
+    if kind == "fashion-mnist":
+        cls, host = tvd.FashionMNIST, "fashion-mnist.s3-website.eu-central-1.amazonaws.com"
+        tv_dir = root / "FashionMNIST" / "raw"
+        has_tv = tv_dir.is_dir() and any(tv_dir.iterdir())
+        if not has_tv and (DEBIAN_FASHION / "train-images-idx3-ubyte.gz").exists():
+            # the Debian package: offline, no torchvision layout needed
+            xtr, ytr, xte, yte = (torch.from_numpy(_read_idx(DEBIAN_FASHION / f)) for f in (
+                "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"))
+            return _in_memory(kind, "mnist", FASHION_CLASSES, _STATS[kind], xtr[:, None].contiguous(),
+                              ytr.long(), xte[:, None].contiguous(), yte.long())
+        cure = f"apt-get install dataset-fashion-mnist, or put the torchvision files under {root}"
+    else:
+        cls, host = tvd.MNIST, "ossci-datasets.s3.amazonaws.com"
+        cure = f"put the torchvision files under {root} (MNIST/raw/*-ubyte)"
+    tr, te = _torchvision(cls, kind, root, host, cure)
+    return _in_memory(kind, "mnist", list(tr.classes), _STATS[kind], tr.data[:, None].contiguous(),
+                      tr.targets.long(), te.data[:, None].contiguous(), te.targets.long())
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format), gzipped or not, of unsigned bytes."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        raw = f.read()
+    ndim, code = raw[3] if len(raw) > 3 else 0, raw[2] if len(raw) > 2 else 0
+    dims = [int.from_bytes(raw[4 + 4 * k: 8 + 4 * k], "big") for k in range(ndim)]
+    if code != 0x08 or ndim == 0 or len(raw) != 4 + 4 * ndim + int(np.prod(dims)):
+        raise EffdstlError(f"{path} is not a complete IDX file of unsigned bytes (truncated or corrupt?)")
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
+
+
+def _npz(spec: str, path: Path) -> Data:
+    """uint8 x_train/x_test (N,H,W,C) or (N,H,W), integer y_train/y_test, optional classes."""
+    if not path.is_file():
+        raise EffdstlError(f"npz file {path} does not exist (make one with /work/shared/data/unpack-cifar10 "
+                           f"{path} --per-class-train 1000 --per-class-test 200)")
+    try:
+        z = np.load(path, allow_pickle=False)
+        keys = set(z.files)
+    except Exception as exc:
+        raise EffdstlError(f"npz file {path} cannot be read ({type(exc).__name__}: {exc}); is it truncated?")
+    need = ("x_train", "y_train", "x_test", "y_test")
+    missing = [k for k in need if k not in keys]
+    if missing:
+        raise EffdstlError(f"npz file {path} lacks {', '.join(missing)} (has: {', '.join(sorted(keys)) or 'nothing'}); "
+                           f"expected uint8 x_train (N,H,W,C), y_train (N,), x_test, y_test")
+    arr = {}
+    try:
+        for k in need + (("classes",) if "classes" in keys else ()):
+            arr[k] = z[k]
+    except Exception as exc:
+        raise EffdstlError(f"npz file {path}: key '{k}' cannot be read ({type(exc).__name__}: {exc})")
+    for k in ("x_train", "x_test"):
+        a = arr[k]
+        if a.dtype != np.uint8 or a.ndim not in (3, 4) or (a.ndim == 4 and a.shape[3] not in (1, 3)):
+            raise EffdstlError(f"npz file {path}: {k} has shape {a.shape} and dtype {a.dtype}; "
+                               f"expected uint8 (N,H,W,C) with C 1 or 3, or (N,H,W)")
+        if a.ndim == 3:
+            arr[k] = a[..., None]
+    if arr["x_train"].shape[1:] != arr["x_test"].shape[1:]:
+        raise EffdstlError(f"npz file {path}: x_train images are {arr['x_train'].shape[1:]} but x_test's "
+                           f"are {arr['x_test'].shape[1:]}")
+    for s in ("train", "test"):
+        y, n = arr[f"y_{s}"], len(arr[f"x_{s}"])
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise EffdstlError(f"npz file {path}: y_{s} has shape {y.shape} and dtype {y.dtype}; expected integer (N,)")
+        if len(y) != n:
+            raise EffdstlError(f"npz file {path}: y_{s} has {len(y)} labels but x_{s} has {n} images")
+        if n == 0:
+            raise EffdstlError(f"npz file {path}: x_{s} is empty")
+    n_cls = int(max(arr["y_train"].max(), arr["y_test"].max())) + 1
+    classes = [str(c) for c in arr["classes"]] if "classes" in arr else [str(c) for c in range(n_cls)]
+    xtr = torch.from_numpy(arr["x_train"]).permute(0, 3, 1, 2).contiguous()
+    xte = torch.from_numpy(arr["x_test"]).permute(0, 3, 1, 2).contiguous()
+    c = xtr.shape[1]
+    return _in_memory(spec, "cifar" if c == 3 else "mnist", classes, _channel_stats(xtr),
+                      xtr, torch.from_numpy(arr["y_train"]).long(), xte, torch.from_numpy(arr["y_test"]).long(),
+                      augment="crop_flip" if c == 3 else "none")
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of uint8 (N, C, H, W) in [0, 1] units, in chunks (no full float copy)."""
+    s = torch.zeros(x.shape[1], dtype=torch.float64)
+    s2 = torch.zeros_like(s)
+    for chunk in x.split(4096):
+        f = chunk.double().div_(255)
+        s += f.sum((0, 2, 3))
+        s2 += f.square().sum((0, 2, 3))
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = s / n
+    std = (s2 / n - mean.square()).clamp_min(1e-12).sqrt()
+    return tuple(round(v, 4) for v in mean.tolist()), tuple(round(max(v, 1e-3), 4) for v in std.tolist())
+
+
+def _folder(spec: str, root: Path, image_size: int) -> Data:
+    """An ImageFolder tree: ROOT/train/<class>/* and ROOT/val/<class>/* (or ROOT/test/...)."""
+    layout = f"expected {root}/train/<class>/<image> and {root}/val/<class>/<image> (or test/)"
+    if not root.is_dir():
+        raise EffdstlError(f"dataset folder {root} does not exist ({layout})")
+    if not (root / "train").is_dir():
+        raise EffdstlError(f"dataset folder {root} has no train/ subfolder; {layout}")
+    held = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
+    if held is None:
+        raise EffdstlError(f"dataset folder {root} has no val/ or test/ subfolder; {layout}")
+    classes, train = _scan(root / "train", None)
+    _, test = _scan(held, classes)
+    return Data(name=spec, family="imagenet", num_classes=len(classes), classes=classes, in_chans=3,
+                image_size=image_size, mean=_STATS["imagenet"][0], std=_STATS["imagenet"][1],
+                train=FolderSplit(train, True, image_size), test=FolderSplit(test, False, image_size))
+
+
+def _scan(d: Path, classes: list[str] | None) -> tuple[list[str], list[tuple[str, int]]]:
+    """(classes, [(file, label)]) of one split folder; ``classes`` fixes the labels (test split)."""
+    subdirs = sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subdirs:
+        raise EffdstlError(f"{d} has no class subfolders (expected {d}/<class>/<image>; "
+                           f"ImageNet's flat val/ must first be sorted into class folders)")
+    if classes is None:
+        classes = subdirs
+    extra = sorted(set(subdirs) - set(classes))
+    if extra:
+        raise EffdstlError(f"{d} has class folder(s) {', '.join(extra[:5])} that the train/ split lacks")
+    label = {c: k for k, c in enumerate(classes)}
+    samples = []
+    for c in subdirs:
+        files = sorted(os.path.join(top, f) for top, _, fs in os.walk(d / c, followlinks=True)
+                       for f in fs if f.lower().endswith(IMG_EXTENSIONS))
+        samples += [(f, label[c]) for f in files]
+    if not samples:
+        raise EffdstlError(f"{d} holds no images ({' '.join(IMG_EXTENSIONS)}) in its class folders")
+    return classes, samples

@@ -1,0 +1,493 @@
+"""The group-training engine: one data stream, one forward of each teacher per batch, K students.
+
+A *group* is K >= 1 runs that share dataset, global batch size, seed (hence batch order and
+augmentation) and total epochs. Every student has its own target rule (distiller), optimizer,
+schedule stages, metrics and run directory. Sharing the stream makes a sweep cheap (teachers run
+once per batch, not K times) and its comparisons paired (every config sees the same batches).
+
+Grouping changes nothing but the cost: a student's init depends only on its seed, batches only on
+(seed, epoch), and each student's own RNG stream is swapped in around its step, so its numbers
+equal a solo run's (bit-identical on CPU).
+
+Files per run follow docs/RUNDIR.md. Only rank 0 writes; all ranks read checkpoints to resume.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+
+from . import io as fio
+from .config import config_hash
+from .data import build_data
+from .distillers import Distiller, TeacherOut, build_distiller
+from .errors import EffdstlError
+from .models import build_model, load_checkpoint, save_weights
+
+Progress = Callable[[str, dict], None]
+
+
+@dataclass
+class Env:
+    """How to run (never part of a run's identity)."""
+
+    device: str = "auto"          # auto | cpu | cuda | cuda:N
+    rank: int = 0
+    world: int = 1
+    amp: bool | None = None       # bf16 autocast; default: on for CUDA
+    channels_last: bool | None = None
+    compile: bool = False
+    threads: int | None = None    # CPU threads; default 1 (see train_group)
+    workers: int = 4              # DataLoader workers for on-disk (folder) datasets
+    nan_check_every: int = 50     # steps between non-finite checks on CUDA (each one syncs)
+    stop_after_epochs: int | None = None  # testing/preemption aid: return after N epochs
+    progress: Progress | None = None
+    log: Callable[[str], None] = print
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            if torch.cuda.is_available():
+                return torch.device("cuda", torch.cuda.current_device())
+            return torch.device("cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise EffdstlError("--device cuda asked for, but no CUDA GPU is visible here")
+        return dev
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+def _gen(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from integer keys (seed, epoch, purpose) — reproducible streams."""
+    g = torch.Generator()
+    g.manual_seed(hash(tuple(keys)) & 0x7FFF_FFFF_FFFF_FFFF)
+    return g
+
+
+def lr_at(stage: dict, progress: float) -> float:
+    """Cosine from ``lr`` to ``min_lr`` over the stage, after an optional linear warm-up.
+
+    ``progress`` is in epochs since the stage began (fractional within an epoch).
+    """
+    o, s = stage["optim"], stage.get("sched", {})
+    lr, min_lr, warm = float(o["lr"]), float(s.get("min_lr", 0.0)), float(s.get("warmup_epochs", 0))
+    if warm > 0 and progress < warm:
+        return lr * (progress + 1e-9) / warm
+    span = max(float(stage["epochs"]) - warm, 1e-9)
+    t = min(max((progress - warm) / span, 0.0), 1.0)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def _stage_of(stages: list[dict], epoch0: int) -> tuple[int, int]:
+    """(stage index, epochs since its start) for a 0-based epoch."""
+    start = 0
+    for i, st in enumerate(stages):
+        if epoch0 < start + int(st["epochs"]):
+            return i, epoch0 - start
+        start += int(st["epochs"])
+    return len(stages) - 1, epoch0 - (start - int(stages[-1]["epochs"]))
+
+
+def make_optimizer(model: torch.nn.Module, stage: dict) -> torch.optim.Optimizer:
+    o = stage["optim"]
+    return torch.optim.SGD(model.parameters(), lr=float(o["lr"]), momentum=float(o.get("momentum", 0.9)),
+                           weight_decay=float(o.get("weight_decay", 0.0)), nesterov=bool(o.get("nesterov", False)))
+
+
+def load_teacher(name: str, tcfg: dict, data) -> torch.nn.Module:
+    """A frozen teacher in eval mode from {model, ckpt | pretrained}."""
+    ckpt = tcfg.get("ckpt")
+    if ckpt is None and not tcfg.get("pretrained"):
+        raise EffdstlError(f"teacher '{name}' has neither a checkpoint nor pretrained: true")
+    if ckpt is not None and not Path(ckpt).exists():
+        raise EffdstlError(f"teacher '{name}': checkpoint {ckpt} does not exist (train the teacher first)")
+    net = build_model(tcfg["model"], data.num_classes, in_chans=data.in_chans, image_size=data.image_size,
+                      mean=data.mean, std=data.std, pretrained=bool(tcfg.get("pretrained")))
+    if ckpt is not None:
+        load_checkpoint(net, ckpt)
+    net.eval().requires_grad_(False)
+    return net
+
+
+@contextmanager
+def _rng_of(member: "Member"):
+    """Swap the member's own CPU RNG stream in (dropout/drop-path) and out again."""
+    outer = torch.get_rng_state()
+    torch.set_rng_state(member.rng)
+    try:
+        yield
+    finally:
+        member.rng = torch.get_rng_state()
+        torch.set_rng_state(outer)
+
+
+# -- one student of the group --------------------------------------------------------------
+
+@dataclass
+class Member:
+    cfg: dict
+    run_dir: Path
+    hash: str
+    model: torch.nn.Module = None
+    ddp: torch.nn.Module = None
+    opt: torch.optim.Optimizer | None = None
+    stage: int = -1
+    distiller: Distiller | None = None
+    epoch: int = 0                               # epochs finished
+    history: list = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"top1": -1.0, "top5": -1.0, "epoch": 0})
+    wall_s: float = 0.0
+    rng: torch.Tensor | None = None
+    failed: str | None = None
+    lock: fio.RunLock | None = None
+    acc: dict = field(default_factory=dict)      # on-device sums for the epoch in flight
+
+    @property
+    def stages(self) -> list[dict]:
+        return self.cfg["stages"]
+
+    @property
+    def total_epochs(self) -> int:
+        return int(self.cfg["epochs"])
+
+
+def _validate_group(cfgs: list[dict]) -> None:
+    shared = ("dataset", "data_root", "image_size", "seed", "batch_size", "epochs")
+    for key in shared:
+        vals = {repr(c.get(key)) for c in cfgs}
+        if len(vals) > 1:
+            raise EffdstlError(f"runs of one group must share '{key}', got {sorted(vals)}")
+    for c in cfgs:
+        if sum(int(s["epochs"]) for s in c["stages"]) != int(c["epochs"]):
+            raise EffdstlError(f"run {config_hash(c)}: stage epochs do not add up to epochs={c['epochs']}")
+    seen: dict[str, str] = {}
+    for c in cfgs:
+        for name, t in (c.get("teachers") or {}).items():
+            r = repr(sorted(t.items()))
+            if seen.setdefault(name, r) != r:
+                raise EffdstlError(f"runs of one group name teacher '{name}' differently")
+
+
+def _reduce(t: torch.Tensor, env: Env) -> torch.Tensor:
+    if env.world > 1:
+        tdist.all_reduce(t)
+    return t
+
+
+# -- the group loop ------------------------------------------------------------------------
+
+def train_group(members_in: list[tuple[dict, Path]], env: Env | None = None) -> list[dict]:
+    """Train every run of a group to the end (or resume it); returns each run's final/failed record.
+
+    Runs already finished (final.json) or failed (failed.json) are skipped, so calling this again
+    is always safe. Each epoch writes a checkpoint, then metrics.jsonl, atomically.
+    """
+    env = env or Env()
+    cfgs = [c for c, _ in members_in]
+    _validate_group(cfgs)
+    device = env.torch_device()
+    cuda = device.type == "cuda"
+    amp = env.amp if env.amp is not None else cuda
+    chl = env.channels_last if env.channels_last is not None else cuda
+    if not cuda:
+        # One intra-op thread by default: on small CPU batches OpenMP's hand-offs cost more than
+        # they save (measured on 2 cores: softmax 64x10 took 4.2 ms with 2 threads, 36 us with 1).
+        torch.set_num_threads(int(env.threads or os.environ.get("EFFDSTL_THREADS", 1)))
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    c0 = cfgs[0]
+    seed, gbatch, total = int(c0["seed"]), int(c0["batch_size"]), int(c0["epochs"])
+    if gbatch % env.world:
+        raise EffdstlError(f"batch_size {gbatch} is not divisible by the {env.world} processes")
+    data = build_data(c0["dataset"], c0.get("data_root"), c0.get("image_size"))
+
+    # -- members: skip finished, take locks, resume --------------------------------------
+    out: list[dict] = []
+    members: list[Member] = []
+    for cfg, run_dir in members_in:
+        run_dir = Path(run_dir)
+        h = config_hash(cfg)
+        if (run_dir / "final.json").exists():
+            out.append(fio.read_json(run_dir / "final.json"))
+            continue
+        if (run_dir / "failed.json").exists():
+            out.append(fio.read_json(run_dir / "failed.json"))
+            continue
+        m = Member(cfg=cfg, run_dir=run_dir, hash=h)
+        if env.rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not (run_dir / "config.yaml").exists():
+                fio.write_yaml(run_dir / "config.yaml", cfg)
+            m.lock = fio.RunLock(run_dir).acquire()
+        members.append(m)
+    if not members:
+        return out
+
+    try:
+        return out + _train(members, data, env, device, amp, chl, seed, gbatch, total)
+    finally:
+        for m in members:
+            if m.lock:
+                m.lock.release()
+
+
+def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> list[dict]:
+    cuda = device.type == "cuda"
+    for m in members:
+        # Same seed -> same init for every student of an architecture: paired comparisons.
+        torch.manual_seed(seed)
+        m.model = build_model(m.cfg["model"], data.num_classes, in_chans=data.in_chans,
+                              image_size=data.image_size, mean=data.mean, std=data.std,
+                              pretrained=bool(m.cfg.get("pretrained", False)))
+        m.rng = torch.get_rng_state()
+        state, note = fio.load_checkpoint(m.run_dir)
+        if note:
+            env.log(note)
+        if state is not None:
+            m.model.load_state_dict(state["model"])
+            m.epoch, m.history, m.best = int(state["epoch"]), list(state["history"]), dict(state["best"])
+            m.wall_s, m.rng = float(state["wall_s"]), state["rng"]
+        m.model.to(device)
+        if chl:
+            m.model.to(memory_format=torch.channels_last)
+        m.ddp = m.model
+        if env.world > 1:
+            m.ddp = torch.nn.parallel.DistributedDataParallel(
+                m.model, device_ids=[device.index] if cuda else None)
+        if env.compile:
+            m.ddp = torch.compile(m.ddp)
+        if m.epoch < m.total_epochs:
+            m.stage, _ = _stage_of(m.stages, m.epoch)
+            m.opt = make_optimizer(m.model, m.stages[m.stage])
+            m.distiller = build_distiller(m.stages[m.stage]["distiller"])
+            if state is not None and int(state.get("stage", -1)) == m.stage and state.get("optim"):
+                m.opt.load_state_dict(state["optim"])
+        if env.rank == 0 and state is not None:
+            # metrics.jsonl always mirrors the checkpoint's history: never a repeated/skipped epoch
+            fio.write_jsonl(m.run_dir / "metrics.jsonl", m.history)
+
+    # -- teachers: loaded once for the whole group -----------------------------------------
+    tcfgs: dict[str, dict] = {}
+    for m in members:
+        tcfgs.update(m.cfg.get("teachers") or {})
+    teachers = {n: load_teacher(n, t, data).to(device) for n, t in tcfgs.items()}
+    for n, t in teachers.items():
+        if chl:
+            t.to(memory_format=torch.channels_last)
+        if env.compile:
+            teachers[n] = torch.compile(t)
+
+    split = data.train
+    n_train = len(split)
+    steps = max(n_train // gbatch, 1)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
+    start_epoch = min(m.epoch for m in members)
+    if env.progress:
+        for m in members:
+            env.progress("start", {"run": m.hash, "epoch": m.epoch, "epochs": m.total_epochs,
+                                   "label": m.cfg.get("meta", {}).get("label", m.hash)})
+
+    for epoch in range(start_epoch, total):
+        active = [m for m in members if m.failed is None and m.epoch == epoch]
+        if not active:
+            continue
+        for m in active:
+            st, _ = _stage_of(m.stages, epoch)
+            if st != m.stage:  # teacher switch (EffDstl stage 2): a fresh optimizer, a new loss
+                m.stage, m.opt = st, make_optimizer(m.model, m.stages[st])
+                m.distiller = build_distiller(m.stages[st]["distiller"])
+            m.acc = {"loss": torch.zeros((), device=device), "correct": torch.zeros((), device=device),
+                     "n": torch.zeros((), device=device), "subset": torch.zeros((), device=device),
+                     "bad": torch.zeros((), device=device), "parts": {}}
+            m.model.train()
+        need = {n for m in active for n in m.distiller.teachers}
+        need_feat = {n for m in active if m.distiller.needs_features for n in m.distiller.teachers}
+        missing = need - set(teachers)
+        if missing:
+            raise EffdstlError(f"a distiller reads teacher(s) {sorted(missing)} that the run config does not define")
+        t0 = time.time()
+        order = torch.randperm(n_train, generator=_gen(seed, epoch, 1))
+        aug = _gen(seed, epoch, 2)
+        for step, idx_local, x, y in _batches(split, order, gbatch, steps, aug, device, env, chl):
+            with torch.no_grad(), autocast():
+                touts = {}
+                for n in need:
+                    if n in need_feat:
+                        z, f = teachers[n](x, features=True)
+                        touts[n] = TeacherOut(z.float(), f.float())
+                    else:
+                        touts[n] = TeacherOut(teachers[n](x).float())
+            for m in active:
+                if m.failed is not None:
+                    continue
+                _student_step(m, x, y, touts, epoch, step, steps, autocast, env, cuda)
+        for m in active:
+            if m.failed is None:
+                _end_epoch(m, data, epoch, time.time() - t0, device, env, chl, autocast, gbatch)
+        if env.stop_after_epochs is not None and epoch + 1 - start_epoch >= env.stop_after_epochs:
+            break
+    return [_finish(m, env, device) for m in members]
+
+
+def _batches(split, order, gbatch, steps, gen, device, env: Env, chl):
+    """Yield (step, local indices, x, y) of this rank's share of each global batch.
+
+    In-memory splits augment the whole global batch with the epoch's generator and slice this
+    rank's rows, so a DDP job sees exactly the samples and augmentations of a single process.
+    On-disk splits go through DataLoader workers (same order; per-worker augmentation seeds).
+    """
+    per = gbatch // env.world
+    lo = env.rank * per
+    glob = [order[s * gbatch:(s + 1) * gbatch] for s in range(steps)]
+    if getattr(split, "in_memory", False):
+        labels = split.labels.to(device)
+        for s, idx in enumerate(glob):
+            x = split.get_batch(idx, gen, device)[lo:lo + per]
+            idx_l = idx[lo:lo + per]
+            if chl and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield s, idx_l, x, labels[idx_l.to(device)]
+        return
+    local = [idx[lo:lo + per].tolist() for idx in glob]
+    loader = torch.utils.data.DataLoader(
+        split, batch_sampler=local, num_workers=env.workers, pin_memory=device.type == "cuda",
+        generator=gen, persistent_workers=False)
+    for s, (x, y, idx_l) in enumerate(loader):
+        x = x.to(device, non_blocking=True)
+        if chl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield s, idx_l, x, y.to(device, non_blocking=True)
+
+
+def _student_step(m: Member, x, y, touts, epoch, step, steps, autocast, env: Env, cuda: bool) -> None:
+    st = m.stages[m.stage]
+    _, e_in = _stage_of(m.stages, epoch)
+    lr = lr_at(st, e_in + step / steps)
+    for g in m.opt.param_groups:
+        g["lr"] = lr
+    with _rng_of(m):
+        with autocast():
+            if m.distiller.needs_features:
+                z, f = m.ddp(x, features=True)
+                f = f.float()
+            else:
+                z, f = m.ddp(x), None
+        z = z.float()
+        parts, mask = m.distiller.losses(z, f, touts, y)
+        loss = sum(parts.values())
+        m.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        m.opt.step()
+    a = m.acc
+    b = y.shape[0]
+    lo = loss.detach()
+    a["bad"] += (~torch.isfinite(lo)).float()
+    a["loss"] += torch.nan_to_num(lo, nan=0.0, posinf=0.0, neginf=0.0) * b
+    a["correct"] += (z.detach().argmax(1) == y).sum()
+    a["n"] += b
+    if mask is not None:
+        a["subset"] += mask.sum()
+    for k, v in parts.items():
+        a["parts"][k] = a["parts"].get(k, 0.0) + v.detach() * b
+    # Non-finite check: every step on CPU (free); every N steps on CUDA (each check syncs).
+    # Under DDP all ranks must agree, so the check happens collectively at the epoch's end.
+    if env.world == 1 and (not cuda or (step + 1) % env.nan_check_every == 0):
+        if a["bad"].item() > 0:
+            m.failed = f"non-finite loss at epoch {epoch + 1}, step {step + 1}"
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, split, device, env: Env, chl: bool, autocast, batch: int = 512) -> dict:
+    """Top-1/top-5 (%) and mean CE on a split; the split is sharded across ranks, sums reduced."""
+    model.eval()
+    idx_all = torch.arange(len(split))[env.rank::env.world]
+    sums = torch.zeros(4, device=device)  # loss, top1, top5, n
+    if getattr(split, "in_memory", False):
+        labels = split.labels.to(device)
+        it = ((split.get_batch(i, None, device), labels[i.to(device)])
+              for i in idx_all.split(batch))
+    else:
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(split, idx_all.tolist()),
+                                             batch_size=batch, num_workers=env.workers)
+        it = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y, _ in loader)
+    for x, y in it:
+        if chl and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            z = model(x).float()
+        k = min(5, z.shape[1])
+        top = z.topk(k, 1).indices
+        sums += torch.stack([F.cross_entropy(z, y, reduction="sum"), (top[:, 0] == y).sum().float(),
+                             (top == y[:, None]).any(1).sum().float(), torch.tensor(float(len(y)), device=device)])
+    sums = _reduce(sums, env).tolist()
+    n = max(sums[3], 1.0)
+    return {"test_loss": sums[0] / n, "test_top1": 100 * sums[1] / n, "test_top5": 100 * sums[2] / n}
+
+
+def _end_epoch(m: Member, data, epoch, epoch_s, device, env: Env, chl, autocast, gbatch) -> None:
+    a = m.acc
+    keys = sorted(a["parts"])
+    vec = torch.stack([a["loss"], a["correct"], a["n"], a["subset"], a["bad"]]
+                      + [torch.as_tensor(a["parts"][k], device=device) for k in keys])
+    vec = _reduce(vec.float(), env).tolist()  # the epoch's one host sync per student
+    if vec[4] > 0 or not all(math.isfinite(v) for v in vec):
+        m.failed = m.failed or f"non-finite loss in epoch {epoch + 1}"
+    if m.failed is not None:
+        return
+    n = max(vec[2], 1.0)
+    ev = evaluate(m.model, data.test, device, env, chl, autocast)
+    m.epoch = epoch + 1
+    m.wall_s += epoch_s
+    row = {"epoch": m.epoch, "stage": m.stage, "lr": m.opt.param_groups[0]["lr"],
+           "train_loss": vec[0] / n, "train_top1": 100 * vec[1] / n, **ev, "epoch_s": round(epoch_s, 4),
+           "losses": {k: v / n for k, v in zip(keys, vec[5:])}, "subset_frac": vec[3] / n}
+    m.history.append(row)
+    if ev["test_top1"] > m.best["top1"]:
+        m.best = {"top1": ev["test_top1"], "top5": ev["test_top5"], "epoch": m.epoch}
+    if env.rank == 0:
+        fio.save_checkpoint(m.run_dir, {
+            "model": m.model.state_dict(), "optim": m.opt.state_dict(), "stage": m.stage,
+            "epoch": m.epoch, "history": m.history, "best": m.best, "wall_s": m.wall_s,
+            "rng": m.rng, "config_hash": m.hash})
+        fio.write_jsonl(m.run_dir / "metrics.jsonl", m.history)
+        if m.lock:
+            m.lock.refresh()
+    if env.world > 1:
+        tdist.barrier()
+    if env.progress:
+        env.progress("epoch", {"run": m.hash, **row})
+
+
+def _finish(m: Member, env: Env, device) -> dict:
+    if m.failed is not None:
+        rec = {"status": "failed", "reason": m.failed, "epoch": m.epoch, "config_hash": m.hash,
+               "last_good_checkpoint": str(m.run_dir / "ckpt-last.pt") if m.epoch else None}
+        if env.rank == 0:
+            fio.write_json(m.run_dir / "failed.json", rec)
+        env.log(f"run {m.hash} failed: {m.failed}")
+        return rec
+    if m.epoch < m.total_epochs:  # stopped early on purpose (stop_after_epochs / preemption)
+        return {"status": "partial", "epoch": m.epoch, "config_hash": m.hash}
+    cuda = device.type == "cuda"
+    last = m.history[-1]
+    rec = {"status": "done", "best_top1": m.best["top1"], "best_top5": m.best["top5"],
+           "best_epoch": m.best["epoch"], "last_top1": last["test_top1"], "last_top5": last["test_top5"],
+           "epochs": m.epoch, "wall_s": round(m.wall_s, 3), "device": device.type,
+           "gpu_name": torch.cuda.get_device_name(device) if cuda else None,
+           "world_size": env.world, "gpu_hours": round(m.wall_s / 3600 * env.world, 6) if cuda else 0.0,
+           "config_hash": m.hash}
+    if env.rank == 0:
+        save_weights(m.model, m.run_dir / "model.pt")
+        fio.write_json(m.run_dir / "final.json", rec)  # written last: the run is done
+    return rec

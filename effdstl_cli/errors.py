@@ -1,0 +1,31 @@
+"""User-facing errors: one clear line, a non-zero exit, never a traceback.
+
+Library code raises ``EffdstlError`` (or a subclass) for anything the user can fix; the CLI
+catches it and prints ``error: <message>``. Everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class EffdstlError(Exception):
+    """A problem with the user's input or environment, stated in one line."""
+
+    exit_code = 2
+
+
+def unknown(kind: str, name: str, choices: Iterable[str]) -> EffdstlError:
+    """``unknown model 'resnet81' (did you mean 'resnet18'?; choices: ...)``."""
+    choices = sorted(set(choices))
+    near = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.5)
+    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    shown = ", ".join(choices[:12]) + (", ..." if len(choices) > 12 else "")
+    return EffdstlError(f"unknown {kind} '{name}'{hint}; choices: {shown}")
+
+
+def check(cond: bool, message: str) -> None:
+    """Raise ``EffdstlError(message)`` unless ``cond``."""
+    if not cond:
+        raise EffdstlError(message)

@@ -1,0 +1,417 @@
+"""The only module that knows submitit and Slurm: executors, the DDP environment, requeue.
+
+Executors:
+  debug  in this process, one job after another (live progress; no submitit)
+  local  submitit LocalExecutor subprocesses, a bounded queue: at most ``max_parallel`` at once
+         (one per GPU when GPUs exist, else one: a job already uses every core)
+  slurm  submitit on Slurm: one job per group (a job array per set of jobs with the same
+         dependencies, bounded by --array-parallelism), ``afterok`` dependencies, G GPUs = one DDP job
+
+Every job's callable resumes from its run directories, so ``checkpoint()`` only has to resubmit
+the same callable: a preempted or timed-out job requeues and continues from its last epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import io as fio
+from .errors import EffdstlError
+from .studies import Job, Plan, run_state
+
+EXECUTORS = ("debug", "local", "slurm")
+
+
+@dataclass
+class LaunchOptions:
+    executor: str = "local"
+    device: str = "auto"
+    tasks: int = 1                    # processes per job (DDP); on GPUs = GPUs per job
+    gpus_per_job: int | None = None   # Slurm: default 4 when --partition has GPUs; 0 = CPU job
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    timeout_min: int = 24 * 60
+    array_parallelism: int = 16
+    cpus_per_task: int | None = None
+    mem_gb: int | None = None
+    max_parallel: int | None = None   # local: concurrent jobs
+    compile: bool = False
+    workers: int = 4
+    wait: bool = True
+    poll_s: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.executor not in EXECUTORS:
+            from .errors import unknown
+
+            raise unknown("executor", self.executor, EXECUTORS)
+        for k in ("tasks", "timeout_min", "array_parallelism", "workers"):
+            if int(getattr(self, k)) < (0 if k == "workers" else 1):
+                raise EffdstlError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
+        if self.gpus_per_job is not None and self.gpus_per_job < 0:
+            raise EffdstlError(f"--gpus-per-job must be >= 0, got {self.gpus_per_job}")
+        if self.executor != "slurm":
+            have = _local_gpus()
+            want = self.gpus_per_job or 0
+            if want > have:
+                raise EffdstlError(f"--gpus-per-job {want} asked for, but this machine has {have} GPU(s); "
+                                   "use --executor slurm for a cluster, or fewer GPUs")
+            if self.device.startswith("cuda") and have == 0:
+                raise EffdstlError("--device cuda asked for, but no CUDA GPU is visible here")
+
+    def world(self) -> int:
+        return max(int(self.gpus_per_job or 0), int(self.tasks), 1)
+
+    def backend(self) -> str:
+        return "nccl" if (self.gpus_per_job or 0) > 0 or self.device.startswith("cuda") else "gloo"
+
+
+def _local_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no CUDA build
+        return 0
+
+
+def slurm_available() -> bool:
+    if not shutil.which("sbatch"):
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+# -- the callables that run inside a job ---------------------------------------------------
+
+class TrainJob:
+    """A group of runs, trained by ``engine.train_group``; resumable, hence requeue-safe."""
+
+    def __init__(self, runs: list[tuple[dict, str]], env_kw: dict, world: int, backend: str):
+        self.runs, self.env_kw, self.world, self.backend = runs, env_kw, world, backend
+        self.progress = None  # in-process (debug) runs report each epoch through this
+
+    def __call__(self) -> list[dict]:
+        from .engine import Env, train_group
+
+        env = Env(**self.env_kw, progress=self.progress)
+        rank, world = _init_distributed(self.world, self.backend)
+        env.rank, env.world = rank, world
+        if world > 1 and self.backend == "nccl":
+            env.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        try:
+            return train_group([(c, Path(d)) for c, d in self.runs], env)
+        finally:
+            if world > 1:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        import submitit
+
+        # State lives in the run directories (a checkpoint every epoch): resubmitting is enough.
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+class ProbeJob:
+    """The FGSM probe of one distilled run (effdstl_cli.attack)."""
+
+    def __init__(self, probe: dict, device: str):
+        self.probe, self.device = probe, device
+
+    def __call__(self) -> str:
+        from .attack import run_probe
+
+        return str(run_probe(self.probe, device=self.device))
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def _init_distributed(world: int, backend: str) -> tuple[int, int]:
+    """One process per task via submitit's TorchDistributedEnvironment (Slurm or local)."""
+    if world <= 1:
+        return 0, 1
+    import submitit
+    import torch
+    import torch.distributed as dist
+
+    denv = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    if backend == "nccl":
+        torch.cuda.set_device(denv.local_rank)
+    dist.init_process_group(backend=backend, rank=denv.rank, world_size=denv.world_size)
+    return denv.rank, denv.world_size
+
+
+# -- launching a plan ----------------------------------------------------------------------
+
+Report = Callable[[str], None]
+
+
+def _env_kw(opts: LaunchOptions) -> dict:
+    return {"device": opts.device, "compile": opts.compile, "workers": opts.workers}
+
+
+def _callable(job: Job, opts: LaunchOptions):
+    if job.kind == "probe":
+        return ProbeJob(job.probe, opts.device)
+    runs = [(c, str(d)) for c, d in job.runs]
+    return TrainJob(runs, _env_kw(opts), opts.world(), opts.backend())
+
+
+def _queued_elsewhere(job: Job) -> str | None:
+    """A Slurm job id recorded for this job's runs that squeue still lists (pending/running)."""
+    if job.kind == "probe" or not shutil.which("squeue"):
+        return None
+    for _, d in job.runs:
+        info = Path(d) / "job.json"
+        if info.exists():
+            try:
+                jid = str(fio.read_json(info).get("job_id", ""))
+            except Exception:  # noqa: BLE001
+                continue
+            if jid and fio.read_json(info).get("executor") == "slurm":
+                out = subprocess.run(["squeue", "-h", "-j", jid.split("_")[0], "-o", "%i"],
+                                     capture_output=True, text=True)
+                if out.returncode == 0 and out.stdout.strip():
+                    return jid
+    return None
+
+
+def _record(job: Job, job_id: str, executor: str) -> None:
+    for _, d in job.runs:
+        Path(d).mkdir(parents=True, exist_ok=True)
+        fio.write_json(Path(d) / "job.json", {"job_id": job_id, "executor": executor, "job": job.name,
+                                              "submitted_at": time.time()})
+
+
+def todo(plan: Plan) -> list[Job]:
+    return [j for j in plan.jobs if j.state() != "done"]
+
+
+def launch(plan: Plan, opts: LaunchOptions, report: Report = print,
+           on_poll: Callable[[], None] | None = None) -> dict:
+    """Run or submit every job of the plan that is not done. Returns {job name: outcome}."""
+    opts.validate()
+    pending = todo(plan)
+    if not pending:
+        report(f"nothing to do: all {len(plan.jobs)} jobs of study '{plan.study['name']}' are done")
+        return {}
+    failed_runs = [d for j in pending for _, d in j.runs if run_state(d) == "failed"]
+    if failed_runs:
+        report(f"{len(failed_runs)} run(s) failed earlier and are kept as failed (see failed.json; "
+               "`effdstl status` lists them; delete failed.json to retry)")
+        pending = [j for j in pending if j.state() != "failed"]
+        if not pending:
+            return {}
+    fio.write_yaml(plan.study_dir / "study.yaml", plan.study)
+    if opts.executor == "debug":
+        return _run_debug(plan, pending, opts, report, on_poll)
+    if opts.executor == "slurm":
+        return _run_slurm(plan, pending, opts, report, on_poll)
+    return _run_local(plan, pending, opts, report, on_poll)
+
+
+def _run_debug(plan: Plan, pending: list[Job], opts: LaunchOptions, report: Report, on_poll) -> dict:
+    out = {}
+    for job in pending:
+        report(f"running {job.name} ({len(job.runs)} runs) in this process")
+        fn = _callable(job, opts)
+        if on_poll and isinstance(fn, TrainJob):
+            fn.progress = lambda event, info: on_poll()
+        out[job.name] = fn()
+    return out
+
+
+def _log_folder(plan: Plan) -> Path:
+    return plan.study_dir / "logs" / "%j"
+
+
+def _local_slots(opts: LaunchOptions) -> list[list[int] | None]:
+    gpus = _local_gpus() if not opts.device == "cpu" else 0
+    per = max(int(opts.gpus_per_job or 0), 1) if gpus else 0
+    if gpus and per:
+        slots = [list(range(i * per, (i + 1) * per)) for i in range(gpus // per)]
+    else:
+        slots = [None] * 1
+    if opts.max_parallel:
+        slots = (slots * opts.max_parallel)[:opts.max_parallel] if slots[0] is None else slots[:opts.max_parallel]
+    return slots
+
+
+def _run_local(plan: Plan, pending: list[Job], opts: LaunchOptions, report: Report, on_poll) -> dict:
+    """A bounded queue over submitit's LocalExecutor (which has none of its own)."""
+    import submitit
+
+    free = _local_slots(opts)
+    waiting = list(pending)
+    running: dict[str, tuple[Any, Any]] = {}
+    done_ok = {j.name for j in plan.jobs if j.state() == "done"}
+    out: dict[str, Any] = {}
+    while waiting or running:
+        for name, (sj, slot) in list(running.items()):
+            if sj.done():
+                del running[name]
+                free.append(slot)
+                try:
+                    out[name] = sj.result()
+                    done_ok.add(name)
+                except Exception as exc:  # noqa: BLE001 - report the job's error, go on with others
+                    msg = str(exc).strip().splitlines()
+                    out[name] = f"failed: {msg[-1] if msg else exc}"
+                    report(f"job {name} failed: {out[name]}  (log: {sj.paths.stderr})")
+        ready = [j for j in waiting if all(d in done_ok for d in j.deps)]
+        blocked = [j for j in waiting if any(d in out and d not in done_ok for d in j.deps)]
+        for j in blocked:
+            waiting.remove(j)
+            out[j.name] = "skipped: a dependency failed"
+        while ready and free:
+            job = ready.pop(0)
+            waiting.remove(job)
+            slot = free.pop(0)
+            ex = submitit.LocalExecutor(folder=str(_log_folder(plan)))
+            params = {"timeout_min": opts.timeout_min, "tasks_per_node": opts.world() if job.kind == "train" else 1,
+                      "nodes": 1}
+            if slot is not None:
+                params.update(visible_gpus=slot, gpus_per_node=len(slot))
+            ex.update_parameters(**params)
+            sj = ex.submit(_callable(job, opts))
+            _record(job, str(sj.job_id), "local")
+            running[job.name] = (sj, slot)
+            report(f"started {job.name} ({len(job.runs)} runs) as local job {sj.job_id}")
+        if not ready and not running and waiting:
+            for j in waiting:
+                out[j.name] = "skipped: a dependency did not finish"
+            break
+        if on_poll:
+            on_poll()
+        time.sleep(opts.poll_s)
+    if on_poll:
+        on_poll()
+    return out
+
+
+def _run_slurm(plan: Plan, pending: list[Job], opts: LaunchOptions, report: Report, on_poll) -> dict:
+    import submitit
+
+    if not slurm_available():
+        raise EffdstlError("--executor slurm: no Slurm cluster answers here (sbatch/sinfo); use "
+                           "--executor local, or start a local one with scripts/local-slurm.sh start")
+    ids: dict[str, str] = {}
+    handles: dict[str, Any] = {}
+    gpus = int(opts.gpus_per_job or 0)
+    for job in pending:
+        queued = _queued_elsewhere(job)
+        if queued:
+            ids[job.name] = queued
+            report(f"{job.name}: already queued as Slurm job {queued}; not submitting it again")
+    to_submit = [j for j in pending if j.name not in ids]
+    # Jobs with the same dependency set go out together as one array.
+    by_deps: dict[tuple, list[Job]] = {}
+    order = {j.name: i for i, j in enumerate(plan.jobs)}
+    for j in sorted(to_submit, key=lambda j: order[j.name]):
+        by_deps.setdefault(tuple(j.deps), []).append(j)
+    for deps, jobs in by_deps.items():
+        ex = submitit.AutoExecutor(folder=str(_log_folder(plan)), cluster="slurm")
+        world = opts.world()
+        params: dict[str, Any] = {
+            "timeout_min": opts.timeout_min, "nodes": 1, "tasks_per_node": world,
+            "cpus_per_task": opts.cpus_per_task or (8 if gpus else 1),
+            "slurm_array_parallelism": opts.array_parallelism, "slurm_signal_delay_s": 120,
+            "name": f"effdstl-{plan.study['name']}",
+        }
+        if gpus:
+            params["gpus_per_node"] = gpus
+        if opts.mem_gb:
+            params["mem_gb"] = opts.mem_gb
+        if opts.partition:
+            params["slurm_partition"] = opts.partition
+        extra = {}
+        if opts.account:
+            extra["account"] = opts.account
+        if opts.qos:
+            extra["qos"] = opts.qos
+        dep_ids = [ids[d] for d in deps if d in ids]
+        if dep_ids:
+            extra["dependency"] = "afterok:" + ":".join(dep_ids)
+            extra["kill-on-invalid-dep"] = "yes"
+        if extra:
+            params["slurm_additional_parameters"] = extra
+        ex.update_parameters(**params)
+        with ex.batch():
+            subs = [ex.submit(_callable(j, opts)) for j in jobs]
+        for j, sj in zip(jobs, subs):
+            ids[j.name] = str(sj.job_id)
+            handles[j.name] = sj
+            _record(j, str(sj.job_id), "slurm")
+            report(f"submitted {j.name} ({len(j.runs)} runs) as Slurm job {sj.job_id}"
+                   + (f" after {','.join(deps)}" if dep_ids else ""))
+    if not opts.wait:
+        return ids
+    out: dict[str, Any] = {}
+    while len(out) < len(handles):
+        for name, sj in handles.items():
+            if name in out or not sj.done():
+                continue
+            try:
+                out[name] = sj.result()
+            except Exception as exc:  # noqa: BLE001
+                lines = str(exc).strip().splitlines()
+                out[name] = f"failed: {lines[-1] if lines else exc}"
+                report(f"job {name} ({sj.job_id}) failed: {out[name]}")
+        if on_poll:
+            on_poll()
+        time.sleep(opts.poll_s)
+    # Jobs queued by an earlier invocation: wait on their run directories.
+    while any(Job(n, "train", plan.job(n).runs).state() in ("pending", "running", "partial")
+              and _queued_elsewhere(plan.job(n)) for n in ids if n not in handles):
+        if on_poll:
+            on_poll()
+        time.sleep(opts.poll_s)
+    return out
+
+
+def dry_run_lines(plan: Plan, opts: LaunchOptions) -> list[str]:
+    """What ``launch`` would do, without touching data or a cluster."""
+    world, gpus = opts.world(), int(opts.gpus_per_job or 0)
+    lines = [f"study {plan.study['name']} ({plan.study['kind']}, dataset {plan.study['dataset']}): "
+             f"{len(plan.jobs)} jobs, {sum(len(j.runs) for j in plan.jobs)} runs -> {plan.study_dir}",
+             f"executor {opts.executor}: {world} process(es) per job"
+             + (f", {gpus} GPU(s) per job" if gpus else ", CPU") + f", backend {opts.backend() if world > 1 else 'none (1 process)'}"
+             + (f", partition {opts.partition}" if opts.partition else "")
+             + (f", array parallelism {opts.array_parallelism}" if opts.executor == "slurm" else "")]
+    tl = []
+    for name, t in (plan.study.get("teachers") or {}).items():
+        src = "pretrained" if t.get("pretrained") else (f"ckpt {t['ckpt']}" if t.get("ckpt") else f"trained here, {t.get('epochs', '?')} ep")
+        tl.append(f"{name}={t['model']} ({src})")
+    if tl:
+        lines.append("teachers: " + ", ".join(tl))
+    for j in plan.jobs:
+        state = j.state()
+        lines.append(f"  {j.name:<18} {j.kind:<6} runs={len(j.runs):<3} deps={','.join(j.deps) or '-':<28} "
+                     f"[{state}{' -> skip' if state == 'done' else ''}]")
+        for c, d in j.runs[:3] if j.kind == "train" else []:
+            st = c["stages"]
+            hp = "; ".join(f"{s['epochs']} ep {s['distiller']['name']}"
+                           + (f"({s['distiller']['teacher']})" if s['distiller'].get('teacher') else "")
+                           + f" lr {s['optim']['lr']:g}->{s['sched']['min_lr']:g} wd {s['optim']['weight_decay']:g}"
+                           + (f" warmup {s['sched']['warmup_epochs']:g}" if s['sched'].get('warmup_epochs') else "")
+                           for s in st)
+            lines.append(f"      {d.name}  {c['model']:<18} bs {c['batch_size']}  {hp}  ({c['meta']['label']})")
+        if j.kind == "train" and len(j.runs) > 3:
+            lines.append(f"      ... and {len(j.runs) - 3} more runs")
+    return lines

@@ -1,0 +1,407 @@
+"""The paper's figures (Fig. 5-8 layouts) from a study directory; PNG + PDF written atomically.
+
+Every ``figureN(study_dir, out_dir=None)`` returns a :class:`FigureResult`: ``paths`` (the PNG and
+the PDF, default ``study_dir/figures/figureN.{png,pdf}``), the matplotlib ``figure`` and ``info``
+(what was drawn: groups, legend labels, point counts) for callers and tests. Iterating a
+FigureResult yields its paths. Figures are built on ``matplotlib.figure.Figure`` with the Agg
+canvas: no pyplot global state, nothing to close.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from .errors import EffdstlError  # noqa: E402
+from .results import atomic_write, collect, interval95, normalized, read_metrics  # noqa: E402
+
+SUBSET_ORDER = ("reg_cor", "reg", "correct", "not_correct", "all", "reg_not_cor", "not_reg_cor", "not_reg")
+SUBSET_LABEL = {"reg_cor": "reg ∩ correct", "reg": "reg", "correct": "correct", "not_correct": "not correct",
+                "all": "all", "reg_not_cor": "reg ∩ not correct", "not_reg_cor": "not reg ∩ correct",
+                "not_reg": "not reg"}
+SCHEME_ORDER = ("full", "partial", "confidence")
+KIND_ORDER = ("label_smoothing", "teacher_amp", "student_amp")
+KIND_LABEL = {"label_smoothing": "label smoothing", "teacher_amp": "teacher amplification",
+              "student_amp": "student amplification"}
+NETWORK_ORDER = ("teacher", "student", "undistilled")
+NETWORK_TITLE = {"teacher": "teacher", "student": "distilled student", "undistilled": "undistilled network"}
+FIG8_LABEL = {"reg_cor": "CKM on reg ∩ correct (keep incorrect)", "reg": "CKM on all reg (manipulate incorrect)"}
+_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
+            "#7f7f7f", "#bcbd22")
+
+
+@dataclass
+class FigureResult:
+    paths: list[Path]
+    figure: Figure
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[Path]:
+        return iter(self.paths)
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+def _ordered(values: Sequence[str], order: Sequence[str]) -> list[str]:
+    present = list(dict.fromkeys(v for v in values))
+    return [v for v in order if v in present] + sorted(v for v in present if v not in order)
+
+
+def _subset_colors(subsets: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for i, s in enumerate(_ordered(subsets, SUBSET_ORDER)):
+        k = SUBSET_ORDER.index(s) if s in SUBSET_ORDER else len(SUBSET_ORDER) + i
+        out[s] = _PALETTE[k % len(_PALETTE)]
+    return out
+
+
+def _new_figure(w: float, h: float) -> Figure:
+    fig = Figure(figsize=(w, h), layout="constrained", dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, study_dir: Path, out_dir: str | Path | None, stem: str, info: dict) -> FigureResult:
+    out = Path(out_dir) if out_dir is not None else Path(study_dir) / "figures"
+    png = atomic_write(out / f"{stem}.png", lambda p: fig.savefig(p, format="png", dpi=150))
+    pdf = atomic_write(out / f"{stem}.pdf", lambda p: fig.savefig(p, format="pdf"))
+    return FigureResult([png, pdf], fig, info)
+
+
+def _offsets(n: int, inner: float = 0.11, outer: float = 0.34) -> np.ndarray:
+    """Deterministic jitter: n points (in seed order) spread over ``inner..outer`` on both sides of
+    the group centre, leaving the centre free for the mean marker and its interval bar."""
+    if n <= 0:
+        return np.zeros(0)
+    if n == 1:
+        return np.array([-(inner + outer) / 2])
+    k = n + (n % 2)  # an even count has no point at the centre
+    base = np.linspace(-1.0, 1.0, k)
+    if n % 2:
+        base = np.delete(base, k // 2)
+    a = np.abs(base)
+    lo = a.min()
+    frac = (a - lo) / (1.0 - lo) if 1.0 - lo > 1e-12 else np.zeros_like(a)
+    return np.sign(base) * (inner + (outer - inner) * frac)
+
+
+def _fmt_param(kind: str, v: Any) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return ""
+    name = "t" if kind == "label_smoothing" else "δ"
+    return f"{name}={float(v):g}" if isinstance(v, (int, float, np.floating)) else f"{name}={v}"
+
+
+def _teacher_lines(ax) -> None:
+    for y, text in ((0.0, "weak teacher"), (1.0, "strong teacher")):
+        ax.axhline(y, color="0.35", ls="--", lw=1.0, zorder=1)
+        ax.annotate(text, xy=(1.0, y), xycoords=("axes fraction", "data"), xytext=(3, 0),
+                    textcoords="offset points", va="center", ha="left", fontsize=8, color="0.3",
+                    annotation_clip=False)
+
+
+# -- Fig. 5 / Fig. 6: normalized accuracy per scheme (kind) x subset ----------------------
+
+def _strip_figure(norm: pd.DataFrame, outer_keys: list[tuple], outer_label: dict, xlabel: str,
+                  suptitle: str) -> tuple[Figure, dict]:
+    """One panel per triplet; x groups = outer keys, within each one column per subset."""
+    subsets = _ordered(norm["subset"].tolist(), SUBSET_ORDER)
+    colors = _subset_colors(subsets)
+    triplets = list(dict.fromkeys(norm["triplet"]))
+    S, G = len(subsets), len(outer_keys)
+    ncols = min(len(triplets), 2)
+    nrows = int(np.ceil(len(triplets) / ncols))
+    w_panel = max(5.5, 0.38 * G * (S + 1) + 1.6)
+    fig = _new_figure(w_panel * ncols + 0.6, 3.9 * nrows + 0.9)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharey=True, squeeze=False)).ravel()
+    info: dict[str, Any] = {"panels": [], "legend": [], "groups": 0, "points": 0}
+    ymin, ymax = 0.0, 1.0
+    for ax, tr in zip(axes, triplets):
+        d = norm[norm["triplet"] == tr]
+        groups = 0
+        for gi, key in enumerate(outer_keys):
+            for si, sub in enumerate(subsets):
+                g = d[(d["_outer"].map(lambda k: k == key)) & (d["subset"] == sub)].sort_values("seed")
+                if g.empty:
+                    continue
+                groups += 1
+                x0 = gi * (S + 1) + si
+                ys = g["norm"].to_numpy(float)
+                ax.scatter(x0 + _offsets(len(ys)), ys, s=16, color=colors[sub], alpha=0.75,
+                           edgecolors="none", zorder=3)
+                mean, _, n, half = interval95(ys)
+                if n >= 2 and np.isfinite(half):
+                    ax.errorbar([x0], [mean], yerr=[[half], [half]], fmt="none", ecolor="black",
+                                elinewidth=1.2, capsize=3, zorder=4)
+                    ymin, ymax = min(ymin, mean - half), max(ymax, mean + half)
+                ax.plot([x0], [mean], marker="D", ms=5, mfc="white", mec="black", mew=1.2, zorder=5)
+                ymin, ymax = min(ymin, ys.min()), max(ymax, ys.max())
+                info["points"] += len(ys)
+        info["groups"] += groups
+        info["panels"].append({"triplet": tr, "groups": groups})
+        for gi in range(1, G):
+            ax.axvline(gi * (S + 1) - 1, color="0.85", lw=0.8, zorder=0)
+        ax.set_xticks([gi * (S + 1) + (S - 1) / 2 for gi in range(G)])
+        ax.set_xticklabels([outer_label[k] for k in outer_keys])
+        ax.set_xlim(-0.8, G * (S + 1) - 1.2)
+        ax.set_xlabel(xlabel)
+        ax.tick_params(axis="x", length=0)
+        ax.grid(axis="y", color="0.92", lw=0.8, zorder=0)
+        ax.set_axisbelow(True)
+        _teacher_lines(ax)
+        weak, strong, student = (tr.split("|") + ["", "", ""])[:3]
+        lo, hi = float(d["acc_minus"].iloc[0]), float(d["acc_plus"].iloc[0])
+        ax.set_title(f"weak {weak} → strong {strong}, student {student}\n"
+                     f"acc− {lo:.2f}% (n={int(d['n_minus'].iloc[0])}), "
+                     f"acc+ {hi:.2f}% (n={int(d['n_plus'].iloc[0])})", fontsize=9)
+    for ax in axes[len(triplets):]:
+        ax.set_visible(False)
+    for ax in axes[::ncols]:
+        ax.set_ylabel("normalized accuracy")
+    pad = 0.08 * (ymax - ymin)
+    axes[0].set_ylim(ymin - pad, ymax + pad)
+    handles = [Line2D([], [], ls="none", marker="o", ms=5, color=colors[s]) for s in subsets]
+    labels = [SUBSET_LABEL.get(s, s) for s in subsets]
+    handles.append(Line2D([], [], ls="none", marker="D", ms=5, mfc="white", mec="black"))
+    labels.append("mean ± 95% CI")
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6), fontsize=8,
+               title="subset manipulated", title_fontsize=8, frameon=False)
+    fig.suptitle(suptitle, fontsize=10)
+    info["legend"] = labels
+    info["subsets"] = subsets
+    return fig, info
+
+
+def _norm_for(study_dir: Path, distiller: str, what: str, metric: str) -> pd.DataFrame:
+    df = collect(study_dir)
+    keep = (df["baseline"].isin(["weak", "strong"])) | (df["distiller"] == distiller)
+    if not ((df["distiller"] == distiller) & (df["state"] == "done") & (df["baseline"] == "")).any():
+        n = int((df["distiller"] == distiller).sum())
+        raise EffdstlError(f"no finished {what} runs in {study_dir} ({n} planned or unfinished): "
+                           f"run the study first, or pick a {what} study")
+    norm = normalized(df[keep], metric=metric)
+    norm = norm[norm["distiller"] == distiller].copy()
+    norm["seed"] = norm["seed"].astype(float)
+    return norm
+
+
+def _title(norm: pd.DataFrame, fig_name: str) -> str:
+    studies = ", ".join(dict.fromkeys(norm["study"]))
+    datasets = ", ".join(dict.fromkeys(norm["dataset"]))
+    return f"{fig_name} — study {studies} ({datasets}); {len(set(norm['triplet']))} triplet(s)"
+
+
+def figure5(study_dir: str | Path, out_dir: str | Path | None = None, metric: str = "best_top1") -> FigureResult:
+    """Fig. 5: normalized accuracy per replacement scheme x subset; one panel per triplet."""
+    study_dir = Path(study_dir)
+    norm = _norm_for(study_dir, "replace", "replacement", metric)
+    schemes = _ordered(norm["scheme"].tolist(), SCHEME_ORDER)
+    norm["_outer"] = [(s,) for s in norm["scheme"]]
+    keys = [(s,) for s in schemes]
+    fig, info = _strip_figure(norm, keys, {k: k[0] for k in keys}, "replacement scheme",
+                              _title(norm, f"Fig. 5: replacing the weak teacher's targets ({metric})"))
+    info["x_groups"] = schemes
+    return _save(fig, study_dir, out_dir, "figure5", info)
+
+
+def figure6(study_dir: str | Path, out_dir: str | Path | None = None, metric: str = "best_top1") -> FigureResult:
+    """Fig. 6: normalized accuracy per manipulation kind (and parameter) x subset."""
+    study_dir = Path(study_dir)
+    norm = _norm_for(study_dir, "manipulate", "manipulation", metric)
+    pkey = norm["param"].map(lambda v: None if v is None or (isinstance(v, float) and np.isnan(v)) else v)
+    norm["_outer"] = list(zip(norm["scheme"], pkey))
+    kinds = _ordered(norm["scheme"].tolist(), KIND_ORDER)
+    keys: list[tuple] = []
+    for k in kinds:
+        ps = {p for (s, p) in norm["_outer"] if s == k}
+        keys += [(k, p) for p in sorted(ps, key=lambda v: (v is None, str(v) if not isinstance(v, float) else v))]
+    label = {}
+    for k, p in keys:
+        name = KIND_LABEL.get(k, k)
+        label[(k, p)] = f"{name}\n{_fmt_param(k, p)}".rstrip()
+    fig, info = _strip_figure(norm, keys, label, "manipulation",
+                              _title(norm, f"Fig. 6: manipulating the weak teacher's targets ({metric})"))
+    info["x_groups"] = [label[k] for k in keys]
+    return _save(fig, study_dir, out_dir, "figure6", info)
+
+
+# -- Fig. 7: FGSM confidence-drop densities -------------------------------------------------
+
+def kde(x: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Gaussian kernel density of ``x`` on ``grid`` (Scott's bandwidth, numpy only)."""
+    x = np.asarray(x, float)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return np.zeros_like(grid)
+    span = float(grid.max() - grid.min()) or 1.0
+    sd = float(x.std(ddof=1)) if x.size > 1 else 0.0
+    iqr = float(np.subtract(*np.percentile(x, [75, 25]))) / 1.349 if x.size > 1 else 0.0
+    spread = min(sd, iqr) if min(sd, iqr) > 0 else max(sd, iqr)
+    bw = max(1.06 * spread * x.size ** (-1 / 5), span / 400)
+    dens = np.zeros_like(grid, dtype=float)
+    for chunk in np.array_split(x, max(1, x.size // 2000)):
+        z = (grid[:, None] - chunk[None, :]) / bw
+        dens += np.exp(-0.5 * z * z).sum(axis=1)
+    return dens / (x.size * bw * np.sqrt(2 * np.pi))
+
+
+def _load_fgsm(study_dir: Path) -> pd.DataFrame:
+    files = sorted((study_dir / "fgsm").glob("*/fgsm.parquet"))
+    if not files:
+        raise EffdstlError(f"no FGSM tables under {study_dir / 'fgsm'}: run `effdstl attack fgsm` on the "
+                           f"study first")
+    parts = []
+    for f in files:
+        try:
+            parts.append(pd.read_parquet(f))
+        except Exception as exc:  # a corrupt table: say which, never a traceback
+            raise EffdstlError(f"cannot read {f} ({type(exc).__name__}); re-run `effdstl attack fgsm`")
+    df = pd.concat(parts, ignore_index=True)
+    need = {"network", "subset", "eps", "drop"}
+    if need - set(df.columns):
+        raise EffdstlError(f"FGSM tables under {study_dir / 'fgsm'} lack column(s) "
+                           f"{', '.join(sorted(need - set(df.columns)))}; re-run `effdstl attack fgsm`")
+    return df
+
+
+def figure7(study_dir: str | Path, out_dir: str | Path | None = None, eps: float | None = None) -> FigureResult:
+    """Fig. 7: density of the true-class confidence drop under FGSM, kept vs manipulated samples,
+    one panel per network (teacher, distilled student, undistilled), at one ``eps``
+    (default: the median of the eps values present)."""
+    study_dir = Path(study_dir)
+    df = _load_fgsm(study_dir)
+    eps_all = np.array(sorted(df["eps"].dropna().unique()), float)
+    if eps is None:
+        chosen = float(eps_all[(len(eps_all) - 1) // 2])
+    else:
+        near = eps_all[np.argmin(np.abs(eps_all - float(eps)))]
+        if not np.isclose(near, float(eps), rtol=1e-6, atol=1e-9):
+            raise EffdstlError(f"no FGSM rows at eps={eps:g}; eps present: {', '.join(f'{e:g}' for e in eps_all)}")
+        chosen = float(near)
+    d = df[np.isclose(df["eps"].astype(float), chosen)]
+    networks = _ordered(d["network"].astype(str).tolist(), NETWORK_ORDER)
+    subsets = _ordered(d["subset"].astype(str).tolist(), ("kept", "manipulated"))
+    colors = {"kept": "#1f77b4", "manipulated": "#d62728"}
+    for i, s in enumerate(subsets):
+        colors.setdefault(s, _PALETTE[(i + 2) % len(_PALETTE)])
+    lo, hi = float(d["drop"].min()), float(d["drop"].max())
+    pad = 0.05 * ((hi - lo) or 1.0)
+    grid = np.linspace(lo - pad, hi + pad, 600)
+    fig = _new_figure(4.1 * len(networks) + 0.4, 3.7)
+    axes = np.atleast_1d(fig.subplots(1, len(networks), squeeze=False)).ravel()
+    info: dict[str, Any] = {"eps": chosen, "networks": networks, "peaks": {}, "n": {}}
+    for ax, net in zip(axes, networks):
+        peaks = {}
+        for s in subsets:
+            x = d[(d["network"] == net) & (d["subset"] == s)]["drop"].to_numpy(float)
+            if x.size == 0:
+                continue
+            y = kde(x, grid)
+            ax.fill_between(grid, y, color=colors[s], alpha=0.18, lw=0)
+            ax.plot(grid, y, color=colors[s], lw=1.6)
+            peak = float(grid[int(np.argmax(y))])
+            peaks[s] = peak
+            ax.axvline(peak, color=colors[s], ls="--", lw=1.1)
+            info["n"][(net, s)] = int(x.size)
+        info["peaks"][net] = peaks
+        title = NETWORK_TITLE.get(net, net)
+        if "kept" in peaks and "manipulated" in peaks:
+            title += f"\npeak gap (manipulated − kept) {peaks['manipulated'] - peaks['kept']:+.3f}"
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("true-class confidence drop p(x)[y] - p(x_adv)[y]", fontsize=8.5)
+        ax.set_xlim(grid[0], grid[-1])
+        ax.set_ylim(bottom=0)
+        ax.grid(color="0.93", lw=0.8)
+        ax.set_axisbelow(True)
+    axes[0].set_ylabel("density")
+    handles, labels = [], []
+    for s in subsets:
+        ns = sorted({v for (net, sub), v in info["n"].items() if sub == s})
+        n = f"n={ns[0]} per network" if len(ns) == 1 else "n=" + "/".join(
+            str(info["n"].get((net, s), 0)) for net in networks) + " (" + "/".join(networks) + ")"
+        handles.append(Patch(facecolor=colors[s], alpha=0.45, edgecolor=colors[s]))
+        labels.append(f"{s} samples ({n})")
+    handles.append(Line2D([], [], color="0.3", ls="--"))
+    labels.append("peak of each subset")
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8, frameon=False)
+    runs = d["run"].nunique() if "run" in d.columns else 1
+    fig.suptitle(f"Fig. 7: FGSM boundary probe — study {study_dir.name}, eps = {chosen:g} "
+                 f"(of {', '.join(f'{e:g}' for e in eps_all)}), {runs} distilled run(s)", fontsize=10)
+    info["legend"] = labels
+    return _save(fig, study_dir, out_dir, "figure7", info)
+
+
+# -- Fig. 8: train / validation accuracy, keep vs manipulate incorrect samples -------------
+
+def figure8(study_dir: str | Path, out_dir: str | Path | None = None) -> FigureResult:
+    """Fig. 8: train (train_top1) and validation (test_top1) accuracy per epoch, mean over seeds
+    with a ±1 std band, for CKM on reg ∩ correct vs on all reg samples."""
+    study_dir = Path(study_dir)
+    df = collect(study_dir)
+    st = df[(df["role"] == "student") & (df["baseline"] == "") & (df["subset"] != "")
+            & (df["epochs_done"].fillna(0) > 0)]
+    if "fig8" in set(df["study_kind"]):
+        st = st[st["study_kind"] == "fig8"]
+    if not st["subset"].isin(["reg_cor", "reg"]).any():
+        raise EffdstlError(f"no student runs with metrics on subsets reg_cor / reg in {study_dir}: run a "
+                           f"fig8 study first (or wait for its first epochs)")
+    st = st[st["subset"].isin(["reg_cor", "reg"])]
+    groups = _ordered(st["subset"].tolist(), ("reg_cor", "reg"))
+    colors = {"reg_cor": "#1f77b4", "reg": "#d62728"}
+    fig = _new_figure(10.0, 4.0)
+    axes = fig.subplots(1, 2, sharex=True)
+    info: dict[str, Any] = {"groups": groups, "runs": {}, "legend": []}
+    switch_epochs = set()
+    for g in groups:
+        curves = {"train_top1": [], "test_top1": []}
+        for rd in st[st["subset"] == g]["run_dir"]:
+            rows = read_metrics(Path(rd) / "metrics.jsonl")
+            m = pd.DataFrame(rows)
+            if m.empty or "epoch" not in m:
+                continue
+            m = m.drop_duplicates("epoch", keep="last").set_index("epoch")
+            for k in curves:
+                if k in m:
+                    curves[k].append(m[k].astype(float))
+            if "stage" in m:
+                stg = m["stage"].astype(float)
+                switch_epochs.update(stg.index[stg.diff().fillna(0) > 0].tolist())
+        info["runs"][g] = len(curves["test_top1"])
+        for ax, k in zip(axes, curves):
+            if not curves[k]:
+                continue
+            M = pd.concat(curves[k], axis=1).sort_index()
+            mean, std = M.mean(axis=1), M.std(axis=1, ddof=1).fillna(0.0)
+            ax.plot(M.index, mean, color=colors[g], lw=1.6)
+            ax.fill_between(M.index, mean - std, mean + std, color=colors[g], alpha=0.2, lw=0)
+    for ax, name in zip(axes, ("train accuracy", "validation accuracy")):
+        for e in sorted(switch_epochs):
+            ax.axvline(e - 0.5, color="0.5", ls=":", lw=1)
+        ax.set_title(name + (" (dotted: stage-2 start)" if switch_epochs else ""), fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{name} (top-1, %)")
+        ax.grid(color="0.93", lw=0.8)
+        ax.set_axisbelow(True)
+    handles = [Patch(facecolor=colors[g], alpha=0.5, edgecolor=colors[g]) for g in groups]
+    labels = [f"{FIG8_LABEL[g]}, n={info['runs'][g]} seed(s)" for g in groups]
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8.5, frameon=False,
+               title="mean over seeds ± 1 std", title_fontsize=8)
+    fig.suptitle(f"Fig. 8: keeping incorrect samples — study {study_dir.name} "
+                 f"({', '.join(dict.fromkeys(st['dataset']))})", fontsize=10)
+    info["legend"] = labels
+    return _save(fig, study_dir, out_dir, "figure8", info)
+
+
+FIGURES = {"5": figure5, "6": figure6, "7": figure7, "8": figure8}

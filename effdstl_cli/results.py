@@ -1,0 +1,289 @@
+"""Results: one table row per run directory, normalized accuracy, grouped summaries.
+
+Everything here is derived from run directories (docs/RUNDIR.md), so it can always be rebuilt:
+``collect`` reads ``<study>/runs/*/{config.yaml,final.json,failed.json,metrics.jsonl,lock}``.
+No torch import: reading results must stay fast and work without a GPU stack.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from .errors import EffdstlError
+
+META_KEYS = ("study", "study_kind", "dataset", "student", "weak", "strong", "triplet", "distiller",
+             "scheme", "subset", "param", "baseline", "label", "seed")
+FINAL_KEYS = ("best_top1", "last_top1", "best_top5", "last_top5", "best_epoch", "epochs", "wall_s",
+              "gpu_hours", "device", "gpu_name", "world_size")
+COLUMNS = ("run", "state", "role", *META_KEYS, *FINAL_KEYS, "epochs_done", "fail_reason", "run_dir")
+LOCK_STALE_S = 6 * 3600  # same rule as io.RunLock: another host's lock untouched this long is dead
+
+
+# -- atomic files (shared by plots and tables; io.py would pull in torch) ------------------
+
+def atomic_write(path: str | Path, writer: Callable[[Path], Any]) -> Path:
+    """Call ``writer(tmp_path)`` on a temp file in ``path``'s directory, then rename it over ``path``.
+
+    A reader never sees a half-written file; a failed writer leaves the old file untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        writer(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text))
+
+
+# -- reading run directories ---------------------------------------------------------------
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Rows of a metrics.jsonl; a truncated or garbled last line (a killed writer) is skipped."""
+    rows: list[dict] = []
+    try:
+        with open(path) as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                if isinstance(obj, dict):
+                    rows.append(obj)
+    except FileNotFoundError:
+        pass
+    return rows
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EffdstlError(f"cannot read {path} ({type(exc).__name__}: {exc}); delete it and re-run the study")
+    return obj if isinstance(obj, dict) else {}
+
+
+def _lock_alive(lock: Path) -> bool:
+    """True when ``lock`` looks held by a live trainer (mirrors io.RunLock's staleness rule)."""
+    try:
+        info = json.loads(lock.read_text())
+    except (OSError, json.JSONDecodeError):
+        info = None
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if not isinstance(info, dict):
+        return age <= 5
+    if info.get("host") == socket.gethostname():
+        try:
+            os.kill(int(info.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, ValueError, OverflowError):
+            return True
+        return True
+    return age <= LOCK_STALE_S
+
+
+def _run_row(rd: Path) -> dict[str, Any]:
+    cfg_path = rd / "config.yaml"
+    try:
+        cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise EffdstlError(f"cannot read {cfg_path} ({type(exc).__name__}); delete the run directory "
+                           f"{rd} and re-run the study")
+    if not isinstance(cfg, dict):
+        raise EffdstlError(f"{cfg_path} is not a run config (expected a mapping); delete {rd}")
+    meta = cfg.get("meta") or {}
+    row: dict[str, Any] = {k: None for k in COLUMNS}
+    row.update(run=rd.name, role=cfg.get("role", ""), run_dir=str(rd))
+    for k in META_KEYS:
+        row[k] = meta.get(k)
+    for k in ("study", "study_kind", "dataset", "student", "weak", "strong", "triplet", "distiller",
+              "scheme", "subset", "baseline", "label"):
+        row[k] = "" if row[k] is None else str(row[k])
+    if row["seed"] is None:
+        row["seed"] = cfg.get("seed")
+    metrics = read_metrics(rd / "metrics.jsonl")
+    row["epochs_done"] = len(metrics)
+    row["epochs"] = cfg.get("epochs")
+    if (rd / "final.json").exists():
+        fin = _read_json(rd / "final.json")
+        row["state"] = "done"
+        for k in FINAL_KEYS:
+            if k in fin:
+                row[k] = fin[k]
+    elif (rd / "failed.json").exists():
+        row["state"] = "failed"
+        row["fail_reason"] = str(_read_json(rd / "failed.json").get("reason", ""))
+    elif (rd / "lock").exists() and _lock_alive(rd / "lock"):
+        row["state"] = "running"
+    elif metrics or (rd / "ckpt-last.pt").exists() or (rd / "ckpt-prev.pt").exists():
+        row["state"] = "partial"
+    else:
+        row["state"] = "pending"
+    return row
+
+
+def collect(study_dir: str | Path) -> pd.DataFrame:
+    """One row per run directory ``study_dir/runs/*/`` holding a config.yaml.
+
+    Columns: run (the hash), state (done | failed | running | partial | pending), role, every
+    ``meta`` key, final.json's numbers (NaN until done; ``epochs`` falls back to the planned
+    epochs), epochs_done (valid metrics.jsonl lines), fail_reason, run_dir.
+    ``running`` = a live lock; ``partial`` = epochs written but nobody training it now.
+    """
+    study_dir = Path(study_dir)
+    if not study_dir.is_dir():
+        raise EffdstlError(f"study directory {study_dir} does not exist (launch the study first, or check "
+                           f"the results root)")
+    runs = sorted(p for p in (study_dir / "runs").glob("*/") if (p / "config.yaml").is_file())
+    if not runs:
+        raise EffdstlError(f"no runs under {study_dir / 'runs'} (no */config.yaml): launch the study first")
+    df = pd.DataFrame([_run_row(rd) for rd in runs], columns=list(COLUMNS))
+    for k in ("best_top1", "last_top1", "best_top5", "last_top5", "wall_s", "gpu_hours"):
+        df[k] = pd.to_numeric(df[k], errors="coerce").astype(float)
+    for k in ("best_epoch", "epochs", "world_size", "seed", "epochs_done"):
+        df[k] = pd.to_numeric(df[k], errors="coerce").astype("Int64")
+    num = pd.to_numeric(df["param"], errors="coerce")
+    if num.notna().sum() == df["param"].notna().sum():  # all numeric (or missing): store as float
+        df["param"] = num.astype(float)
+    else:
+        df["param"] = df["param"].map(lambda v: None if v is None else str(v)).astype(object)
+    for k in ("device", "gpu_name", "fail_reason"):
+        df[k] = df[k].map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+    return df
+
+
+def write_table(df: pd.DataFrame, out_dir: str | Path, stem: str = "results") -> list[Path]:
+    """Write ``<out_dir>/<stem>.csv`` and ``.parquet`` atomically; returns [csv, parquet]."""
+    out_dir = Path(out_dir)
+    csv = atomic_write(out_dir / f"{stem}.csv", lambda p: df.to_csv(p, index=False))
+    pq = atomic_write(out_dir / f"{stem}.parquet", lambda p: df.to_parquet(p, index=False))
+    return [csv, pq]
+
+
+# -- normalized accuracy (METHOD.md "Normalized accuracy") ---------------------------------
+
+def _is_done(df: pd.DataFrame) -> pd.Series:
+    return df["state"] == "done"
+
+
+def normalized(df: pd.DataFrame, metric: str = "best_top1") -> pd.DataFrame:
+    """Altered runs with ``norm = (acc - acc-) / (acc+ - acc-)`` (METHOD.md, Fig. 5/6).
+
+    Per (study, triplet): acc- / acc+ are the MEAN over seeds of the finished baseline runs
+    (meta.baseline 'weak' / 'strong'). Altered runs are finished student runs with baseline ''.
+    Adds acc_minus, acc_plus, n_minus, n_plus, acc (= ``metric``) and norm.
+    """
+    if metric not in df.columns:
+        raise EffdstlError(f"unknown metric '{metric}' for normalization; choices: best_top1, last_top1, "
+                           f"best_top5, last_top5")
+    done = df[_is_done(df) & (df["role"] == "student")]
+    altered = done[done["baseline"].fillna("") == ""].copy()
+    extra = ["acc", "acc_minus", "acc_plus", "n_minus", "n_plus", "norm"]
+    if altered.empty:
+        return altered.assign(**{c: pd.Series(dtype=float) for c in extra})
+    parts = []
+    for (study, triplet), g in altered.groupby(["study", "triplet"], sort=False, dropna=False):
+        anchors = {}
+        for which, word in (("weak", "weak"), ("strong", "strong")):
+            b = done[(done["study"] == study) & (done["triplet"] == triplet) & (done["baseline"] == which)]
+            vals = b[metric].dropna()
+            if vals.empty:
+                have = df[(df["study"] == study) & (df["triplet"] == triplet) & (df["baseline"] == which)]
+                why = (f"{len(have)} exist but none finished with {metric}" if len(have)
+                       else "none in the results")
+                raise EffdstlError(f"no {word}-teacher baseline run for triplet {triplet} in study {study}: "
+                                   f"run the study's baselines first ({why}; re-run the study to train them)")
+            anchors[which] = (float(vals.mean()), int(len(vals)))
+        (lo, n_lo), (hi, n_hi) = anchors["weak"], anchors["strong"]
+        if abs(hi - lo) < 1e-9:
+            raise EffdstlError(f"cannot normalize triplet {triplet} in study {study}: the weak- and "
+                               f"strong-teacher baselines have the same {metric} ({lo:.4g}); pick teachers "
+                               f"of different accuracy")
+        g = g.copy()
+        g["acc"] = g[metric].astype(float)
+        g["acc_minus"], g["acc_plus"], g["n_minus"], g["n_plus"] = lo, hi, n_lo, n_hi
+        g["norm"] = (g["acc"] - lo) / (hi - lo)
+        parts.append(g)
+    return pd.concat(parts, ignore_index=True)
+
+
+# -- summaries with a 95% interval ----------------------------------------------------------
+
+# Two-sided 95% Student-t quantiles t_{0.975, df}; beyond 30 degrees of freedom, interpolated
+# in 1/df towards the normal 1.96 (avoids a scipy dependency; matches scipy to 3 decimals).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+         10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110,
+         18: 2.101, 19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060,
+         26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+
+
+def t975(dof: int) -> float:
+    """The 97.5% quantile of Student's t with ``dof`` degrees of freedom (NaN for dof < 1)."""
+    if dof < 1:
+        return float("nan")
+    if dof in _T975:
+        return _T975[dof]
+    keys = sorted(_T975)
+    if dof > keys[-1]:
+        lo_k, lo_v, hi_inv, hi_v = keys[-1], _T975[keys[-1]], 0.0, 1.960
+    else:
+        lo_k = max(k for k in keys if k < dof)
+        hi_k = min(k for k in keys if k > dof)
+        lo_v, hi_inv, hi_v = _T975[lo_k], 1.0 / hi_k, _T975[hi_k]
+    w = (1.0 / dof - hi_inv) / (1.0 / lo_k - hi_inv)
+    return hi_v + w * (lo_v - hi_v)
+
+
+def interval95(values: Iterable[float]) -> tuple[float, float, int, float]:
+    """(mean, std, n, half-width of the 95% t-interval of the mean); std/half NaN for n < 2."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    n = int(v.size)
+    if n == 0:
+        return float("nan"), float("nan"), 0, float("nan")
+    mean = float(v.mean())
+    if n < 2:
+        return mean, float("nan"), 1, float("nan")
+    std = float(v.std(ddof=1))
+    return mean, std, n, t975(n - 1) * std / math.sqrt(n)
+
+
+def summarize(df: pd.DataFrame, by: str | Sequence[str], value: str = "norm") -> pd.DataFrame:
+    """Per group of ``by``: mean, std (ddof 1), n, ci95 (half-width), ci_low, ci_high of ``value``."""
+    by = [by] if isinstance(by, str) else list(by)
+    missing = [c for c in [*by, value] if c not in df.columns]
+    if missing:
+        raise EffdstlError(f"cannot summarize: no column(s) {', '.join(missing)}; "
+                           f"columns: {', '.join(map(str, df.columns))}")
+    rows = []
+    for key, g in df.groupby(by, sort=False, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        mean, std, n, half = interval95(g[value].astype(float))
+        rows.append({**dict(zip(by, key)), "mean": mean, "std": std, "n": n, "ci95": half,
+                     "ci_low": mean - half, "ci_high": mean + half})
+    return pd.DataFrame(rows, columns=[*by, "mean", "std", "n", "ci95", "ci_low", "ci_high"])

@@ -1,0 +1,395 @@
+"""A study becomes a DAG of jobs: teachers -> student groups -> probes.
+
+Each job is a list of runs (config, run directory); a group job trains its runs together (one
+data stream, shared teachers and seed). Run directories are named by config hash, so planning a
+study again finds finished runs (skipped), unfinished ones (resumed) and missing ones (started).
+The paper's study kinds each have one small expander below: a new kind touches one place.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import config_hash
+from .errors import EffdstlError, unknown
+
+DEFAULT_SCHEDULE = {"epochs": 10, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False,
+                    "warmup_epochs": 0, "min_lr": 0.0}
+
+
+@dataclass
+class Job:
+    name: str
+    kind: str                                   # train | probe
+    runs: list[tuple[dict, Path]]
+    deps: list[str] = field(default_factory=list)
+    probe: dict | None = None                   # for probe jobs: what to attack
+
+    def state(self) -> str:
+        """done | failed | running | partial | pending, from the run directories alone."""
+        if self.kind == "probe":
+            return "done" if Path(self.probe["out"]).exists() else "pending"
+        states = [run_state(d) for _, d in self.runs]
+        for s in ("running", "partial", "pending"):
+            if s in states:
+                return s
+        return "failed" if "failed" in states else "done"
+
+
+def run_state(run_dir: Path) -> str:
+    if (run_dir / "final.json").exists():
+        return "done"
+    if (run_dir / "failed.json").exists():
+        return "failed"
+    if (run_dir / "lock").exists():
+        from .io import RunLock
+
+        lock = RunLock(run_dir)
+        if not lock._stale(lock.holder()):
+            return "running"
+    if (run_dir / "ckpt-last.pt").exists() or (run_dir / "ckpt-prev.pt").exists():
+        return "partial"
+    return "pending"
+
+
+@dataclass
+class Plan:
+    study: dict
+    study_dir: Path
+    jobs: list[Job]
+
+    def job(self, name: str) -> Job:
+        return next(j for j in self.jobs if j.name == name)
+
+
+def study_dir(results_root: str | Path, name: str) -> Path:
+    root = Path(results_root).resolve()
+    d = (root / name).resolve()
+    if root not in d.parents:
+        raise EffdstlError(f"study name '{name}' would leave the results root {root}")
+    return d
+
+
+# -- building blocks -------------------------------------------------------------------------
+
+def _stage(sched: dict, distiller: dict) -> dict:
+    s = {**DEFAULT_SCHEDULE, **sched}
+    return {"epochs": int(s["epochs"]), "distiller": distiller,
+            "optim": {"lr": float(s["lr"]), "momentum": float(s["momentum"]),
+                      "weight_decay": float(s["weight_decay"]), "nesterov": bool(s["nesterov"])},
+            "sched": {"warmup_epochs": float(s["warmup_epochs"]), "min_lr": float(s["min_lr"])}}
+
+
+def _file_sha(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+class _Ctx:
+    """What expanders share: the study, its folder, the teacher jobs and references."""
+
+    def __init__(self, study: dict, sdir: Path):
+        self.study, self.sdir = study, sdir
+        self.teacher_jobs: dict[str, Job] = {}
+        self.teacher_refs: dict[str, dict] = {}
+        base = {"dataset": study["dataset"], "data_root": study.get("data_root"),
+                "image_size": study.get("image_size")}
+        ts = {**DEFAULT_SCHEDULE, "batch_size": study.get("batch_size", 64), "seed": 0,
+              **(study.get("teacher_schedule") or {})}
+        for name, t in (study.get("teachers") or {}).items():
+            if t.get("pretrained") or t.get("ckpt"):
+                ref = {"model": t["model"], "pretrained": bool(t.get("pretrained", False))}
+                if t.get("ckpt"):
+                    ckpt = str(Path(t["ckpt"]).expanduser().resolve())
+                    ref.update(ckpt=ckpt, sha256=_file_sha(ckpt))
+                self.teacher_refs[name] = ref
+                continue
+            sched = {**ts, **{k: v for k, v in t.items() if k not in ("model", "pretrained", "ckpt")}}
+            cfg = {"role": "teacher", **base, "model": t["model"], "seed": int(sched["seed"]),
+                   "batch_size": int(sched["batch_size"]), "epochs": int(sched["epochs"]),
+                   "stages": [_stage(sched, {"name": "none"})], "teachers": {},
+                   "meta": self.meta(study_kind="teacher", student=t["model"], distiller="none",
+                                     label=f"teacher {name}", seed=int(sched["seed"]))}
+            h = config_hash(cfg)
+            rd = sdir / "runs" / h
+            self.teacher_jobs[name] = Job(f"teacher-{name}", "train", [(cfg, rd)])
+            self.teacher_refs[name] = {"model": t["model"], "run": h, "ckpt": str(rd / "model.pt")}
+
+    def meta(self, **kw) -> dict:
+        m = {"study": self.study["name"], "study_kind": self.study["kind"], "dataset": self.study["dataset"],
+             "student": "", "weak": "", "strong": "", "triplet": "", "distiller": "", "scheme": "",
+             "subset": "", "param": None, "baseline": "", "label": "", "seed": None}
+        m.update(kw)
+        return m
+
+    def student(self, model: str, seed: int, stages: list[dict], roles: dict[str, str], **meta) -> dict:
+        """A student run: ``roles`` maps the distillers' teacher names (weak/strong) to study teachers."""
+        teachers = {}
+        for role, tname in roles.items():
+            if tname not in self.teacher_refs:
+                raise unknown("teacher", tname, self.teacher_refs)
+            teachers[role] = copy.deepcopy(self.teacher_refs[tname])
+        tmodels = {r: self.teacher_refs[t]["model"] for r, t in roles.items()}
+        weak, strong = tmodels.get("weak", ""), tmodels.get("strong", "")
+        return {"role": "student", "dataset": self.study["dataset"], "data_root": self.study.get("data_root"),
+                "image_size": self.study.get("image_size"), "model": model, "seed": int(seed),
+                "batch_size": int(self.study.get("batch_size", 64)),
+                "epochs": sum(int(s["epochs"]) for s in stages), "stages": stages, "teachers": teachers,
+                "meta": self.meta(student=model, weak=weak, strong=strong,
+                                  triplet=f"{weak}|{strong}|{model}", seed=int(seed), **meta)}
+
+    def group(self, name: str, cfgs: list[dict], roles: dict[str, str]) -> Job:
+        deps = sorted({self.teacher_jobs[t].name for t in roles.values() if t in self.teacher_jobs})
+        return Job(name, "train", [(c, self.sdir / "runs" / config_hash(c)) for c in cfgs], deps)
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.study.get("seeds", [0]))
+
+    @property
+    def schedule(self) -> dict:
+        return {**DEFAULT_SCHEDULE, **(self.study.get("schedule") or {})}
+
+    def distill(self) -> dict:
+        d = self.study.get("distill") or {}
+        return {"tau": float(d.get("tau", 1.0)), "lam": float(d.get("lam", 1.0))}
+
+
+# -- expanders: one per study kind ---------------------------------------------------------
+
+def _triplets(ctx: _Ctx) -> list[dict]:
+    trs = ctx.study.get("triplets") or []
+    if not trs:
+        raise EffdstlError(f"study {ctx.study['name']}: kind '{ctx.study['kind']}' needs 'triplets'")
+    return trs
+
+
+def _baselines(ctx: _Ctx, tr: dict, seed: int) -> list[dict]:
+    """acc- and acc+: the student distilled from each teacher alone (normalization anchors)."""
+    d, roles = ctx.distill(), {"weak": tr["weak"], "strong": tr["strong"]}
+    out = []
+    for which in ("weak", "strong"):
+        st = [_stage(ctx.schedule, {"name": "kd", "teacher": which, **d})]
+        out.append(ctx.student(tr["student"], seed, st, roles, distiller="kd", baseline=which,
+                               label=f"{which} teacher only"))
+    return out
+
+
+def expand_replacement(ctx: _Ctx) -> list[Job]:
+    grid = ctx.study.get("grid") or {}
+    schemes = grid.get("scheme", ["full", "partial", "confidence"])
+    subsets = grid.get("subset", ["reg_cor", "reg", "correct", "not_correct", "all"])
+    jobs = []
+    for ti, tr in enumerate(_triplets(ctx)):
+        roles = {"weak": tr["weak"], "strong": tr["strong"]}
+        for seed in ctx.seeds:
+            cfgs = _baselines(ctx, tr, seed)
+            for scheme, subset in itertools.product(schemes, subsets):
+                dist = {"name": "replace", "teacher": "weak", "strong": "strong", "scheme": scheme,
+                        "subset": subset, **ctx.distill()}
+                cfgs.append(ctx.student(tr["student"], seed, [_stage(ctx.schedule, dist)], roles,
+                                        distiller="replace", scheme=scheme, subset=subset,
+                                        label=f"{scheme} / {subset}"))
+            jobs.append(ctx.group(f"group-t{ti}-s{seed}", cfgs, roles))
+    return jobs
+
+
+def _manip_params(kind: str, grid: dict) -> list[dict]:
+    params = (grid.get("params") or {}).get(kind, {"label_smoothing": {"t": 0.9}}.get(kind, {"delta": 0.2}))
+    key = "t" if kind == "label_smoothing" else "delta"
+    vals = params.get(key)
+    vals = vals if isinstance(vals, list) else [vals]
+    return [{key: v} for v in vals]
+
+
+def expand_manipulation(ctx: _Ctx) -> list[Job]:
+    grid = ctx.study.get("grid") or {}
+    kinds = grid.get("kind", ["label_smoothing", "teacher_amp", "student_amp"])
+    subsets = grid.get("subset", ["reg_cor", "reg", "correct", "not_correct", "all"])
+    jobs = []
+    for ti, tr in enumerate(_triplets(ctx)):
+        roles = {"weak": tr["weak"], "strong": tr["strong"]}
+        for seed in ctx.seeds:
+            cfgs = _baselines(ctx, tr, seed)
+            for kind, subset in itertools.product(kinds, subsets):
+                for prm in _manip_params(kind, grid):
+                    dist = {"name": "manipulate", "teacher": "weak", "kind": kind, "subset": subset,
+                            **prm, **ctx.distill()}
+                    cfgs.append(ctx.student(tr["student"], seed, [_stage(ctx.schedule, dist)], roles,
+                                            distiller="manipulate", scheme=kind, subset=subset,
+                                            param=next(iter(prm.values())),
+                                            label=f"{kind}({next(iter(prm.values()))}) / {subset}"))
+            jobs.append(ctx.group(f"group-t{ti}-s{seed}", cfgs, roles))
+    return jobs
+
+
+RECIPE_DEFAULTS = {
+    "teacher1": "weak", "teacher2": "strong",
+    "stage1": {"epochs": 24, "lr": 0.1, "weight_decay": 5e-4, "min_lr": 1e-5, "T": 2.0, "ls": 0.1,
+               "w_ce": 1.0, "w_wsl": 0.5},
+    "stage2": {"epochs": 6, "lr": 0.05, "weight_decay": 0.0, "min_lr": 5e-4, "tau_t": 0.7, "tau_s": 1.0,
+               "smooth": 0.99, "subset": "reg_cor"},
+}
+_S1_LOSS = ("T", "ls", "w_ce", "w_wsl")
+_S2_LOSS = ("tau_t", "tau_s", "smooth", "subset")
+
+
+def _recipe(ctx: _Ctx) -> dict:
+    r = copy.deepcopy(ctx.study.get("recipe") or {})
+    out = {**RECIPE_DEFAULTS, **{k: v for k, v in r.items() if k not in ("stage1", "stage2")}}
+    for s in ("stage1", "stage2"):
+        out[s] = {**RECIPE_DEFAULTS[s], **(r.get(s) or {})}
+    if "student" not in out:
+        raise EffdstlError(f"study {ctx.study['name']}: recipe needs 'student' (a model spec)")
+    return out
+
+
+def _effdstl_stages(ctx: _Ctx, r: dict, stage2_over: dict | None = None) -> tuple[list[dict], dict]:
+    """Stage 1: 1.0 CE(LS 0.1) + 0.5 WSL(T=2) from teacher1; stage 2: CKM only from teacher2,
+    a fresh SGD (METHOD.md 'The EffDstl recipe'). Returns (stages, roles)."""
+    s1, s2 = r["stage1"], {**r["stage2"], **(stage2_over or {})}
+    t2 = s2.pop("teacher", r["teacher2"])
+    sched = lambda s: {k: v for k, v in s.items() if k not in _S1_LOSS + _S2_LOSS}  # noqa: E731
+    st1 = _stage({**ctx.schedule, **sched(s1)}, {"name": "wsl", "teacher": "weak", **{k: s1[k] for k in _S1_LOSS}})
+    role2 = "weak" if t2 == r["teacher1"] else "strong"
+    st2 = _stage({**ctx.schedule, "warmup_epochs": 0, **sched(s2)},
+                 {"name": "ckm", "teacher": role2, **{k: s2[k] for k in _S2_LOSS}})
+    roles = {"weak": r["teacher1"]}
+    if role2 == "strong":
+        roles["strong"] = t2
+    return [st1, st2], roles
+
+
+def expand_recipe(ctx: _Ctx) -> list[Job]:
+    """Table 1: EffDstl + the baselines (none, KD, RKD, WSL) under the same total schedule."""
+    r = _recipe(ctx)
+    baselines = ctx.study.get("baselines", ["none", "kd", "rkd", "wsl"])
+    jobs = []
+    for seed in ctx.seeds:
+        stages, roles = _effdstl_stages(ctx, r)
+        cfgs = [ctx.student(r["student"], seed, stages, roles, distiller="effdstl", label="EffDstl")]
+        total = sum(s["epochs"] for s in stages)
+        s1 = {k: v for k, v in r["stage1"].items() if k not in _S1_LOSS}
+        base_sched = {**ctx.schedule, **s1, "epochs": total}
+        tau = float((ctx.study.get("distill") or {}).get("tau", 4.0))
+        specs = {"none": {"name": "none"}, "kd": {"name": "kd", "teacher": "weak", "tau": tau, "lam": 0.9},
+                 "rkd": {"name": "rkd", "teacher": "weak"},
+                 "wsl": {"name": "wsl", "teacher": "weak", **{k: r["stage1"][k] for k in _S1_LOSS}}}
+        for b in baselines:
+            if b not in specs:
+                raise unknown("baseline", b, specs)
+            cfgs.append(ctx.student(r["student"], seed, [_stage(base_sched, specs[b])],
+                                    {} if b == "none" else {"weak": r["teacher1"]}, distiller=b, label=b))
+        jobs.append(ctx.group(f"group-s{seed}", cfgs, roles))
+    return jobs
+
+
+ABLATION_DEFAULTS = [
+    {"label": "EffDstl (switch, tau 0.7, CKM)"},
+    {"label": "no teacher switch", "stage2": {"teacher": "@teacher1"}},
+    {"label": "tau 0.8", "stage2": {"tau_t": 0.8}},
+    {"label": "tau 1.0", "stage2": {"tau_t": 1.0}},
+    {"label": "CKM off", "stage2": {"subset": None}},
+]
+
+
+def _variants(ctx: _Ctx, variants: list[dict], kind_label: str) -> list[Job]:
+    r = _recipe(ctx)
+    jobs = []
+    for seed in ctx.seeds:
+        cfgs, all_roles = [], {}
+        for v in variants:
+            over = dict(v.get("stage2") or {})
+            if over.get("teacher") == "@teacher1":
+                over["teacher"] = r["teacher1"]
+            stages, roles = _effdstl_stages(ctx, r, over)
+            all_roles.update(roles)
+            sub = stages[1]["distiller"]["subset"]
+            cfgs.append(ctx.student(r["student"], seed, stages, roles, distiller="effdstl",
+                                    subset=sub or "", param=stages[1]["distiller"]["tau_t"], label=v["label"]))
+        jobs.append(ctx.group(f"group-s{seed}", cfgs, all_roles))
+    return jobs
+
+
+def expand_ablation(ctx: _Ctx) -> list[Job]:
+    """Table 4: teacher switch or not; stage-2 tau in {0.7, 0.8, 1.0}; CKM on/off."""
+    return _variants(ctx, ctx.study.get("ablations") or ABLATION_DEFAULTS, "ablation")
+
+
+def expand_fig8(ctx: _Ctx) -> list[Job]:
+    """Fig. 8: CKM on reg AND correct (keep incorrect samples) vs on all reg samples."""
+    return _variants(ctx, [{"label": "keep incorrect (reg_cor)", "stage2": {"subset": "reg_cor"}},
+                           {"label": "manipulate incorrect (reg)", "stage2": {"subset": "reg"}}], "fig8")
+
+
+def expand_fgsm(ctx: _Ctx) -> list[Job]:
+    """Fig. 7: one distilled run (a manipulation on a subset) + an undistilled network per seed."""
+    tr = _triplets(ctx)[0]
+    roles = {"weak": tr["weak"], "strong": tr["strong"]}
+    probe = ctx.study.get("probe") or {}
+    dist = {"name": "manipulate", "teacher": "weak", "kind": "teacher_amp", "subset": "reg_cor",
+            "delta": 0.2, **ctx.distill(), **(probe.get("distiller") or {})}
+    jobs = []
+    for seed in ctx.seeds:
+        cfgs = [ctx.student(tr["student"], seed, [_stage(ctx.schedule, dist)], roles,
+                            distiller=dist["name"], scheme=dist.get("kind", dist.get("scheme", "")),
+                            subset=dist["subset"], label="distilled"),
+                ctx.student(tr["student"], seed, [_stage(ctx.schedule, {"name": "none"})], {},
+                            distiller="none", label="undistilled")]
+        jobs.append(ctx.group(f"group-s{seed}", cfgs, roles))
+    return jobs
+
+
+EXPANDERS: dict[str, Callable[[_Ctx], list[Job]]] = {
+    "replacement": expand_replacement, "manipulation": expand_manipulation, "recipe": expand_recipe,
+    "ablation": expand_ablation, "fig8": expand_fig8, "fgsm": expand_fgsm,
+}
+
+
+def plan(study: dict, results_root: str | Path = "results") -> Plan:
+    """Expand a validated study into its jobs (teachers first, then groups)."""
+    sdir = study_dir(results_root, study["name"])
+    ctx = _Ctx(study, sdir)
+    groups = EXPANDERS[study["kind"]](ctx)
+    used = {d for g in groups for d in g.deps}
+    teachers = [j for j in ctx.teacher_jobs.values() if j.name in used]
+    return Plan(study, sdir, teachers + groups)
+
+
+def probe_targets(p: Plan) -> list[dict]:
+    """The runs an FGSM probe can attack: distilled runs whose last stage alters a subset.
+
+    For each: the run, the teacher (the one whose target was altered), the subset rule and the
+    undistilled run of the same seed (a 'none' run of the study, if any).
+    """
+    runs = [(c, d) for j in p.jobs if j.kind == "train" for c, d in j.runs if c["role"] == "student"]
+    nones = {c["seed"]: d for c, d in runs if c["stages"][-1]["distiller"]["name"] == "none"}
+    out = []
+    for c, d in runs:
+        dist = c["stages"][-1]["distiller"]
+        if dist["name"] not in ("ckm", "replace", "manipulate") or not dist.get("subset"):
+            continue
+        if c["meta"].get("baseline"):
+            continue
+        tau = float(dist.get("tau_t", dist.get("tau", 1.0)))
+        out.append({"run": d, "cfg": c, "teacher": dist["teacher"], "subset": dist["subset"], "tau": tau,
+                    "tau_s": float(dist.get("tau_s", dist.get("tau", 1.0))),
+                    "undistilled": nones.get(c["seed"])})
+    return out
+
+
+def describe(p: Plan) -> list[dict[str, Any]]:
+    """Rows for --dry-run and status: one per job."""
+    rows = []
+    for j in p.jobs:
+        rows.append({"job": j.name, "kind": j.kind, "runs": len(j.runs), "deps": ",".join(j.deps) or "-",
+                     "state": j.state()})
+    return rows

@@ -1,0 +1,277 @@
+"""plots.py and tables.py on hand-made run directories (docs/RUNDIR.md layout)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from effdstl_cli import plots, tables
+from effdstl_cli.errors import EffdstlError
+
+# The run-directory builders live in test_results.py; load them by path so this works whether or
+# not tests/ is a package.
+_spec = importlib.util.spec_from_file_location("_effdstl_test_builders", Path(__file__).with_name("test_results.py"))
+_b = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_b)
+make_run, make_study = _b.make_run, _b.make_study
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_files(result, stem):
+    png, pdf = result.paths
+    assert png.name == f"{stem}.png" and pdf.name == f"{stem}.pdf"
+    assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
+    assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 5_000
+    assert not [p for p in png.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+# -- Fig. 5 / 6 ----------------------------------------------------------------------------------
+
+def test_figure5_layout_and_files(tmp_path):
+    sd = make_study(tmp_path, seeds=range(3))
+    res = plots.figure5(sd)
+    check_files(res, "figure5")
+    assert res.paths[0].parent == sd / "figures"
+    assert res.info["x_groups"] == ["full", "partial", "confidence"]
+    assert res.info["groups"] == 3 * 5 and res.info["points"] == 3 * 5 * 3
+    assert res.info["subsets"] == ["reg_cor", "reg", "correct", "not_correct", "all"]
+    legend = res.figure.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["reg ∩ correct", "reg", "correct", "not correct", "all",
+                                                          "mean ± 95% CI"]
+    ax = res.figure.axes[0]
+    assert ax.get_ylabel() == "normalized accuracy"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["full", "partial", "confidence"]
+    hlines = sorted(round(l.get_ydata()[0], 6) for l in ax.get_lines() if l.get_linestyle() == "--")
+    assert hlines == [0.0, 1.0]
+    texts = {t.get_text() for t in ax.texts}
+    assert {"weak teacher", "strong teacher"} <= texts
+    # one scatter (PathCollection) per group, each with one point per seed
+    sizes = [len(c.get_offsets()) for c in ax.collections if c.__class__.__name__ == "PathCollection"]
+    assert sizes == [3] * 15
+    assert "fig5-digits" in res.figure.get_suptitle() and "digits" in res.figure.get_suptitle()
+
+
+def test_figure5_one_panel_per_triplet_and_out_dir(tmp_path):
+    sd = make_study(tmp_path, seeds=range(2), subsets=("reg_cor", "all"),
+                    triplets=(("mlp:16", "mlp:256-256", "mlp:32"), ("cnn:small", "resnet20", "cnn:tiny")))
+    res = plots.figure5(sd, out_dir=tmp_path / "figs")
+    check_files(res, "figure5")
+    assert res.paths[0].parent == tmp_path / "figs"
+    assert len(res.info["panels"]) == 2 and all(p["groups"] == 3 * 2 for p in res.info["panels"])
+    visible = [a for a in res.figure.axes if a.get_visible()]
+    assert len(visible) == 2
+    assert any("cnn:small" in a.get_title() for a in visible) and any("mlp:16" in a.get_title() for a in visible)
+
+
+def test_figure5_errors(tmp_path):
+    sd = make_study(tmp_path, seeds=range(1), schemes=("full",), subsets=("all",))
+    for rd in (sd / "runs").iterdir():  # drop the strong baseline
+        if "baseline: strong" in (rd / "config.yaml").read_text():
+            (rd / "final.json").unlink()
+    with pytest.raises(EffdstlError, match="no strong-teacher baseline run for triplet mlp:16\\|mlp:256-256\\|mlp:32"):
+        plots.figure5(sd)
+    with pytest.raises(EffdstlError, match="no finished manipulation runs"):
+        plots.figure6(sd)
+
+
+def test_figure6_groups_by_kind_and_param(tmp_path):
+    sd = make_study(tmp_path, "fig6", seeds=range(2), kind="manipulation", subsets=("reg_cor", "reg"),
+                    schemes=("student_amp", "label_smoothing"), params=(0.1, 0.3))
+    res = plots.figure6(sd)
+    check_files(res, "figure6")
+    assert res.info["x_groups"] == ["label smoothing\nt=0.1", "label smoothing\nt=0.3",
+                                    "student amplification\nδ=0.1", "student amplification\nδ=0.3"]
+    assert res.info["groups"] == 4 * 2 and res.info["points"] == 4 * 2 * 2
+    assert res.figure.axes[0].get_xlabel() == "manipulation"
+
+
+# -- Fig. 7 --------------------------------------------------------------------------------------
+
+def _fgsm_table(path: Path, n=300, eps=(0.01, 0.03, 0.1), shift=0.2):
+    rng = np.random.default_rng(0)
+    rows = []
+    for net in ("undistilled", "teacher", "student"):
+        for sub, mu in (("kept", 0.1), ("manipulated", 0.1 + shift)):
+            for e in eps:
+                d = rng.normal(mu, 0.05, n)
+                rows.append(pd.DataFrame({"network": net, "subset": sub, "sample": np.arange(n), "eps": e,
+                                          "conf_clean": 0.9, "conf_adv": 0.9 - d, "drop": d, "run": "abc"}))
+    path.parent.mkdir(parents=True)
+    pd.concat(rows).to_parquet(path)
+
+
+def test_figure7_panels_peaks_and_eps(tmp_path):
+    sd = tmp_path / "fgsm-study"
+    _fgsm_table(sd / "fgsm" / "abc" / "fgsm.parquet")
+    res = plots.figure7(sd)
+    check_files(res, "figure7")
+    assert res.info["eps"] == 0.03  # the median eps present
+    assert res.info["networks"] == ["teacher", "student", "undistilled"]
+    axes = res.figure.axes
+    assert len(axes) == 3 and axes[0].get_ylabel() == "density"
+    assert axes[0].get_xlabel() == "true-class confidence drop p(x)[y] - p(x_adv)[y]"
+    for net, pk in res.info["peaks"].items():
+        assert pk["kept"] == pytest.approx(0.1, abs=0.03) and pk["manipulated"] == pytest.approx(0.3, abs=0.03)
+    vlines = [l for l in axes[0].get_lines() if l.get_linestyle() == "--"]
+    assert len(vlines) == 2
+    assert plots.figure7(sd, eps=0.1).info["eps"] == 0.1
+    with pytest.raises(EffdstlError, match="no FGSM rows at eps=0.5; eps present: 0.01, 0.03, 0.1"):
+        plots.figure7(sd, eps=0.5)
+
+
+def test_figure7_missing_tables(tmp_path):
+    (tmp_path / "s" / "runs").mkdir(parents=True)
+    with pytest.raises(EffdstlError, match="effdstl attack fgsm"):
+        plots.figure7(tmp_path / "s")
+
+
+def test_kde_integrates_to_one_and_peaks_at_mode():
+    x = np.random.default_rng(0).normal(0.3, 0.1, 2000)
+    grid = np.linspace(-0.5, 1.1, 801)
+    y = plots.kde(x, grid)
+    assert np.trapezoid(y, grid) == pytest.approx(1.0, abs=0.01)
+    assert grid[np.argmax(y)] == pytest.approx(0.3, abs=0.03)
+    assert np.all(np.isfinite(plots.kde(np.full(50, 0.2), grid)))  # zero spread: no NaN
+
+
+# -- Fig. 8 --------------------------------------------------------------------------------------
+
+def test_figure8_two_panels_mean_over_seeds(tmp_path):
+    sd = tmp_path / "fig8"
+    for seed in range(2):
+        for sub, gain in (("reg_cor", 0.0), ("reg", 2.0)):
+            ms = [{"epoch": e, "stage": int(e > 6), "lr": 0.1, "train_loss": 1.0, "train_top1": 60 + 3 * e + gain * (e > 6),
+                   "test_loss": 1.0, "test_top1": 50 + 3 * e + seed - gain * (e > 6), "test_top5": 99.0, "epoch_s": 1.0}
+                  for e in range(1, 9)]
+            make_run(sd, study_kind="fig8", distiller="effdstl", subset=sub, seed=seed, metrics=ms, epochs=8,
+                     label=sub, truncated=(seed == 1))
+    make_run(sd, study_kind="fig8", distiller="effdstl", subset="reg", seed=9, state="pending")
+    res = plots.figure8(sd)
+    check_files(res, "figure8")
+    assert res.info["groups"] == ["reg_cor", "reg"] and res.info["runs"] == {"reg_cor": 2, "reg": 2}
+    assert res.info["legend"][0].startswith("CKM on reg ∩ correct (keep incorrect)")
+    assert res.info["legend"][1].startswith("CKM on all reg (manipulate incorrect)")
+    tr, va = res.figure.axes
+    assert "train accuracy" in tr.get_ylabel() and "validation accuracy" in va.get_ylabel()
+    solid = [l for l in va.get_lines() if l.get_linestyle() == "-"]
+    assert len(solid) == 2
+    y = solid[0].get_ydata()  # reg_cor validation mean over seeds 0 and 1 at epoch 1: 53.5
+    assert y[0] == pytest.approx(53.5) and len(y) == 8
+    assert any(l.get_linestyle() == ":" for l in va.get_lines())  # stage-2 start marked
+
+
+def test_figure8_needs_runs(tmp_path):
+    make_run(tmp_path / "s", subset="all")
+    with pytest.raises(EffdstlError, match="reg_cor / reg"):
+        plots.figure8(tmp_path / "s")
+
+
+# -- tables --------------------------------------------------------------------------------------
+
+def _recipe(sd, student="tv:resnet18", weak="tv:resnet34", strong="timm:resnet34d", dataset="imagenet:/data"):
+    for seed in range(3):
+        for m, acc in (("effdstl", 74.0), ("none", 72.0), ("kd", 72.5), ("rkd", 72.1), ("wsl", 73.0)):
+            make_run(sd, study_kind="recipe", distiller=m, student=student, weak="" if m == "none" else weak,
+                     strong=strong if m == "effdstl" else "", seed=seed, best=acc + seed, last=acc + seed - 0.5,
+                     label=m, dataset=dataset, gpu_hours=2.0 if m == "effdstl" else 1.0, wall_s=3600.0,
+                     device="cuda", gpu_name="NVIDIA H100 80GB HBM3")
+    make_run(sd, study_kind="recipe", distiller="kd", student=student, weak=weak, seed=7, state="failed",
+             dataset=dataset)
+
+
+def _check_written(paths, stem):
+    assert [p.name for p in paths] == [f"{stem}.md", f"{stem}.csv", f"{stem}.tex"]
+    for p in paths:
+        assert p.stat().st_size > 100
+    assert r"\begin{tabular}" in paths[2].read_text() and r"\toprule" in paths[2].read_text()
+    return paths[0].read_text()
+
+
+def test_table1_paper_pair(tmp_path):
+    sd = tmp_path / "t1"
+    _recipe(sd)
+    df, paths = tables.table1(sd)
+    md = _check_written(paths, "table1")
+    assert paths[0].parent == sd / "tables"
+    for c in ("student", "teacher", "method", "n", "best_top1_mean", "best_top1_std", "last_top1_mean",
+              "last_top1_std", "paper_advanced", "paper_100ep", "note"):
+        assert c in df.columns, c
+    assert df["method"].tolist() == ["none", "kd", "rkd", "wsl", "effdstl"]
+    e = df.set_index("method").loc["effdstl"]
+    assert e["best_top1_mean"] == pytest.approx(75.0) and e["best_top1_std"] == pytest.approx(1.0)
+    assert e["last_top1_mean"] == pytest.approx(74.5) and e["n"] == 3
+    assert (e["paper_advanced"], e["paper_100ep"]) == (74.07, 72.17)
+    assert df.set_index("method").loc["none", "paper_advanced"] == 72.30
+    assert df.set_index("method").loc["kd", "n"] == 3  # the failed seed is not counted
+    assert (df["note"] == "").all() and e["stage2_teacher"] == "timm:resnet34d"
+    assert "| EffDstl    |    75.00 ± 1.00 |" in md and "74.07" in md and "72.17" in md
+    lines = [l for l in md.splitlines() if l.startswith("|")]
+    assert len({len(l) for l in lines}) == 1  # padded: aligned in a terminal
+    assert pd.read_csv(paths[1])["paper_advanced"].tolist() == [72.30, 72.90, 72.19, 73.44, 74.07]
+
+
+def test_table1_mobilenet_pair_and_other_settings(tmp_path):
+    _recipe(tmp_path / "mb", student="timm:mobilenetv1_100", weak="tv:resnet50", strong="timm:resnet50d")
+    df, _ = tables.table1(tmp_path / "mb")
+    assert df.set_index("method").loc["effdstl", "paper_advanced"] == 75.49
+    assert df["paper_pair"].unique().tolist() == ["ResNet50->MobileNetV1"]
+    _recipe(tmp_path / "dg", student="mlp:32", weak="mlp:16", strong="mlp:256-256", dataset="digits")
+    df, paths = tables.table1(tmp_path / "dg", out_dir=tmp_path / "tabs")
+    assert paths[0].parent == tmp_path / "tabs"
+    assert df.set_index("method").loc["effdstl", "paper_advanced"] == 74.07  # reference column
+    assert df["note"].str.contains("setting differs").all()
+    assert "setting differs" in paths[0].read_text()
+    assert tables.paper_pair("tv:resnet18", "timm:resnet34d") == "ResNet34->ResNet18"
+    assert tables.paper_pair("mlp:32", "tv:resnet34") is None
+
+
+def test_table3_cost(tmp_path):
+    sd = tmp_path / "t1"
+    _recipe(sd)
+    make_run(sd, role="teacher", study_kind="teacher", distiller="none", student="tv:resnet34", weak="", strong="",
+             gpu_hours=5.0, label="teacher weak", dataset="imagenet:/data")
+    df, paths = tables.table3(sd)
+    md = _check_written(paths, "table3")
+    for c in ("method", "n", "gpu_hours_total", "gpu_hours_per_seed", "wall_s_total", "device", "gpu_name",
+              "paper_gpu_hours"):
+        assert c in df.columns, c
+    assert df["method"].tolist() == ["none", "kd", "rkd", "wsl", "effdstl", "teacher training"]
+    e = df.set_index("method").loc["effdstl"]
+    assert e["gpu_hours_total"] == pytest.approx(6.0) and e["gpu_hours_per_seed"] == pytest.approx(2.0)
+    assert e["paper_gpu_hours"] == 97.7 and e["gpu_name"] == "NVIDIA H100 80GB HBM3"
+    assert math.isnan(df.set_index("method").loc["kd", "paper_gpu_hours"])
+    assert df.set_index("method").loc["teacher training", "gpu_hours_total"] == 5.0
+    assert "97.7 (RTX 3090)" in md
+
+
+def test_table4_ablations(tmp_path):
+    sd = tmp_path / "abl"
+    labels = [("EffDstl (switch, tau 0.7, CKM)", 74.0), ("no teacher switch", 73.5), ("tau 0.8", 73.8),
+              ("tau 1.0", 73.6), ("CKM off", 73.2)]
+    for seed in range(2):
+        for lab, acc in reversed(labels):
+            make_run(sd, study_kind="ablation", distiller="effdstl", label=lab, seed=seed, best=acc + seed * 0.4)
+    df, paths = tables.table4(sd)
+    md = _check_written(paths, "table4")
+    assert df["label"].tolist() == [l for l, _ in labels]
+    for c in ("label", "n", "best_top1_mean", "best_top1_std", "delta_best"):
+        assert c in df.columns
+    r = df.set_index("label")
+    assert r.loc["tau 0.8", "best_top1_mean"] == pytest.approx(74.0) and r.loc["tau 0.8", "n"] == 2
+    assert r.loc["CKM off", "delta_best"] == pytest.approx(-0.8)
+    assert "| CKM off" in md and "73.40 ± 0.28" in md
+
+
+def test_tables_need_finished_runs(tmp_path):
+    make_run(tmp_path / "s", state="pending", distiller="effdstl")
+    for fn in (tables.table1, tables.table4):
+        with pytest.raises(EffdstlError, match="no finished student runs"):
+            fn(tmp_path / "s")
+    with pytest.raises(EffdstlError, match="no finished runs"):
+        tables.table3(tmp_path / "s")
