@@ -180,7 +180,7 @@ class Manipulate(Distiller):
                 raise EffdstlError(f"label_smoothing needs t in (0, 1], got {t}")
         else:
             d = self.p["delta"]
-            if d is None or not float(d) >= 0.0:
+            if d is None:
                 raise EffdstlError(f"{kind} needs delta >= 0, got {d}")
 
     def losses(self, z_s, f_s, t, y):

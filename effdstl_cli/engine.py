@@ -332,9 +332,12 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
                 if m.failed is not None:
                     continue
                 _student_step(m, x, y, touts, epoch, step, steps, autocast, env, cuda)
+        # The shared stream's time is split between the runs that used it, so the GPU-hours of a
+        # group's runs add up to what the group cost (Table 3), not K times that.
+        share = (time.time() - t0) / len(active)
         for m in active:
             if m.failed is None:
-                _end_epoch(m, data, epoch, time.time() - t0, device, env, chl, autocast, gbatch)
+                _end_epoch(m, data, epoch, share, device, env, chl, autocast, gbatch)
         if env.stop_after_epochs is not None and epoch + 1 - start_epoch >= env.stop_after_epochs:
             break
     return [_finish(m, env, device) for m in members]
@@ -435,7 +438,8 @@ def evaluate(model: torch.nn.Module, split, device, env: Env, chl: bool, autocas
     return {"test_loss": sums[0] / n, "test_top1": 100 * sums[1] / n, "test_top5": 100 * sums[2] / n}
 
 
-def _end_epoch(m: Member, data, epoch, epoch_s, device, env: Env, chl, autocast, gbatch) -> None:
+def _end_epoch(m: Member, data, epoch, share_s, device, env: Env, chl, autocast, gbatch) -> None:
+    t0 = time.time()
     a = m.acc
     keys = sorted(a["parts"])
     vec = torch.stack([a["loss"], a["correct"], a["n"], a["subset"], a["bad"]]
@@ -447,6 +451,7 @@ def _end_epoch(m: Member, data, epoch, epoch_s, device, env: Env, chl, autocast,
         return
     n = max(vec[2], 1.0)
     ev = evaluate(m.model, data.test, device, env, chl, autocast)
+    epoch_s = share_s + time.time() - t0
     m.epoch = epoch + 1
     m.wall_s += epoch_s
     row = {"epoch": m.epoch, "stage": m.stage, "lr": m.opt.param_groups[0]["lr"],

@@ -40,7 +40,7 @@ def wsl_weight(z_s: Tensor, z_t: Tensor, labels: Tensor, T: float = 2.0) -> Tens
     code computes both at T = 1; METHOD.md is this project's contract.)
     """
     with torch.no_grad():
-        ce_s = F.cross_entropy(z_s.detach(), labels, reduction="none")
+        ce_s = F.cross_entropy(z_s.detach() / T, labels, reduction="none")
         ce_t = F.cross_entropy(z_t.detach() / T, labels, reduction="none")
         return 1.0 - torch.exp(-(ce_s / ce_t.clamp_min(EPS)).clamp_min(0.0))
 

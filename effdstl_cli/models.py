@@ -233,11 +233,9 @@ def build_model(spec: str, num_classes: int, in_chans: int = 3, image_size: int 
     if pretrained and kind not in ("timm", "tv"):
         raise EffdstlError(f"pretrained: true needs a timm:NAME or tv:NAME model, not {spec}; use ckpt: PATH")
     if kind == "mlp":
-        try:
-            hidden = [int(h) for h in arg.split("-")]
-            assert hidden and all(h > 0 for h in hidden)
-        except (ValueError, AssertionError):
-            raise EffdstlError(f"bad MLP spec '{spec}': give hidden widths like mlp:32 or mlp:256-256") from None
+        hidden = [int(h) for h in arg.split("-") if h.isdigit()]
+        if not hidden or len(hidden) != len(arg.split("-")) or min(hidden) < 1:
+            raise EffdstlError(f"bad MLP spec '{spec}': give hidden widths like mlp:32 or mlp:256-256")
         body, head, kind = MLP(in_chans * image_size * image_size, hidden, num_classes), "fc", "own"
     elif kind == "cnn":
         if arg not in CNNS:
@@ -269,6 +267,9 @@ def _timm(name: str, num_classes: int, in_chans: int, pretrained: bool) -> tuple
 
     if not timm.is_model(name):
         raise unknown("timm model", name, timm.list_models())
+    arch, dot, _ = name.partition(".")
+    if dot and name not in timm.list_pretrained(f"{arch}.*"):  # a weights tag, e.g. resnet34d.ra2_in1k
+        raise unknown(f"timm weights tag for {arch}", name, timm.list_pretrained(f"{arch}.*"))
     kw = dict(num_classes=num_classes, in_chans=in_chans)
     if pretrained:
         cached = _timm_cached(name)

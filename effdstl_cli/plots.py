@@ -1,17 +1,15 @@
 """The paper's figures (Fig. 5-8 layouts) from a study directory; PNG + PDF written atomically.
 
-Every ``figureN(study_dir, out_dir=None)`` returns a :class:`FigureResult`: ``paths`` (the PNG and
-the PDF, default ``study_dir/figures/figureN.{png,pdf}``), the matplotlib ``figure`` and ``info``
-(what was drawn: groups, legend labels, point counts) for callers and tests. Iterating a
-FigureResult yields its paths. Figures are built on ``matplotlib.figure.Figure`` with the Agg
+Every ``figureN(study_dir, out_dir=None)`` returns a :class:`FigureResult`: a list of the written
+paths [PNG, PDF] (default ``study_dir/figures/figureN.{png,pdf}``) that also carries the matplotlib
+``figure`` and ``info`` (what was drawn: groups, legend labels, point counts) for callers and tests. Figures are built on ``matplotlib.figure.Figure`` with the Agg
 canvas: no pyplot global state, nothing to close.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -42,14 +40,21 @@ _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#
             "#7f7f7f", "#bcbd22")
 
 
-@dataclass
-class FigureResult:
-    paths: list[Path]
-    figure: Figure
-    info: dict[str, Any] = field(default_factory=dict)
+class FigureResult(list):
+    """The written paths [png, pdf] (a list, so callers can just iterate it), plus ``figure`` (the
+    matplotlib Figure) and ``info`` (what was drawn: groups, legend labels, point counts)."""
 
-    def __iter__(self) -> Iterator[Path]:
-        return iter(self.paths)
+    def __init__(self, paths: list[Path], figure: Figure, info: dict[str, Any] | None = None):
+        super().__init__(paths)
+        self.figure = figure
+        self.info = info or {}
+
+    @property
+    def paths(self) -> list[Path]:
+        return list(self)
+
+    def __repr__(self) -> str:
+        return f"FigureResult({[str(p) for p in self]!r})"
 
 
 # -- helpers -------------------------------------------------------------------------------

@@ -281,7 +281,7 @@ def summarize(df: pd.DataFrame, by: str | Sequence[str], value: str = "norm") ->
         raise EffdstlError(f"cannot summarize: no column(s) {', '.join(missing)}; "
                            f"columns: {', '.join(map(str, df.columns))}")
     rows = []
-    for key, g in df.groupby(by, sort=False, dropna=False):
+    for key, g in df.groupby(by, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         mean, std, n, half = interval95(g[value].astype(float))
         rows.append({**dict(zip(by, key)), "mean": mean, "std": std, "n": n, "ci95": half,

@@ -130,6 +130,7 @@ def test_bad_checkpoints(tmp_path):
 @pytest.mark.parametrize("spec, match", [
     ("resnet566", r"unknown model 'resnet566' \(did you mean 'resnet56'\?\)"),
     ("timm:resnet188", r"unknown timm model 'resnet188' \(did you mean 'resnet18'\?\)"),
+    ("timm:resnet18.a1_in1kk", r"unknown timm weights tag for resnet18 'resnet18.a1_in1kk' \(did you mean 'resnet18.a1_in1k'\?\)"),
     ("tv:resnet188", r"unknown torchvision model 'resnet188' \(did you mean 'resnet18'\?\)"),
     ("cnn:smal", r"unknown cnn size 'smal' \(did you mean 'small'\?\)"),
     ("mlp:a-b", r"bad MLP spec 'mlp:a-b'"),

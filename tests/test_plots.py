@@ -275,3 +275,10 @@ def test_tables_need_finished_runs(tmp_path):
             fn(tmp_path / "s")
     with pytest.raises(EffdstlError, match="no finished runs"):
         tables.table3(tmp_path / "s")
+
+
+def test_figure_result_is_a_list_of_paths(tmp_path):
+    sd = make_study(tmp_path, seeds=range(2), schemes=("full",), subsets=("all",))
+    res = plots.figure5(sd)
+    assert isinstance(res, list) and [p.suffix for p in res] == [".png", ".pdf"]
+    assert res.paths == list(res) and res.figure.axes and "figure5.png" in repr(res)
