@@ -57,6 +57,24 @@ def _clean_batch(split, idx: torch.Tensor, device) -> torch.Tensor:
     return split.get_batch(idx, None, device, augment=False)
 
 
+def _manipulated(probe, teacher, student, split, all_idx, y_all, dev) -> tuple[torch.Tensor, str]:
+    """Which training samples the run manipulated.
+
+    From the run's own record (subset.pt: per sample, the epochs it was in the altered subset —
+    the subset is recomputed every batch as the student trains): manipulated in at least half of
+    them. Runs without that record fall back to the subset rule evaluated with the teacher and
+    the final student.
+    """
+    rec = Path(probe["run"]) / "subset.pt"
+    if rec.exists():
+        blob = torch.load(rec, map_location="cpu", weights_only=True)
+        freq = blob["hits"] / max(int(blob["epochs"]), 1)
+        return freq >= 0.5, "in the altered subset in >= half of its epochs"
+    p_t = _probs(teacher, split, all_idx, dev, probe["tau"])
+    p_s = _probs(student, split, all_idx, dev, probe.get("tau_s", 1.0))
+    return subset_mask(probe["subset"], p_t, p_s, y_all).cpu(), "subset rule on the final student"
+
+
 def run_probe(probe: dict, device: str = "auto") -> Path:
     """Run one probe (a dict from ``studies.probe_targets`` plus n, eps, out, seed); write the table."""
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -70,12 +88,9 @@ def run_probe(probe: dict, device: str = "auto") -> Path:
         ucfg = {**cfg, "model": cfg["model"]}
         nets["undistilled"] = _load_run_model(probe["undistilled"], ucfg, data).to(dev)
 
-    # Kept vs manipulated: the run's subset rule, evaluated with its teacher and final student.
     all_idx = torch.arange(len(split))
     y_all = split.labels.to(dev)
-    p_t = _probs(teacher, split, all_idx, dev, probe["tau"])
-    p_s = _probs(nets["student"], split, all_idx, dev, probe.get("tau_s", 1.0))
-    mask = subset_mask(probe["subset"], p_t, p_s, y_all).cpu()
+    mask, how = _manipulated(probe, teacher, nets["student"], split, all_idx, y_all, dev)
     n = int(probe.get("n", 1000))
     g = torch.Generator().manual_seed(int(probe.get("seed", 0)))
     chosen = {}
@@ -83,8 +98,9 @@ def run_probe(probe: dict, device: str = "auto") -> Path:
         pool = all_idx[m]
         chosen[name] = pool[torch.randperm(len(pool), generator=g)[:n]]
     if min(len(v) for v in chosen.values()) == 0:
-        raise EffdstlError(f"run {Path(probe['run']).name}: the '{probe['subset']}' subset leaves no "
-                           "kept or no manipulated training samples to probe")
+        raise EffdstlError(f"run {Path(probe['run']).name}: {int(mask.sum())} of {len(mask)} training samples "
+                           f"were manipulated ({how}), leaving no {'kept' if mask.all() else 'manipulated'} "
+                           "samples to probe")
 
     rows = []
     for eps in probe.get("eps", DEFAULT_EPS):

@@ -109,13 +109,17 @@ def _progress_poller(plan):
 
 
 def _run_plan(plan, la: LaunchArgs, dry_run: bool) -> None:
-    from .launch import dry_run_lines, launch
+    from .launch import dry_run_lines, launch, preflight
+    from .studies import validate_runs
 
+    validate_runs(plan)  # a misspelt name fails here, before any teacher trains
     la.opts.validate()
     if dry_run:
         for line in dry_run_lines(plan, la.opts):
             out.print(line, highlight=False, markup=False, soft_wrap=True)
         return
+    _check_writable(plan.study_dir)
+    preflight(plan, la.opts)  # e.g. --executor slurm without a cluster: one line, before any progress
     prog, poll = _progress_poller(plan)
     poll_fn = poll if la.opts.wait else None
     t0 = time.time()
@@ -130,6 +134,39 @@ def _run_plan(plan, la: LaunchArgs, dry_run: bool) -> None:
                       f"results in {plan.study_dir}")
     if bad:
         raise EffdstlError(f"{len(bad)} job(s) did not finish: " + "; ".join(f"{k}: {v}" for k, v in bad.items()))
+    if la.opts.wait:
+        _raise_failed_runs(plan)
+
+
+def _check_writable(d: Path) -> None:
+    """The study folder can be created and written, or one clear line (before anything runs)."""
+    import tempfile
+
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=d):
+            pass
+    except OSError as exc:
+        raise EffdstlError(f"results directory {d} is not writable ({exc.strerror or exc})") from None
+
+
+def _raise_failed_runs(plan) -> None:
+    """Runs stopped on an error (failed.json: NaN loss, ...) make the command fail, every time it runs."""
+    from .io import read_json
+    from .studies import run_state
+
+    failed = [(c, d) for j in plan.jobs if j.kind == "train" for c, d in j.runs if run_state(d) == "failed"]
+    if not failed:
+        return
+    def why(d):
+        try:
+            return read_json(d / "failed.json").get("reason", "?")
+        except (OSError, ValueError):
+            return "?"
+    shown = "; ".join(f"{d.name} ({c.get('meta', {}).get('label', '')}): {why(d)}" for c, d in failed[:5])
+    raise EffdstlError(f"{len(failed)} run(s) of study '{plan.study['name']}' failed and are kept as failed "
+                       f"(the others finished; `effdstl status` lists them; delete a run's failed.json to "
+                       f"retry it): {shown}" + (" ..." if len(failed) > 5 else ""))
 
 
 def _load_plan(study: Path, sets, results: str, kinds: tuple[str, ...] | None = None):
@@ -429,10 +466,12 @@ def status(study: str = typer.Argument(..., help="Study name, folder, or YAML fi
     for col in ("run", "label", "model", "seed", "state", "epoch", "best top-1", "job"):
         t.add_column(col)
     counts: dict[str, int] = {}
-    for rd in sorted((d / "runs").glob("*/")):
-        if not (rd / "config.yaml").exists():
-            continue
-        cfg = yaml.safe_load((rd / "config.yaml").read_text())
+    rows = []
+    for rd in (d / "runs").glob("*/"):
+        if (rd / "config.yaml").exists():
+            cfg = yaml.safe_load((rd / "config.yaml").read_text())
+            rows.append((cfg.get("role") != "teacher", cfg.get("meta", {}).get("label", ""), cfg.get("seed", 0), rd, cfg))
+    for *_, rd, cfg in sorted(rows, key=lambda r: r[:3]):
         st = run_state(rd)
         counts[st] = counts.get(st, 0) + 1
         hist = read_jsonl(rd / "metrics.jsonl")
@@ -461,7 +500,8 @@ def results_cmd(study: str = typer.Argument(..., help="Study name, folder, or YA
     paths = write_table(df, d / "tables")
     if fmt == "table":
         cols = [c for c in ("label", "student", "seed", "state", "best_top1", "last_top1", "epochs", "wall_s") if c in df]
-        out.print(df[cols].to_string(index=False))
+        view = df[cols].sort_values([c for c in ("label", "seed") if c in cols])
+        out.print(view.to_string(index=False, float_format=lambda v: f"{v:.2f}"), markup=False, highlight=False)
     for p in (paths if isinstance(paths, (list, tuple)) else [paths]):
         if fmt == "table" or str(p).endswith(fmt):
             out.print(f"wrote {p}")
@@ -538,8 +578,16 @@ def main() -> None:
     try:
         app()
     except EffdstlError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # disk full, no permission, a path under a file: the environment, not a bug
+        from rich.markup import escape
+
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        console.print(f"[bold red]error:[/] {escape(str(exc.strerror or exc) + where)}", highlight=False, soft_wrap=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted: finished epochs are saved; run the same command again to resume")
         sys.exit(130)

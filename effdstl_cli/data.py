@@ -236,9 +236,8 @@ class Data:
 
 # -- builders --------------------------------------------------------------------------------
 
-def build_data(spec: str, data_root: str | None = None, image_size: int | None = None,
-               augment: bool = True) -> Data:
-    """A dataset by spec (see DATASETS). ``augment=False`` turns training augmentation off."""
+def check_dataset_spec(spec: str) -> None:
+    """Raise the one-line error for a misspelt dataset spec (no file is read: cheap, for planning)."""
     spec = str(spec).strip()
     kind, colon, arg = spec.partition(":")
     kind = kind.lower()
@@ -247,6 +246,15 @@ def build_data(spec: str, data_root: str | None = None, image_size: int | None =
             raise EffdstlError(f"dataset '{spec}' needs a path: {kind}:PATH")
     elif colon or kind not in DATASETS:
         raise unknown("dataset", spec, DATASETS)
+
+
+def build_data(spec: str, data_root: str | None = None, image_size: int | None = None,
+               augment: bool = True) -> Data:
+    """A dataset by spec (see DATASETS). ``augment=False`` turns training augmentation off."""
+    spec = str(spec).strip()
+    kind, _, arg = spec.partition(":")
+    kind = kind.lower()
+    check_dataset_spec(spec)
     if kind == "folder" or kind == "imagenet":
         data = _folder(spec, Path(arg).expanduser(), int(image_size or 224))
     else:

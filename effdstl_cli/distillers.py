@@ -42,6 +42,11 @@ class Distiller:
 
     # -- helpers -------------------------------------------------------------------------
     def validate(self) -> None:
+        for key in ("tau", "T", "tau_t", "tau_s", "lam", "t", "delta", "smooth", "ls", "w_ce", "w_wsl",
+                    "w_dist", "w_angle"):
+            v = self.p.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise EffdstlError(f"distiller '{self.name}': {key} must be a number, got {v!r}")
         for key in ("tau", "T", "tau_t", "tau_s"):
             if key in self.p and not float(self.p[key]) > 0:
                 raise EffdstlError(f"distiller '{self.name}': {key} must be > 0, got {self.p[key]}")
@@ -180,7 +185,7 @@ class Manipulate(Distiller):
                 raise EffdstlError(f"label_smoothing needs t in (0, 1], got {t}")
         else:
             d = self.p["delta"]
-            if d is None:
+            if d is None or not float(d) >= 0.0:
                 raise EffdstlError(f"{kind} needs delta >= 0, got {d}")
 
     def losses(self, z_s, f_s, t, y):

@@ -147,7 +147,10 @@ class Member:
     best: dict = field(default_factory=lambda: {"top1": -1.0, "top5": -1.0, "epoch": 0})
     wall_s: float = 0.0
     rng: torch.Tensor | None = None
+    hits: torch.Tensor | None = None             # per training sample: epochs it was in the altered subset
+    mask_epochs: int = 0                         # epochs whose distiller had a subset
     failed: str | None = None
+    n_train: int = 0
     lock: fio.RunLock | None = None
     acc: dict = field(default_factory=dict)      # on-device sums for the epoch in flight
 
@@ -229,7 +232,18 @@ def train_group(members_in: list[tuple[dict, Path]], env: Env | None = None) -> 
             run_dir.mkdir(parents=True, exist_ok=True)
             if not (run_dir / "config.yaml").exists():
                 fio.write_yaml(run_dir / "config.yaml", cfg)
-            m.lock = fio.RunLock(run_dir).acquire()
+            try:
+                m.lock = fio.RunLock(run_dir).acquire()
+            except BaseException:  # another process holds it: give back the locks taken so far
+                for other in members:
+                    if other.lock:
+                        other.lock.release()
+                raise
+            done = next((run_dir / f for f in ("final.json", "failed.json") if (run_dir / f).exists()), None)
+            if done is not None and env.world == 1:  # finished by another process meanwhile
+                m.lock.release()
+                out.append(fio.read_json(done))
+                continue
         members.append(m)
     if not members:
         return out
@@ -251,6 +265,7 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
                               image_size=data.image_size, mean=data.mean, std=data.std,
                               pretrained=bool(m.cfg.get("pretrained", False)))
         m.rng = torch.get_rng_state()
+        m.n_train = len(data.train)
         state, note = fio.load_checkpoint(m.run_dir)
         if note:
             env.log(note)
@@ -258,6 +273,9 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
             m.model.load_state_dict(state["model"])
             m.epoch, m.history, m.best = int(state["epoch"]), list(state["history"]), dict(state["best"])
             m.wall_s, m.rng = float(state["wall_s"]), state["rng"]
+            m.hits, m.mask_epochs = state.get("hits"), int(state.get("mask_epochs", 0))
+            if env.rank == 0:
+                env.log(f"run {m.hash}: resumed from epoch {m.epoch} of {m.total_epochs}")
         m.model.to(device)
         if chl:
             m.model.to(memory_format=torch.channels_last)
@@ -309,6 +327,7 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
                 m.distiller = build_distiller(m.stages[st]["distiller"])
             m.acc = {"loss": torch.zeros((), device=device), "correct": torch.zeros((), device=device),
                      "n": torch.zeros((), device=device), "subset": torch.zeros((), device=device),
+                     "hits": None,
                      "bad": torch.zeros((), device=device), "parts": {}}
             m.model.train()
         need = {n for m in active for n in m.distiller.teachers}
@@ -331,7 +350,7 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
             for m in active:
                 if m.failed is not None:
                     continue
-                _student_step(m, x, y, touts, epoch, step, steps, autocast, env, cuda)
+                _student_step(m, x, y, idx_local, touts, epoch, step, steps, autocast, env, cuda)
         # The shared stream's time is split between the runs that used it, so the GPU-hours of a
         # group's runs add up to what the group cost (Table 3), not K times that.
         share = (time.time() - t0) / len(active)
@@ -373,7 +392,7 @@ def _batches(split, order, gbatch, steps, gen, device, env: Env, chl):
         yield s, idx_l, x, y.to(device, non_blocking=True)
 
 
-def _student_step(m: Member, x, y, touts, epoch, step, steps, autocast, env: Env, cuda: bool) -> None:
+def _student_step(m: Member, x, y, idx, touts, epoch, step, steps, autocast, env: Env, cuda: bool) -> None:
     st = m.stages[m.stage]
     _, e_in = _stage_of(m.stages, epoch)
     lr = lr_at(st, e_in + step / steps)
@@ -401,6 +420,10 @@ def _student_step(m: Member, x, y, touts, epoch, step, steps, autocast, env: Env
     a["n"] += b
     if mask is not None:
         a["subset"] += mask.sum()
+        # Which samples this run altered, per epoch: the FGSM probe's kept/manipulated split.
+        if a["hits"] is None:
+            a["hits"] = torch.zeros(m.n_train, device=mask.device)
+        a["hits"].index_add_(0, idx.to(mask.device), mask.float())
     for k, v in parts.items():
         a["parts"][k] = a["parts"].get(k, 0.0) + v.detach() * b
     # Non-finite check: every step on CPU (free); every N steps on CUDA (each check syncs).
@@ -450,6 +473,10 @@ def _end_epoch(m: Member, data, epoch, share_s, device, env: Env, chl, autocast,
     if m.failed is not None:
         return
     n = max(vec[2], 1.0)
+    if a["hits"] is not None:
+        hits = _reduce(a["hits"], env).cpu()
+        m.hits = hits if m.hits is None else m.hits + hits
+        m.mask_epochs += 1
     ev = evaluate(m.model, data.test, device, env, chl, autocast)
     epoch_s = share_s + time.time() - t0
     m.epoch = epoch + 1
@@ -464,6 +491,7 @@ def _end_epoch(m: Member, data, epoch, share_s, device, env: Env, chl, autocast,
         fio.save_checkpoint(m.run_dir, {
             "model": m.model.state_dict(), "optim": m.opt.state_dict(), "stage": m.stage,
             "epoch": m.epoch, "history": m.history, "best": m.best, "wall_s": m.wall_s,
+            "hits": m.hits, "mask_epochs": m.mask_epochs,
             "rng": m.rng, "config_hash": m.hash})
         fio.write_jsonl(m.run_dir / "metrics.jsonl", m.history)
         if m.lock:
@@ -472,6 +500,14 @@ def _end_epoch(m: Member, data, epoch, share_s, device, env: Env, chl, autocast,
         tdist.barrier()
     if env.progress:
         env.progress("epoch", {"run": m.hash, **row})
+
+
+def _tensor_bytes(obj) -> bytes:
+    import io as _io
+
+    buf = _io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def _finish(m: Member, env: Env, device) -> dict:
@@ -494,5 +530,8 @@ def _finish(m: Member, env: Env, device) -> dict:
            "config_hash": m.hash}
     if env.rank == 0:
         save_weights(m.model, m.run_dir / "model.pt")
+        if m.hits is not None:
+            fio.atomic_write_bytes(m.run_dir / "subset.pt", _tensor_bytes(
+                {"hits": m.hits, "epochs": torch.tensor(m.mask_epochs)}))
         fio.write_json(m.run_dir / "final.json", rec)  # written last: the run is done
     return rec

@@ -108,6 +108,10 @@ class TrainJob:
         env = Env(**self.env_kw, progress=self.progress)
         rank, world = _init_distributed(self.world, self.backend)
         env.rank, env.world = rank, world
+        if rank == 0 and self.progress is None:  # a submitit job: say which one, in its log
+            jid = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or "?"
+            env.log(f"effdstl job {jid}: {len(self.runs)} run(s), {world} process(es), "
+                    f"restart {os.environ.get('SLURM_RESTART_COUNT', 0)}")
         if world > 1 and self.backend == "nccl":
             env.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         try:
@@ -199,8 +203,38 @@ def _record(job: Job, job_id: str, executor: str) -> None:
                                               "submitted_at": time.time()})
 
 
+def _result(sj) -> Any:
+    """A submitted job's return value (task 0's for a multi-task DDP job: all ranks return the same)."""
+    res = sj.results()
+    return res[0] if res else None
+
+
+def job_error(exc: BaseException) -> str:
+    """One line for a failed submitit job: the last line of the job's own exception (not
+    submitit's wrapper text, whose last line is a log path), without the EffdstlError prefix."""
+    text = str(exc).strip()
+    parts = text.split("----------------------")  # FailedJobError: header / job trace / log paths
+    lines = [ln.strip() for ln in (parts[1] if len(parts) >= 3 else text).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    last = lines[-1] if len(parts) >= 3 else lines[0]
+    for prefix in ("effdstl_cli.errors.EffdstlError: ", "EffdstlError: "):
+        if last.startswith(prefix):
+            return last[len(prefix):]
+    return last
+
+
 def todo(plan: Plan) -> list[Job]:
     return [j for j in plan.jobs if j.state() != "done"]
+
+
+def preflight(plan: Plan, opts: LaunchOptions) -> None:
+    """What must hold before a real launch (not a dry run): a Slurm launch needs a cluster that answers.
+
+    Callers run it before showing progress, so a missing cluster is one line and exit 2."""
+    if opts.executor == "slurm" and todo(plan) and not slurm_available():
+        raise EffdstlError("--executor slurm: no Slurm cluster answers here (sbatch/sinfo); use "
+                           "--executor local, or start a local one with scripts/local-slurm.sh start")
 
 
 def launch(plan: Plan, opts: LaunchOptions, report: Report = print,
@@ -218,6 +252,7 @@ def launch(plan: Plan, opts: LaunchOptions, report: Report = print,
         pending = [j for j in pending if j.state() != "failed"]
         if not pending:
             return {}
+    preflight(plan, opts)
     fio.write_yaml(plan.study_dir / "study.yaml", plan.study)
     if opts.executor == "debug":
         return _run_debug(plan, pending, opts, report, on_poll)
@@ -231,6 +266,7 @@ def _run_debug(plan: Plan, pending: list[Job], opts: LaunchOptions, report: Repo
     for job in pending:
         report(f"running {job.name} ({len(job.runs)} runs) in this process")
         fn = _callable(job, opts)
+        _record(job, f"debug-{os.getpid()}", "debug")
         if on_poll and isinstance(fn, TrainJob):
             fn.progress = lambda event, info: on_poll()
         out[job.name] = fn()
@@ -239,6 +275,14 @@ def _run_debug(plan: Plan, pending: list[Job], opts: LaunchOptions, report: Repo
 
 def _log_folder(plan: Plan) -> Path:
     return plan.study_dir / "logs" / "%j"
+
+
+def _tidy_logs(plan: Plan) -> None:
+    """LocalExecutor also makes its folder template literally (logs/%j): drop it while empty."""
+    try:
+        (plan.study_dir / "logs" / "%j").rmdir()
+    except OSError:
+        pass
 
 
 def _local_slots(opts: LaunchOptions) -> list[list[int] | None]:
@@ -268,11 +312,10 @@ def _run_local(plan: Plan, pending: list[Job], opts: LaunchOptions, report: Repo
                 del running[name]
                 free.append(slot)
                 try:
-                    out[name] = sj.result()
+                    out[name] = _result(sj)
                     done_ok.add(name)
                 except Exception as exc:  # noqa: BLE001 - report the job's error, go on with others
-                    msg = str(exc).strip().splitlines()
-                    out[name] = f"failed: {msg[-1] if msg else exc}"
+                    out[name] = f"failed: {job_error(exc)}"
                     report(f"job {name} failed: {out[name]}  (log: {sj.paths.stderr})")
         ready = [j for j in waiting if all(d in done_ok for d in j.deps)]
         blocked = [j for j in waiting if any(d in out and d not in done_ok for d in j.deps)]
@@ -290,6 +333,7 @@ def _run_local(plan: Plan, pending: list[Job], opts: LaunchOptions, report: Repo
                 params.update(visible_gpus=slot, gpus_per_node=len(slot))
             ex.update_parameters(**params)
             sj = ex.submit(_callable(job, opts))
+            _tidy_logs(plan)
             _record(job, str(sj.job_id), "local")
             running[job.name] = (sj, slot)
             report(f"started {job.name} ({len(job.runs)} runs) as local job {sj.job_id}")
@@ -305,53 +349,61 @@ def _run_local(plan: Plan, pending: list[Job], opts: LaunchOptions, report: Repo
     return out
 
 
+def _job_resources(opts: LaunchOptions, kind: str = "train") -> tuple[int, int]:
+    """(processes, GPUs) of one job: a training job is one DDP job over G GPUs; a probe is 1 process."""
+    gpus = int(opts.gpus_per_job or 0)
+    return (opts.world(), gpus) if kind == "train" else (1, min(gpus, 1))
+
+
+def slurm_parameters(plan: Plan, opts: LaunchOptions, dep_ids: list[str] | None = None,
+                     kind: str = "train") -> dict[str, Any]:
+    """submitit AutoExecutor parameters of one array of jobs (a training job on G GPUs = one DDP job)."""
+    tasks, gpus = _job_resources(opts, kind)
+    params: dict[str, Any] = {
+        "timeout_min": opts.timeout_min, "nodes": 1, "tasks_per_node": tasks,
+        "cpus_per_task": opts.cpus_per_task or (8 if gpus else 1),
+        "slurm_array_parallelism": opts.array_parallelism, "slurm_signal_delay_s": 120,
+        "name": f"effdstl-{plan.study['name']}",
+    }
+    if gpus:
+        params["gpus_per_node"] = gpus
+    if opts.mem_gb:
+        params["mem_gb"] = opts.mem_gb
+    if opts.partition:
+        params["slurm_partition"] = opts.partition
+    extra = {}
+    if opts.account:
+        extra["account"] = opts.account
+    if opts.qos:
+        extra["qos"] = opts.qos
+    if dep_ids:
+        extra["dependency"] = "afterok:" + ":".join(dep_ids)
+        extra["kill-on-invalid-dep"] = "yes"
+    if extra:
+        params["slurm_additional_parameters"] = extra
+    return params
+
+
 def _run_slurm(plan: Plan, pending: list[Job], opts: LaunchOptions, report: Report, on_poll) -> dict:
     import submitit
 
-    if not slurm_available():
-        raise EffdstlError("--executor slurm: no Slurm cluster answers here (sbatch/sinfo); use "
-                           "--executor local, or start a local one with scripts/local-slurm.sh start")
     ids: dict[str, str] = {}
     handles: dict[str, Any] = {}
-    gpus = int(opts.gpus_per_job or 0)
     for job in pending:
         queued = _queued_elsewhere(job)
         if queued:
             ids[job.name] = queued
             report(f"{job.name}: already queued as Slurm job {queued}; not submitting it again")
     to_submit = [j for j in pending if j.name not in ids]
-    # Jobs with the same dependency set go out together as one array.
+    # Jobs of one kind with the same dependency set go out together as one array.
     by_deps: dict[tuple, list[Job]] = {}
     order = {j.name: i for i, j in enumerate(plan.jobs)}
     for j in sorted(to_submit, key=lambda j: order[j.name]):
-        by_deps.setdefault(tuple(j.deps), []).append(j)
-    for deps, jobs in by_deps.items():
+        by_deps.setdefault((j.kind, tuple(j.deps)), []).append(j)
+    for (kind, deps), jobs in by_deps.items():
         ex = submitit.AutoExecutor(folder=str(_log_folder(plan)), cluster="slurm")
-        world = opts.world()
-        params: dict[str, Any] = {
-            "timeout_min": opts.timeout_min, "nodes": 1, "tasks_per_node": world,
-            "cpus_per_task": opts.cpus_per_task or (8 if gpus else 1),
-            "slurm_array_parallelism": opts.array_parallelism, "slurm_signal_delay_s": 120,
-            "name": f"effdstl-{plan.study['name']}",
-        }
-        if gpus:
-            params["gpus_per_node"] = gpus
-        if opts.mem_gb:
-            params["mem_gb"] = opts.mem_gb
-        if opts.partition:
-            params["slurm_partition"] = opts.partition
-        extra = {}
-        if opts.account:
-            extra["account"] = opts.account
-        if opts.qos:
-            extra["qos"] = opts.qos
         dep_ids = [ids[d] for d in deps if d in ids]
-        if dep_ids:
-            extra["dependency"] = "afterok:" + ":".join(dep_ids)
-            extra["kill-on-invalid-dep"] = "yes"
-        if extra:
-            params["slurm_additional_parameters"] = extra
-        ex.update_parameters(**params)
+        ex.update_parameters(**slurm_parameters(plan, opts, dep_ids, kind))
         with ex.batch():
             subs = [ex.submit(_callable(j, opts)) for j in jobs]
         for j, sj in zip(jobs, subs):
@@ -368,10 +420,9 @@ def _run_slurm(plan: Plan, pending: list[Job], opts: LaunchOptions, report: Repo
             if name in out or not sj.done():
                 continue
             try:
-                out[name] = sj.result()
+                out[name] = _result(sj)
             except Exception as exc:  # noqa: BLE001
-                lines = str(exc).strip().splitlines()
-                out[name] = f"failed: {lines[-1] if lines else exc}"
+                out[name] = f"failed: {job_error(exc)}"
                 report(f"job {name} ({sj.job_id}) failed: {out[name]}")
         if on_poll:
             on_poll()
@@ -400,10 +451,18 @@ def dry_run_lines(plan: Plan, opts: LaunchOptions) -> list[str]:
         tl.append(f"{name}={t['model']} ({src})")
     if tl:
         lines.append("teachers: " + ", ".join(tl))
+    if opts.executor == "slurm":
+        p = slurm_parameters(plan, opts)
+        lines.append(f"sbatch per training job: --nodes {p['nodes']} --ntasks-per-node {p['tasks_per_node']} "
+                     + (f"--gpus-per-node {p['gpus_per_node']} " if p.get("gpus_per_node") else "")
+                     + f"--cpus-per-task {p['cpus_per_task']} --time {p['timeout_min']}"
+                     + (f" --partition {opts.partition}" if opts.partition else "")
+                     + f"; one array per dependency set, --array=0-N%{opts.array_parallelism}; requeue on preemption")
     for j in plan.jobs:
         state = j.state()
-        lines.append(f"  {j.name:<18} {j.kind:<6} runs={len(j.runs):<3} deps={','.join(j.deps) or '-':<28} "
-                     f"[{state}{' -> skip' if state == 'done' else ''}]")
+        procs, jg = _job_resources(opts, j.kind)
+        lines.append(f"  {j.name:<18} {j.kind:<6} runs={len(j.runs):<3} gpus={jg} procs={procs} "
+                     f"deps={','.join(j.deps) or '-':<28} [{state}{' -> skip' if state == 'done' else ''}]")
         for c, d in j.runs[:3] if j.kind == "train" else []:
             st = c["stages"]
             hp = "; ".join(f"{s['epochs']} ep {s['distiller']['name']}"

@@ -85,6 +85,7 @@ def ckm_loss(z_s: Tensor, z_t: Tensor, labels: Tensor, tau_t: float = 0.7, tau_s
 
 
 def _pairwise_dist(e: Tensor) -> Tensor:
+    e = e - e.mean(0, keepdim=True)  # distances are translation-invariant; centring keeps fp32 exact
     sq = e.pow(2).sum(1)
     d = (sq.unsqueeze(0) + sq.unsqueeze(1) - 2 * e @ e.t()).clamp_min(EPS).sqrt()
     return d * (1 - torch.eye(len(e), device=e.device, dtype=e.dtype))

@@ -225,6 +225,22 @@ class Net(nn.Module):
         return z, seen[-1].flatten(1)
 
 
+def check_model_spec(spec: str) -> None:
+    """Raise the one-line error for a misspelt model spec without building it (cheap, for planning;
+    timm/torchvision names are checked when the model is built)."""
+    spec = str(spec).strip()
+    kind, _, arg = spec.partition(":")
+    if kind == "mlp":
+        hidden = [int(h) for h in arg.split("-") if h.isdigit()]
+        if not hidden or len(hidden) != len(arg.split("-")) or min(hidden) < 1:
+            raise EffdstlError(f"bad MLP spec '{spec}': give hidden widths like mlp:32 or mlp:256-256")
+    elif kind == "cnn":
+        if arg not in CNNS:
+            raise unknown("cnn size", arg, CNNS)
+    elif not (spec in CIFAR_RESNETS or spec in WRNS or (kind in ("timm", "tv") and arg)):
+        raise unknown("model", spec, MODELS)
+
+
 def build_model(spec: str, num_classes: int, in_chans: int = 3, image_size: int = 32,
                 mean=(0.0,), std=(1.0,), pretrained: bool = False, ckpt: str | None = None) -> Net:
     """A Net by spec (see MODELS); ``ckpt`` loads weights after building (see load_checkpoint)."""

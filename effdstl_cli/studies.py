@@ -364,6 +364,30 @@ def plan(study: dict, results_root: str | Path = "results") -> Plan:
     return Plan(study, sdir, teachers + groups)
 
 
+def validate_runs(p: Plan) -> None:
+    """Check every run's names and parameters (dataset, models, distillers) before anything trains,
+    so a typo in a study fails in one line instead of after its teachers have trained."""
+    from .data import check_dataset_spec
+    from .distillers import build_distiller
+    from .models import check_model_spec
+
+    seen: set[str] = set()
+    for j in p.jobs:
+        for cfg, _ in j.runs:
+            check_dataset_spec(cfg["dataset"])
+            for spec in [cfg["model"]] + [t["model"] for t in (cfg.get("teachers") or {}).values()]:
+                if spec not in seen:
+                    check_model_spec(spec)
+                    seen.add(spec)
+            for st in cfg["stages"]:
+                d = st["distiller"]
+                try:
+                    build_distiller(d)
+                except (TypeError, ValueError) as exc:  # e.g. tau: abc
+                    raise EffdstlError(f"study {p.study.get('name')}: bad parameters for distiller "
+                                       f"'{d.get('name')}' {d} ({type(exc).__name__}: {exc})") from None
+
+
 def probe_targets(p: Plan) -> list[dict]:
     """The runs an FGSM probe can attack: distilled runs whose last stage alters a subset.
 

@@ -2,7 +2,7 @@
 
 Probabilities in, probabilities out; batched over rows; no autograd side effects (inputs are
 detached). Every output row is finite, >= 0 and sums to 1, also when a teacher is certain
-(p_k = 1) or gives the true class nothing (p_k = 0): denominators are clamped at ``EPS`` and the
+(p_k = 1) or gives the true class nothing (p_k = 0): every division is guarded, and the
 degenerate ``0/0`` case falls back to spreading the mass evenly, which is the limit that keeps a
 row a distribution.
 
@@ -62,14 +62,18 @@ def _rescale_others(p_src: Tensor, labels: Tensor, q_k: Tensor, src_k: Tensor) -
     ``1 - q_k``: ``q_i = p_src,i * (1 - q_k) / (1 - src_k)``. The shared core of Eq. 1, 2, 4, 5.
 
     When ``p_src`` has no mass off the true class (``src_k = 1``) the ratio is 0/0; the limit that
-    keeps a distribution is to spread ``1 - q_k`` evenly over the other classes.
+    keeps a distribution is to spread ``1 - q_k`` evenly over the other classes. Only an exact 0
+    takes that path: a tiny but positive mass (a teacher with a logit margin > ~28, e.g. 1e-13)
+    still has a well-defined shape, and ``others / mass`` is exact there (each ``others_i <= mass``),
+    whereas clamping the denominator at ``EPS`` would make such a row sum to ``mass / EPS < 1``.
     """
     n = p_src.shape[1]
     onehot = _onehot(labels, p_src)
     others = p_src * (1.0 - onehot)
     mass = others.sum(1, keepdim=True)  # = 1 - src_k, computed without cancellation
     even = (1.0 - onehot) / max(n - 1, 1)
-    shape = torch.where(mass > EPS, others / mass.clamp_min(EPS), even)
+    has_mass = mass > 0
+    shape = torch.where(has_mass, others / torch.where(has_mass, mass, torch.ones_like(mass)), even)
     q = shape * (1.0 - q_k).clamp_min(0.0).unsqueeze(1)
     return q + onehot * q_k.unsqueeze(1)
 

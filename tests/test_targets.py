@@ -16,8 +16,8 @@ from effdstl_cli import targets
 from effdstl_cli.errors import EffdstlError
 
 PROPS = settings(max_examples=50, deadline=None)
-ROW_KINDS = ("soft", "sharp", "onehot_true", "zero_true", "onehot_wrong", "uniform")
-DEGENERATE = ("onehot_true", "zero_true", "onehot_wrong")
+ROW_KINDS = ("soft", "sharp", "onehot_true", "near_onehot", "zero_true", "onehot_wrong", "uniform")
+DEGENERATE = ("onehot_true", "near_onehot", "zero_true", "onehot_wrong")
 
 
 def T(rows, dtype=torch.float64):
@@ -47,6 +47,10 @@ def _probs(g: torch.Generator, kinds, labels, n: int, dtype) -> torch.Tensor:
         elif kind == "onehot_true":
             p = torch.zeros(n, dtype=torch.float64)
             p[y] = 1.0
+        elif kind == "near_onehot":  # a teacher with a logit margin ~30: tiny but positive rest
+            p = torch.softmax(z, 0) * 1e-13
+            p[y] = 0.0
+            p[y] = 1.0 - p.sum()
         elif kind == "zero_true":
             p = torch.softmax(2.0 * z, 0)
             p[y] = 0.0
@@ -190,6 +194,20 @@ def test_replace_certain_teachers():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nearly_certain_teacher_keeps_its_shape(dtype):
+    # softmax([30, 0, 1]) = [1 - 3.48e-13, 9.36e-14, 2.54e-13]: 1 - p_+,k is tiny but not 0 (in
+    # float32 p_+,k even rounds to 1), so Eq. 1 is well defined: q = [0.5, 0.5 * 0.2689, 0.5 * 0.7311]
+    # with 0.2689 = 1 / (1 + e). Spreading evenly ([0.5, 0.25, 0.25]) would not be Eq. 1.
+    p_p = torch.softmax(T([[30.0, 0.0, 1.0]], dtype), 1)
+    a = 1.0 / (1.0 + 2.718281828459045)
+    q = targets.replace("partial", T([P_MINUS], dtype), p_p, Y([0]))
+    assert torch.allclose(q, T([[0.5, 0.5 * a, 0.5 * (1 - a)]], dtype), rtol=0, atol=1e-6)
+    # Eq. 2 likewise, with the nearly certain teacher as t-: its rest keeps its 1 : e ratio
+    q = targets.replace("confidence", p_p, T([P_PLUS], dtype), Y([0]))
+    assert torch.allclose(q, T([[0.8, 0.2 * a, 0.2 * (1 - a)]], dtype), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_manipulate_hand_computed(dtype):
     p = T([P_MINUS, P_MINUS], dtype)
     tol = dict(rtol=0, atol=1e-6)
@@ -330,7 +348,9 @@ def test_confidence_and_partial_invariants(b):
     # partial: keeps t-'s true-class value, takes t+'s non-true ratios
     assert torch.allclose(_tp(qp, y), _tp(p_w, y), rtol=0, atol=tol)
     for q, src, conf in ((qc, p_w, _tp(p_p, y)), (qp, p_p, _tp(p_w, y))):
-        rows = ((1 - _tp(src, y).double()) > 1e-3) & ((1 - conf.double()) > 1e-3)
+        # every row where the source has any mass off the true class (also a tiny one) and the
+        # target leaves some room for it
+        rows = (src.double().scatter(1, y.view(-1, 1), 0.0).sum(1) > 0) & ((1 - conf.double()) > 1e-3)
         if rows.any():
             assert torch.allclose(_others_shape(q, y)[rows], _others_shape(src, y)[rows],
                                   rtol=0, atol=1e-4 if b["dtype"] == torch.float32 else 1e-9)
@@ -343,7 +363,7 @@ def test_teacher_amp_moves_confidence_by_delta(b, delta):
     q = targets.manipulate("teacher_amp", p, y, delta=delta)
     expect = torch.clamp(_tp(p, y).double() + delta, max=1.0)
     assert torch.allclose(_tp(q, y).double(), expect, rtol=0, atol=1e-6)
-    rows = ((1 - _tp(p, y).double()) > 1e-3) & ((1 - expect) > 1e-3)
+    rows = (p.double().scatter(1, y.view(-1, 1), 0.0).sum(1) > 0) & ((1 - expect) > 1e-3)
     if rows.any():
         assert torch.allclose(_others_shape(q, y)[rows], _others_shape(p, y)[rows], rtol=0, atol=1e-4)
 
