@@ -61,15 +61,14 @@ def _manipulated(probe, teacher, student, split, all_idx, y_all, dev) -> tuple[t
     """Which training samples the run manipulated.
 
     From the run's own record (subset.pt: per sample, the epochs it was in the altered subset —
-    the subset is recomputed every batch as the student trains): manipulated in at least half of
-    them. Runs without that record fall back to the subset rule evaluated with the teacher and
-    the final student.
+    the subset is recomputed every batch as the student trains): manipulated = altered in at
+    least one epoch, kept = never altered. Runs without that record fall back to the subset rule
+    evaluated with the teacher and the final student.
     """
     rec = Path(probe["run"]) / "subset.pt"
     if rec.exists():
         blob = torch.load(rec, map_location="cpu", weights_only=True)
-        freq = blob["hits"] / max(int(blob["epochs"]), 1)
-        return freq >= 0.5, "in the altered subset in >= half of its epochs"
+        return blob["hits"] > 0, "altered in at least one epoch"
     p_t = _probs(teacher, split, all_idx, dev, probe["tau"])
     p_s = _probs(student, split, all_idx, dev, probe.get("tau_s", 1.0))
     return subset_mask(probe["subset"], p_t, p_s, y_all).cpu(), "subset rule on the final student"

@@ -81,23 +81,34 @@ def online(host: str, port: int = 443, timeout: float = 2.0) -> bool:
 
 # -- splits --------------------------------------------------------------------------------
 
-def _crop_flip(x: torch.Tensor, generator: torch.Generator | None, pad: int = 4) -> torch.Tensor:
+CROP_PAD = 4                                  # CIFAR pad-crop: offsets 0..2*pad per axis
+CROP_FLIP_VARIANTS = (2 * CROP_PAD + 1) ** 2 * 2  # 9 x 9 offsets x 2 flips = 162 images per sample
+
+
+def _crop_flip(x: torch.Tensor, generator: torch.Generator | None, pad: int = CROP_PAD,
+               return_variant: bool = False):
     """Batched random crop (zero padding ``pad``) + horizontal flip, as one gather on x's device.
 
     Random numbers come from ``generator`` on its own device, then move to x's device, so a CPU
     generator gives the same crops whether the batch lives on the CPU or a GPU.
+    ``return_variant`` also returns each row's variant id ``(oy * (2 pad + 1) + ox) * 2 + flip``
+    (int64, on the generator's device; 0 .. 2 (2 pad + 1)^2 - 1), the key of the teacher cache.
     """
     b, _, h, w = x.shape
     gdev = generator.device if generator is not None else torch.device("cpu")
-    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=gdev).to(x.device)
-    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=gdev).to(x.device)
-    flip = torch.randint(0, 2, (b,), generator=generator, device=gdev).to(x.device).bool()
+    oy_g = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=gdev)
+    ox_g = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=gdev)
+    flip_g = torch.randint(0, 2, (b,), generator=generator, device=gdev)
+    oy, ox, flip = oy_g.to(x.device), ox_g.to(x.device), flip_g.to(x.device).bool()
     xp = F.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1)  # (B, H+2p, W+2p, C), zeros outside
     ar_h, ar_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
     rows = oy[:, None] + ar_h
     cols = ox[:, None] + torch.where(flip[:, None], w - 1 - ar_w, ar_w)  # a flip reads columns backwards
     out = xp[torch.arange(b, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
-    return out.permute(0, 3, 1, 2).contiguous()
+    out = out.permute(0, 3, 1, 2).contiguous()
+    if return_variant:
+        return out, (oy_g * (2 * pad + 1) + ox_g) * 2 + flip_g
+    return out
 
 
 class TensorSplit(Dataset):
@@ -130,24 +141,40 @@ class TensorSplit(Dataset):
             self._on_device[key] = tensor.to(dev)
         return self._on_device[key]
 
+    @property
+    def num_variants(self) -> int:
+        """How many distinct augmented images one sample can become (1: augmentation off)."""
+        return CROP_FLIP_VARIANTS if self.train and self.augment == "crop_flip" else 1
+
     def get_batch(self, idx: torch.Tensor, generator: torch.Generator | None = None, device="cpu",
-                  augment: bool | None = None) -> torch.Tensor:
+                  augment: bool | None = None, return_variant: bool = False):
         """Images ``idx`` as float (B, C, H, W) in [0, 1] on ``device``.
 
         ``augment`` defaults to ``self.train``; pass False for clean training images (probes).
         With augmentation on and ``generator`` None the global RNG is used (DataLoader path).
+        ``return_variant`` returns ``(x, variant)`` instead: each row's augmentation variant id
+        (int64 on the CPU, in ``range(num_variants)``; all 0 when not augmented). It draws
+        nothing extra, so the images are the same either way.
         """
         src = self.images_on(device)
-        x = src[torch.as_tensor(idx, dtype=torch.long).to(src.device)]
+        ix = torch.as_tensor(idx, dtype=torch.long)
+        x = src[ix.to(src.device)]
+        variant = None
         if (self.train if augment is None else augment) and self.augment == "crop_flip":
-            x = _crop_flip(x, generator)
+            x, variant = _crop_flip(x, generator, return_variant=True)
         if x.dtype != torch.uint8:
-            return x.float()
-        if x.is_cpu:
-            return x.float().div_(255)
-        # CUDA divides by a scalar as a multiply by its reciprocal, which differs from x/255 in the
-        # last bit for half the values; a table of the CPU's quotients keeps batches bit-identical
-        return self.images_on(x.device, _U8_TO_UNIT)[x.int()]
+            x = x.float()
+        elif x.is_cpu:
+            x = x.float().div_(255)
+        else:
+            # CUDA divides by a scalar as a multiply by its reciprocal, which differs from x/255 in
+            # the last bit for half the values; a table of the CPU's quotients keeps batches identical
+            x = self.images_on(x.device, _U8_TO_UNIT)[x.int()]
+        if not return_variant:
+            return x
+        if variant is None:
+            variant = torch.zeros(len(ix), dtype=torch.long)
+        return x, variant.cpu()
 
     def __getitem__(self, i: int):
         return self.get_batch(torch.tensor([i]))[0], int(self.labels[i]), i

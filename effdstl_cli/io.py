@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from .errors import EffdstlError
@@ -82,6 +81,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
 # ckpt-last.pt is the newest; ckpt-prev.pt the one before, the fallback when the newest is corrupt.
 
 def save_checkpoint(run_dir: Path, state: dict) -> None:
+    import torch  # here, not at the top: the CLI imports this module and must start fast
+
     buf = io.BytesIO()
     torch.save(state, buf)
     payload = buf.getvalue()
@@ -109,6 +110,8 @@ def _read_checkpoint(path: Path) -> dict:
     digest, payload = blob[len(CKPT_MAGIC):head].decode(), blob[head:]
     if hashlib.sha256(payload).hexdigest() != digest:
         raise ValueError("checksum mismatch")
+    import torch
+
     return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
 
 

@@ -1,0 +1,492 @@
+"""A catalogue of bad inputs, each driven through the real CLI in a subprocess.
+
+Every case must: exit non-zero; print exactly ONE line ``error: ...`` that names the problem (and
+the nearest valid name for a misspelt one); never print a traceback; and change nothing already
+written (a finished study lives in the same results root: its files keep their bytes). Cases of
+phase ``pre`` fail while the study is validated, so they may not create a single file; cases of
+phase ``job`` fail inside a training job (data, checkpoints), under ``--executor debug`` (in the
+CLI's process) and, for a few, ``--executor local`` (a submitit subprocess).
+
+``EFFDSTL_CATALOGUE_OUT=FILE pytest tests/test_bad_inputs.py`` writes every case's command and the
+exact line it printed to FILE (JSON): docs/RELIABILITY.md lists them from there.
+
+Also here: a static check that the package loads nothing unsafely (YAML, checkpoints, shells).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import yaml
+
+PKG = Path(__file__).resolve().parents[1] / "effdstl_cli"
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def env_for(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(EFFDSTL_OFFLINE="1", EFFDSTL_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1", COLUMNS="200")
+    env.update(extra)
+    return env
+
+
+def cli(args: list, cwd: Path, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "effdstl_cli.cli", *map(str, args)], cwd=cwd,
+                          env=env or env_for(), capture_output=True, text=True, timeout=timeout)
+
+
+def tiny(name: str = "tiny", **over) -> dict:
+    """A two-teacher replacement study on synthetic data: 2 x 1-epoch teachers, one 2-epoch group.
+    ``over`` sets dotted keys (``{"schedule.lr": -1}`` -> schedule: {lr: -1})."""
+    s = {"name": name, "kind": "replacement", "dataset": "synthetic", "seeds": [0], "batch_size": 64,
+         "teachers": {"weak": {"model": "mlp:8", "epochs": 1}, "strong": {"model": "mlp:16", "epochs": 1}},
+         "teacher_schedule": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "seed": 0},
+         "triplets": [{"weak": "weak", "strong": "strong", "student": "mlp:8"}],
+         "schedule": {"epochs": 2, "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0},
+         "distill": {"tau": 1.0, "lam": 1.0},
+         "grid": {"scheme": ["full"], "subset": ["reg_cor"]}}
+    for key, val in over.items():
+        node, *path = key.split(".")
+        if not path:
+            s[node] = val
+            continue
+        d = s.setdefault(node, {})
+        for p in path[:-1]:
+            d = d.setdefault(p, {})
+        d[path[-1]] = val
+    return s
+
+
+def manip(name: str, kind: str = "label_smoothing", subset: str = "reg_cor", **params) -> dict:
+    s = tiny(name, kind="manipulation")
+    s["grid"] = {"kind": [kind], "subset": [subset], "params": {kind: params}}
+    return s
+
+
+def snapshot(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """{relative path: sha256} of every file under ``root``."""
+    out = {}
+    if root.exists():
+        for p in sorted(root.rglob("*")):
+            if p.is_file() and p.name not in skip:
+                out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@dataclass
+class Ctx:
+    tmp: Path           # this case's folder
+    results: Path       # the shared results root (holds the finished study 'tiny')
+    teacher: Path       # a finished teacher's model.pt (mlp:8 on synthetic: 10 classes, 1x8x8)
+
+    def study(self, s: dict) -> Path:
+        p = self.tmp / f"{s['name']}.yaml"
+        p.write_text(yaml.safe_dump(s, sort_keys=False))
+        return p
+
+    def raw(self, name: str, text: str) -> Path:
+        p = self.tmp / name
+        p.write_text(text)
+        return p
+
+    def run(self, s: dict, *extra) -> list:
+        return ["run", "-s", self.study(s), "--results", self.results, "-x", "debug", *extra]
+
+    def teacher_cmd(self, dataset: str, *extra, name: str = "bad-teacher", model: str = "mlp:8",
+                    epochs: int = 1, results: Path | None = None) -> list:
+        return ["train", "teacher", "-d", dataset, "-m", model, "--epochs", epochs, "--name", name,
+                "--results", results or self.results, *extra]
+
+    def student_cmd(self, teacher, *extra, dataset: str = "synthetic", name: str = "bad-student") -> list:
+        return ["train", "student", "-d", dataset, "-m", "mlp:8", "--teacher", teacher, "--epochs", "1",
+                "--name", name, "--results", self.results, *extra]
+
+    def npz(self, name: str, **arrays) -> Path:
+        p = self.tmp / name
+        np.savez(p, **arrays)
+        return p
+
+
+def _good_npz_arrays(classes: int = 3, n: int = 60) -> dict:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (n, 8, 8), dtype=np.uint8)
+    y = (np.arange(n) % classes).astype(np.int64)
+    return {"x_train": x, "y_train": y, "x_test": x[:30], "y_test": y[:30]}
+
+
+def _flat_folder(ctx: Ctx) -> Path:
+    root = ctx.tmp / "images"
+    for split in ("train", "val"):
+        (root / split).mkdir(parents=True)
+        (root / split / "img0.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # images, but no class folders
+    return root
+
+
+def _truncated(ctx: Ctx) -> Path:
+    p = ctx.tmp / "truncated.pt"
+    p.write_bytes(ctx.teacher.read_bytes()[:200])
+    return p
+
+
+def _relabelled(ctx: Ctx) -> Path:
+    """The teacher's weights under a model spec they do not fit (mlp:64)."""
+    import torch
+
+    blob = torch.load(ctx.teacher, map_location="cpu", weights_only=True)
+    blob["model_spec"] = "mlp:64"
+    p = ctx.tmp / "relabelled.pt"
+    torch.save(blob, p)
+    return p
+
+
+def _no_slurm_env(ctx: Ctx) -> dict:
+    empty = ctx.tmp / "bin"  # a PATH that holds no sbatch/sinfo (the interpreter is called by path)
+    empty.mkdir()
+    return env_for(PATH=str(empty))
+
+
+@dataclass
+class Case:
+    id: str
+    what: str                              # the bad input, in words (for docs/RELIABILITY.md)
+    make: Callable[[Ctx], list]            # -> CLI arguments
+    expect: tuple[str, ...]                # substrings of the one error line
+    phase: str = "pre"                     # pre (validation: no file written) | job (in a training job)
+    near: str | None = None                # the suggestion a misspelt name must get
+    env: Callable[[Ctx], dict] | None = None
+    skip: Callable[[], str | None] | None = None
+
+
+def _root_skip() -> str | None:
+    return "root ignores permission bits (the path-under-a-file case covers ENOTDIR)" if os.geteuid() == 0 else None
+
+
+def _readonly(ctx: Ctx) -> list:
+    d = ctx.tmp / "ro"
+    d.mkdir()
+    d.chmod(0o555)
+    return ctx.teacher_cmd("synthetic", "-x", "debug", results=d)
+
+
+CASES: list[Case] = [
+    # -- names: unknown / misspelt (the nearest valid name is suggested) --------------------------
+    Case("unknown-model", "student model `resnet81` in a study", lambda c: c.run(tiny("m1", **{"triplets": [
+        {"weak": "weak", "strong": "strong", "student": "resnet81"}]})), ("unknown model 'resnet81'",), near="resnet8"),
+    Case("bad-mlp-spec", "model `mlp:32-x` on the command line", lambda c: c.teacher_cmd("synthetic", "-x", "debug", model="mlp:32-x"), ("bad MLP spec 'mlp:32-x'",)),
+    Case("unknown-dataset", "dataset `synthetc` in a study", lambda c: c.run(tiny("d1", dataset="synthetc")),
+         ("unknown dataset 'synthetc'",), near="synthetic"),
+    Case("unknown-dataset-cli", "`--dataset cifar-10`", lambda c: c.teacher_cmd("cifar-10", "-x", "debug"),
+         ("unknown dataset 'cifar-10'",), near="cifar10"),
+    Case("unknown-distiller", "`--distiller kdd`", lambda c: c.student_cmd(c.teacher, "-D", "kdd", "-x", "debug"),
+         ("unknown distiller 'kdd'",), near="kd"),
+    Case("unknown-distiller-param", "`--distiller kd:tua=4`", lambda c: c.student_cmd(c.teacher, "-D", "kd:tua=4", "-x", "debug"),
+         ("unknown parameter of distiller 'kd' 'tua'",), near="tau"),
+    Case("unknown-baseline", "recipe baseline `kdd`", lambda c: c.run({
+        **tiny("r1", kind="recipe"), "triplets": [], "grid": {}, "baselines": ["none", "kdd"],
+        "recipe": {"student": "mlp:8", "stage1": {"epochs": 1}, "stage2": {"epochs": 1}}}),
+        ("unknown baseline 'kdd'",), near="kd"),
+    Case("unknown-scheme", "replacement scheme `fulll`", lambda c: c.run(tiny("s1", **{"grid.scheme": ["fulll"]})),
+         ("unknown replacement scheme 'fulll'",), near="full"),
+    Case("unknown-subset", "subset `reg_corr`", lambda c: c.run(tiny("s2", **{"grid.subset": ["reg_corr"]})),
+         ("unknown subset 'reg_corr'",), near="reg_cor"),
+    Case("unknown-manipulation", "manipulation `label_smothing`",
+         lambda c: c.run(manip("m2", "label_smothing", t=0.9)), ("unknown manipulation 'label_smothing'",),
+         near="label_smoothing"),
+    Case("unknown-study-key", "study key `schedul:`", lambda c: c.run({**tiny("k1"), "schedul": {"epochs": 1}}),
+         ("unknown key in study", "'schedul'"), near="schedule"),
+    Case("unknown-schedule-key", "schedule key `epoch:`", lambda c: c.run(tiny("k2", **{"schedule.epoch": 1})),
+         ("unknown schedule key", "'epoch'"), near="epochs"),
+    Case("unknown-set-key", "`--set schedul.epochs=1`", lambda c: c.run(tiny(), "--set", "schedul.epochs=1"),
+         ("unknown study key 'schedul'",), near="schedule"),
+    Case("unknown-triplet-teacher", "triplet teacher `weeak`", lambda c: c.run(tiny("k3", triplets=[
+        {"weak": "weeak", "strong": "strong", "student": "mlp:8"}])), ("unknown teacher in triplet 0 'weeak'",), near="weak"),
+    Case("unknown-executor", "`--executor slurmm`", lambda c: c.run(tiny(), "-x", "slurmm"),
+         ("unknown executor 'slurmm'",), near="slurm"),
+    Case("unknown-study-folder", "`effdstl status tiyn`", lambda c: ["status", "tiyn", "--results", c.results],
+         ("unknown study", "'tiyn'"), near="tiny"),
+    Case("unknown-figure", "`effdstl plot figure55 tiny`", lambda c: ["plot", "figure55", "tiny", "--results", c.results],
+         ("unknown figure 'figure55'",), near="figure5"),
+    # -- study files --------------------------------------------------------------------------------
+    Case("yaml-syntax", "a study file with an unclosed `[`", lambda c: ["run", "-s", c.raw(
+        "broken.yaml", "name: broken\nkind: replacement\nseeds: [0, 1\ndataset: digits\n"), "--results", c.results],
+         ("is not valid YAML at line",)),
+    Case("yaml-not-mapping", "a study file that is a list", lambda c: ["run", "-s", c.raw("list.yaml", "- a\n- b\n"),
+                                                                      "--results", c.results], ("must be a mapping",)),
+    Case("study-file-missing", "`--study nope.yaml`", lambda c: ["run", "-s", c.tmp / "nope.yaml", "--results", c.results],
+         ("does not exist",)),
+    Case("wrong-type", "`seeds: 0` (not a list)", lambda c: c.run(tiny("w1", seeds=0)), ("'seeds' has the wrong type",)),
+    Case("name-escapes-root", "`name: ../evil`", lambda c: c.run(tiny("../evil")), ("study name '../evil' must be",)),
+    Case("name-with-slash", "`name: a/b`", lambda c: c.run(tiny("a/b")), ("study name 'a/b' must be",)),
+    Case("cli-name-escapes-root", "`train teacher --name ../evil`",
+         lambda c: c.teacher_cmd("synthetic", "-x", "debug", name="../evil"), ("would leave the results root",)),
+    # -- numbers out of range -----------------------------------------------------------------------
+    Case("lr-negative", "`schedule.lr: -0.1`", lambda c: c.run(tiny("n1", **{"schedule.lr": -0.1})),
+         ("lr must be a positive number, got -0.1",)),
+    Case("lr-zero-cli", "`train teacher --lr 0`", lambda c: c.teacher_cmd("synthetic", "--lr", "0", "-x", "debug"),
+         ("lr must be a positive number, got 0",)),
+    Case("epochs-zero", "`schedule.epochs: 0`", lambda c: c.run(tiny("n2", **{"schedule.epochs": 0})),
+         ("epochs must be a positive integer, got 0",)),
+    Case("epochs-negative-cli", "`train teacher --epochs -3`",
+         lambda c: c.teacher_cmd("synthetic", "-x", "debug", epochs=-3),
+         ("epochs must be a positive integer, got -3",)),
+    Case("teacher-epochs-fraction", "`teachers.weak.epochs: 1.5`", lambda c: c.run(tiny("n3", **{"teachers.weak.epochs": 1.5})),
+         ("epochs must be a positive integer, got 1.5",)),
+    Case("batch-zero", "`batch_size: 0`", lambda c: c.run(tiny("n4", batch_size=0)), ("batch_size must be a positive integer, got 0",)),
+    Case("batch-negative-cli", "`train teacher --batch-size -8`",
+         lambda c: c.teacher_cmd("synthetic", "--batch-size", "-8", "-x", "debug"), ("batch_size must be a positive integer, got -8",)),
+    Case("seed-negative", "`seeds: [-1]`", lambda c: c.run(tiny("n5", seeds=[-1])), ("seeds must be a non-empty list",)),
+    Case("t-above-1", "label smoothing `t: 1.5`", lambda c: c.run(manip("p1", t=1.5)), ("t in (0, 1], got 1.5",)),
+    Case("t-zero", "label smoothing `t: 0`", lambda c: c.run(manip("p2", t=0)), ("t in (0, 1], got 0",)),
+    Case("delta-negative", "teacher amplification `delta: -0.2`", lambda c: c.run(manip("p3", "teacher_amp", delta=-0.2)),
+         ("teacher_amp needs delta >= 0, got -0.2",)),
+    Case("tau-zero", "`distill.tau: 0`", lambda c: c.run(tiny("p4", **{"distill.tau": 0})), ("distill.tau must be > 0, got 0",)),
+    Case("tau-negative-cli", "`--distiller kd:tau=-1`", lambda c: c.student_cmd(c.teacher, "-D", "kd:tau=-1", "-x", "debug"),
+         ("tau must be > 0, got -1",)),
+    Case("lam-not-a-number", "`distill.lam: abc`", lambda c: c.run(tiny("p5", **{"distill.lam": "abc"})),
+         ("lam",)),
+    # -- checkpoints given as --teacher ---------------------------------------------------------------
+    Case("ckpt-missing", "`--teacher` a checkpoint that does not exist",
+         lambda c: c.student_cmd(c.tmp / "nope" / "model.pt", "-x", "debug"), ("no such checkpoint",)),
+    Case("ckpt-truncated", "`--teacher` a checkpoint cut to 200 bytes",
+         lambda c: c.student_cmd(_truncated(c), "-x", "debug"), ("is corrupt or truncated",)),
+    Case("study-ckpt-missing", "a study teacher `ckpt:` that does not exist",
+         lambda c: c.run(tiny("c1", **{"teachers.weak": {"model": "mlp:8", "ckpt": str(c.tmp / "gone.pt")}})),
+         ("checkpoint", "does not exist")),
+    # -- the machine --------------------------------------------------------------------------------
+    Case("gpus-not-here", "`--gpus-per-job 2 --executor local` on a machine without GPUs",
+         lambda c: c.run(tiny(), "-x", "local", "--gpus-per-job", "2"), ("--gpus-per-job 2 asked for", "0 GPU(s)"),
+         skip=lambda: None if _gpu_count() < 2 else "this machine has 2+ GPUs"),
+    Case("results-under-a-file", "`--results` below a regular file (not writable)",
+         lambda c: c.teacher_cmd("synthetic", "-x", "debug", results=_a_file(c) / "results"),
+         ("results directory", "is not writable")),
+    Case("results-read-only", "`--results` a read-only (0555) directory", _readonly,
+         ("is not writable", "Permission denied"), skip=_root_skip),
+    Case("slurm-absent", "`--executor slurm` with no sbatch/sinfo on PATH",
+         lambda c: c.run(tiny("sl1"), "-x", "slurm"), ("--executor slurm: no Slurm cluster answers here",),
+         phase="job", env=_no_slurm_env),
+    # -- in a job: data -------------------------------------------------------------------------------
+    Case("data-root-missing", "`dataset: folder:/nonexistent` (debug)",
+         lambda c: c.teacher_cmd(f"folder:{c.tmp / 'nonexistent'}", "-x", "debug"),
+         ("dataset folder", "does not exist"), phase="job"),
+    Case("data-root-missing-local", "`dataset: folder:/nonexistent` (local executor)",
+         lambda c: c.teacher_cmd(f"folder:{c.tmp / 'nonexistent'}", "-x", "local"),
+         ("dataset folder", "does not exist"), phase="job"),
+    Case("cifar-root-missing", "`dataset: cifar10` with an empty `--data-root`, offline",
+         lambda c: c.teacher_cmd("cifar10", "--data-root", c.tmp / "no-cifar", "-x", "debug"),
+         ("cifar10 is not under", "cannot be downloaded"), phase="job"),
+    Case("npz-wrong-keys", "an npz without x_train/y_train (debug)",
+         lambda c: c.teacher_cmd(f"npz:{c.npz('keys.npz', images=np.zeros((4, 8, 8), np.uint8))}", "-x", "debug"),
+         ("lacks x_train, y_train, x_test, y_test",), phase="job"),
+    Case("npz-wrong-shape", "an npz whose x_train is float (N, 64)",
+         lambda c: c.teacher_cmd(f"npz:{c.npz('shape.npz', **{**_good_npz_arrays(), 'x_train': np.zeros((60, 64), np.float32)})}",
+                                 "-x", "debug"), ("x_train has shape (60, 64) and dtype float32",), phase="job"),
+    Case("npz-label-count", "an npz with 60 images but 59 labels",
+         lambda c: c.teacher_cmd(f"npz:{c.npz('labels.npz', **{**_good_npz_arrays(), 'y_train': np.zeros(59, np.int64)})}",
+                                 "-x", "debug"), ("y_train has 59 labels but x_train has 60 images",), phase="job"),
+    Case("folder-no-classes", "an image folder whose train/ holds images but no class folders",
+         lambda c: c.teacher_cmd(f"folder:{_flat_folder(c)}", "-x", "debug"), ("has no class subfolders",), phase="job"),
+    # -- in a job: checkpoints ------------------------------------------------------------------------
+    Case("teacher-classes-mismatch", "a 10-class teacher for a 3-class dataset",
+         lambda c: c.student_cmd(c.teacher, "-x", "debug", dataset=f"npz:{c.npz('three.npz', **_good_npz_arrays(3))}"),
+         ("trained for 10 classes and the model has 3",), phase="job"),
+    Case("ckpt-wrong-arch", "`--teacher` whose weights do not fit its model spec (debug)",
+         lambda c: c.student_cmd(_relabelled(c), "-x", "debug"), ("does not fit mlp:64",), phase="job"),
+    Case("ckpt-wrong-arch-local", "a study teacher `ckpt:` of another architecture (local executor)",
+         lambda c: ["run", "-s", c.study(tiny("c2", **{"teachers.weak": {"model": "mlp:64", "ckpt": str(c.teacher)}})),
+                    "--results", c.results, "-x", "local"], ("does not fit mlp:64",), phase="job"),
+    Case("study-ckpt-truncated", "a study teacher `ckpt:` cut to 200 bytes",
+         lambda c: c.run(tiny("c3", **{"teachers.weak": {"model": "mlp:8", "ckpt": str(_truncated(c))}})),
+         ("is corrupt or truncated",), phase="job"),
+]
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def _a_file(ctx: Ctx) -> Path:
+    f = ctx.tmp / "a-file"
+    f.write_text("not a folder\n")
+    return f
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A results root holding the finished study 'tiny' (trained once, here, with the real CLI)."""
+    base = tmp_path_factory.mktemp("bad-inputs")
+    results = base / "results"
+    s = base / "tiny.yaml"
+    s.write_text(yaml.safe_dump(tiny(), sort_keys=False))
+    p = cli(["run", "-s", s, "--results", results, "-x", "debug"], cwd=base)
+    assert p.returncode == 0, p.stderr
+    teachers = [d for d in (results / "tiny" / "runs").iterdir()
+                if yaml.safe_load((d / "config.yaml").read_text())["model"] == "mlp:8"
+                and yaml.safe_load((d / "config.yaml").read_text())["role"] == "teacher"]
+    assert len(teachers) == 1 and (teachers[0] / "final.json").exists()
+    return results, teachers[0] / "model.pt"
+
+
+@pytest.fixture(scope="module")
+def catalogue():
+    rows: list[dict] = []
+    yield rows
+    out = os.environ.get("EFFDSTL_CATALOGUE_OUT")
+    if out:
+        Path(out).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+# -- the catalogue -------------------------------------------------------------------------------
+
+def test_catalogue_is_large_and_covers_the_issue():
+    ids = {c.id for c in CASES}
+    assert len(CASES) >= 25 and len(ids) == len(CASES)
+    must = {"unknown-model", "unknown-dataset", "unknown-distiller", "unknown-scheme", "unknown-subset",
+            "unknown-manipulation", "unknown-study-key", "yaml-syntax", "data-root-missing", "npz-wrong-keys",
+            "npz-wrong-shape", "folder-no-classes", "teacher-classes-mismatch", "lr-negative", "epochs-zero",
+            "batch-zero", "t-above-1", "delta-negative", "tau-zero", "ckpt-missing", "ckpt-truncated",
+            "ckpt-wrong-arch", "gpus-not-here", "results-under-a-file", "slurm-absent", "name-escapes-root"}
+    assert must <= ids, must - ids
+    # in-job errors are checked under both executors
+    assert {"data-root-missing-local", "ckpt-wrong-arch-local"} <= ids
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, finished, tmp_path, catalogue):
+    why = case.skip() if case.skip else None
+    if why:
+        pytest.skip(why)
+    results, teacher = finished
+    ctx = Ctx(tmp_path, results, teacher)
+    args = case.make(ctx)
+    env = case.env(ctx) if case.env else None
+    before_all = snapshot(results)
+    before_tiny = snapshot(results / "tiny")
+
+    p = cli(args, cwd=tmp_path, env=env)
+
+    shown = f"\n--- stdout:\n{p.stdout}\n--- stderr:\n{p.stderr}"
+    assert p.returncode != 0, shown
+    assert "Traceback" not in p.stderr and "Traceback" not in p.stdout, shown
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, shown
+    line = errors[0]
+    for s in case.expect:
+        assert s in line, shown
+    if case.near:
+        assert f"did you mean '{case.near}'" in line, shown
+    # submitit's wrapper text never stands in for the job's own message
+    assert "----" not in line and "log.out" not in line and "log.err" not in line, shown
+    if case.phase == "pre":
+        assert p.stderr.strip().splitlines() == [line], shown          # that line, and only it
+        assert snapshot(results) == before_all                         # not one file written
+    else:
+        assert p.stderr.strip().splitlines()[-1] == line, shown
+    assert snapshot(results / "tiny") == before_tiny                   # the finished study: same bytes
+    rel = lambda a: str(a).replace(str(tmp_path), "$TMP").replace(str(results), "$RESULTS")  # noqa: E731
+    catalogue.append({"id": case.id, "what": case.what, "phase": case.phase, "rc": p.returncode,
+                      "command": "effdstl " + " ".join(rel(a) for a in args),
+                      "error": rel(line).replace(str(teacher.parent), "$RUN")})
+
+
+def test_locked_study_status_and_results_still_read(finished, tmp_path):
+    """After the whole catalogue: the finished study still reads back as done, each run once."""
+    results, _ = finished
+    p = cli(["results", "tiny", "--results", results, "--format", "csv"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    import pandas as pd
+
+    df = pd.read_csv(results / "tiny" / "tables" / "results.csv")
+    assert len(df) == 5 and df["run"].is_unique and set(df["state"]) == {"done"}
+
+
+# -- safe loading: a static check of the package ---------------------------------------------------
+
+def _calls(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+            owner = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else ""
+            yield node, owner, name
+
+
+def test_package_loads_nothing_unsafely():
+    """No shell strings, no unsafe YAML or pickle, every torch.load with weights_only=True."""
+    problems = []
+    files = sorted(PKG.glob("*.py"))
+    assert len(files) > 10
+    for path in files:
+        src = path.read_text()
+        tree = ast.parse(src)
+        where = lambda n: f"{path.name}:{n.lineno}"  # noqa: E731
+        for node, owner, name in _calls(tree):
+            kw = {k.arg: k.value for k in node.keywords}
+            if "shell" in kw and not (isinstance(kw["shell"], ast.Constant) and kw["shell"].value is False):
+                problems.append(f"{where(node)}: shell=")
+            if owner == "os" and name in ("system", "popen", "execl", "execlp", "execv", "execvp", "spawnl"):
+                problems.append(f"{where(node)}: os.{name}")
+            if owner == "yaml" and name in ("load", "load_all", "unsafe_load", "full_load", "unsafe_load_all"):
+                problems.append(f"{where(node)}: yaml.{name} (use yaml.safe_load)")
+            if owner in ("pickle", "dill", "cloudpickle", "marshal") and name in ("load", "loads"):
+                problems.append(f"{where(node)}: {owner}.{name}")
+            if owner == "torch" and name == "load":
+                wo = kw.get("weights_only")
+                if not (isinstance(wo, ast.Constant) and wo.value is True):
+                    problems.append(f"{where(node)}: torch.load without weights_only=True")
+            if owner == "np" and name == "load":
+                ap = kw.get("allow_pickle")
+                if not (isinstance(ap, ast.Constant) and ap.value is False):
+                    problems.append(f"{where(node)}: np.load without allow_pickle=False")
+            if isinstance(node.func, ast.Name) and node.func.id in ("eval", "exec"):
+                problems.append(f"{where(node)}: {node.func.id}()")
+            if owner == "subprocess" and name in ("run", "Popen", "call", "check_call", "check_output"):
+                arg = node.args[0] if node.args else kw.get("args")
+                if not isinstance(arg, (ast.List, ast.Tuple)):
+                    problems.append(f"{where(node)}: subprocess.{name} not given an argument list")
+        if re.search(r"\byaml\.(Unsafe)?Loader\b|Loader=yaml\.(Full|Unsafe)?Loader", src):
+            problems.append(f"{path.name}: an unsafe yaml Loader")
+    assert not problems, problems
+
+
+def test_run_directory_names_are_sanitized(tmp_path):
+    """Run folders are 12-hex hashes whatever the config holds; study names are plain folder names."""
+    from effdstl_cli.config import config_hash, load_study
+    from effdstl_cli.errors import EffdstlError
+    from effdstl_cli.studies import plan, study_dir
+
+    nasty = tiny("ok", **{"triplets": [{"weak": "weak", "strong": "strong", "student": "mlp:8"}]})
+    nasty["description"] = "../../etc/passwd; rm -rf / $(reboot)"
+    f = tmp_path / "ok.yaml"
+    f.write_text(yaml.safe_dump(nasty))
+    p = plan(load_study(f), tmp_path / "results")
+    for j in p.jobs:
+        for cfg, d in j.runs:
+            assert re.fullmatch(r"[0-9a-f]{12}", d.name) and d.name == config_hash(cfg)
+            assert d.parent == (tmp_path / "results" / "ok" / "runs").resolve()
+    for bad in ("..", "../x", "/abs", "a/b", ".hidden", "x y", "a\nb", "", "-x"):
+        s = tiny(bad)
+        f.write_text(yaml.safe_dump(s))
+        with pytest.raises(EffdstlError):
+            load_study(f)
+    with pytest.raises(EffdstlError):
+        study_dir(tmp_path, "../escape")
