@@ -112,14 +112,14 @@ def _run_plan(plan, la: LaunchArgs, dry_run: bool) -> None:
     from .launch import dry_run_lines, launch, preflight
     from .studies import validate_runs
 
-    validate_runs(plan)  # a misspelt name fails here, before any teacher trains
     la.opts.validate()
+    validate_runs(plan)  # a misspelt name fails here, before any teacher trains
     if dry_run:
         for line in dry_run_lines(plan, la.opts):
             out.print(line, highlight=False, markup=False, soft_wrap=True)
         return
-    _check_writable(plan.study_dir)
     preflight(plan, la.opts)  # e.g. --executor slurm without a cluster: one line, before any progress
+    _check_writable(plan.study_dir)
     prog, poll = _progress_poller(plan)
     poll_fn = poll if la.opts.wait else None
     t0 = time.time()
@@ -289,11 +289,11 @@ def _resolve_teacher(text: str) -> dict:
 def _single_plan(name: str, dataset: str, data_root, image_size, model: str, seed: int, batch_size: int,
                  sched: dict, distillers: list[dict], teachers: dict, role: str, results: str):
     from .config import config_hash, validate_schedule
-    from .distillers import build_distiller
     from .studies import DEFAULT_SCHEDULE, Job, Plan, _stage, study_dir
 
     validate_schedule("command line", {k: v for k, v in sched.items() if v is not None})
     sdir = study_dir(results, name)
+    from .distillers import build_distiller  # imports torch: after the cheap checks
     runs = []
     for d in distillers:
         dist = build_distiller(d)  # validates names and parameters before anything trains
@@ -351,11 +351,11 @@ def train_teacher(dataset: str = typer.Option("digits", "--dataset", "-d", help=
                   name: Optional[str] = typer.Option(None, "--name", help="Folder under the results root (default teacher-<dataset>)."),
                   data_root: Optional[str] = typer.Option(None, "--data-root", help="Where torchvision datasets live / download to."),
                   image_size: Optional[int] = typer.Option(None, "--image-size", help="Folder/ImageNet crop size (default 224)."),
-                  seed: int = typer.Option(0, "--seed"),
+                  seed: int = typer.Option(0, "--seed", help="Init, batch order and augmentation."),
                   epochs: int = SCHED_OPTS["epochs"], lr: float = SCHED_OPTS["lr"],
                   weight_decay: float = SCHED_OPTS["weight_decay"], warmup_epochs: float = SCHED_OPTS["warmup_epochs"],
                   batch_size: int = SCHED_OPTS["batch_size"], results: str = RESULTS,
-                  dry_run: bool = typer.Option(False, "--dry-run"), la: LaunchArgs = None):
+                  dry_run: bool = typer.Option(False, "--dry-run", help="Print the job(s); train nothing."), la: LaunchArgs = None):
     """Train one teacher on labels; prints where its model.pt is (pass it to --teacher)."""
     sched = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
     plan = _single_plan(name or f"teacher-{dataset.split(':')[0]}", dataset, data_root, image_size, model, seed,
@@ -373,13 +373,13 @@ def train_student(dataset: str = typer.Option("digits", "--dataset", "-d", help=
                   strong: Optional[str] = typer.Option(None, "--strong", help="A second, stronger teacher (replace, ckm)."),
                   distiller: List[str] = typer.Option(["kd"], "--distiller", "-D", help="Repeat to train a group on one data stream: none, kd, wsl, ckm, rkd, replace:scheme=full,subset=reg_cor, manipulate:kind=teacher_amp,delta=0.2,subset=reg."),
                   name: Optional[str] = typer.Option(None, "--name", help="Folder under the results root (default students-<dataset>)."),
-                  data_root: Optional[str] = typer.Option(None, "--data-root"),
-                  image_size: Optional[int] = typer.Option(None, "--image-size"),
-                  seed: int = typer.Option(0, "--seed"),
+                  data_root: Optional[str] = typer.Option(None, "--data-root", help="Where torchvision datasets live / download to."),
+                  image_size: Optional[int] = typer.Option(None, "--image-size", help="Folder/ImageNet crop size (default 224)."),
+                  seed: int = typer.Option(0, "--seed", help="Init, batch order and augmentation."),
                   epochs: int = SCHED_OPTS["epochs"], lr: float = SCHED_OPTS["lr"],
                   weight_decay: float = SCHED_OPTS["weight_decay"], warmup_epochs: float = SCHED_OPTS["warmup_epochs"],
                   batch_size: int = SCHED_OPTS["batch_size"], results: str = RESULTS,
-                  dry_run: bool = typer.Option(False, "--dry-run"), la: LaunchArgs = None):
+                  dry_run: bool = typer.Option(False, "--dry-run", help="Print the job(s); train nothing."), la: LaunchArgs = None):
     """Train one student, or a group of students (one per --distiller) that share every batch."""
     teachers = {}
     if teacher:
@@ -406,7 +406,7 @@ def attack_fgsm(study: Path = typer.Option(..., "--study", "-s", help="A study w
                 sets: Optional[List[str]] = SETS, results: str = RESULTS,
                 n: int = typer.Option(1000, "--n", help="Samples drawn from each of kept and manipulated."),
                 eps: Optional[List[float]] = typer.Option(None, "--eps", help="FGSM step(s) in pixel units [0,1]; repeat. Default 0.5/255 .. 8/255."),
-                dry_run: bool = typer.Option(False, "--dry-run"), la: LaunchArgs = None):
+                dry_run: bool = typer.Option(False, "--dry-run", help="Print the job(s); train nothing."), la: LaunchArgs = None):
     """Fig. 7: FGSM on kept vs manipulated samples; saves the per-sample confidence change table.
 
     Trains whatever the study still needs first (skipping finished runs)."""
@@ -565,10 +565,14 @@ def demo(results: str = RESULTS, executor: str = typer.Option("debug", "--execut
     _ = LaunchOptions
 
 
-@app.command("bench")
+@app.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 def bench(device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
           args: Optional[List[str]] = typer.Argument(None, hidden=True)):
-    """Measure the engine against a naive loop, groups against separate runs, and the data pipeline."""
+    """Measure the engine against a naive loop, groups against separate runs, and the data pipeline.
+
+    Bench options (model pair, --image-size, --batch, --compile, --only a,b,c,d, --json ...) follow;
+    `effdstl bench -h` lists them.
+    """
     from .bench import main as bench_main
 
     bench_main(device=device, argv=args or [])

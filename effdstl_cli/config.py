@@ -155,6 +155,12 @@ def validate_study(study: dict, where: str) -> None:
             if tr[k] not in (study.get("teachers") or {}):
                 raise unknown(f"teacher in triplet {i}", tr[k], study.get("teachers") or {})
     dist = study.get("distill") or {}
+    for k in dist:
+        if k not in ("tau", "lam"):
+            raise unknown("key of distill", k, ("tau", "lam"))
     for k in ("tau",):
         if k in dist and not (isinstance(dist[k], (int, float)) and dist[k] > 0):
             raise EffdstlError(f"{where}: distill.{k} must be > 0, got {dist[k]!r}")
+    lam = dist.get("lam", 1.0)
+    if not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and 0 <= lam <= 1):
+        raise EffdstlError(f"{where}: distill.lam must be a number in [0, 1], got {lam!r}")

@@ -222,6 +222,92 @@ class FolderSplit(Dataset):
     def __getitem__(self, i: int):
         return self.load(i), int(self.labels[i]), i
 
+    # -- the device-decode path: workers read bytes, the device decodes and augments ------------
+
+    def bytes_view(self) -> "EncodedView":
+        """This split as a Dataset of ``(encoded bytes, label, index)`` (collate with ``collate_encoded``)."""
+        return EncodedView(self)
+
+    def decode_batch(self, datas: list[torch.Tensor], generator: torch.Generator | None = None,
+                     device="cpu", augment: bool | None = None) -> torch.Tensor:
+        """Encoded files -> float (B, 3, s, s) in [0, 1] on ``device``, decoded and transformed there.
+
+        JPEGs are decoded as one batch by ``torchvision.io.decode_jpeg`` on ``device`` (nvJPEG on a
+        GPU, libjpeg on the CPU: the same code either way). Training images get
+        RandomResizedCrop(s) + horizontal flip with the parameters drawn from ``generator`` in the
+        same order as ``load`` draws them (per image: crop, then flip); the resize is bilinear with
+        antialiasing, rounded to integers like PIL's, so it differs from the PIL path only by
+        resampling rounding. Others get the evaluation transform (resize to s*256/224, centre crop).
+        """
+        s = self.image_size
+        imgs = decode_images(datas, device)
+        train = self.train if augment is None else augment
+        outs, flips = [], []
+        for im in imgs:
+            _, h, w = im.shape
+            if train:
+                top, left, ch, cw = _rrc_params(w, h, generator)
+                crop = im[None, :, top:top + ch, left:left + cw].float()
+                outs.append(F.interpolate(crop, size=(s, s), mode="bilinear", antialias=True, align_corners=False))
+                flips.append(int(torch.randint(0, 2, (1,), generator=generator)))
+            else:
+                r = round(s * 256 / 224)  # TF.resize(int): the shorter side becomes r
+                nh, nw = (r, int(r * w / h)) if h <= w else (int(r * h / w), r)
+                z = F.interpolate(im[None].float(), size=(nh, nw), mode="bilinear", antialias=True,
+                                  align_corners=False)
+                top, left = int(round((nh - s) / 2.0)), int(round((nw - s) / 2.0))
+                outs.append(z[:, :, top:top + s, left:left + s])
+        x = torch.cat(outs).round_().clamp_(0, 255)
+        if flips and any(flips):
+            fl = torch.tensor(flips, dtype=torch.bool).to(x.device, non_blocking=True)
+            x = torch.where(fl[:, None, None, None], x.flip(3), x)
+        return x.div_(255)
+
+
+class EncodedView(Dataset):
+    """``(uint8 tensor of the encoded file, label, index)`` per sample: what a worker reads."""
+
+    def __init__(self, split: FolderSplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        return self.split.read_bytes(i), int(self.split.labels[i]), i
+
+
+def collate_encoded(batch):
+    """DataLoader collate for EncodedView: (list of byte tensors, labels (B,), indices (B,))."""
+    datas, ys, idx = zip(*batch)
+    return list(datas), torch.tensor(ys, dtype=torch.long), torch.tensor(idx, dtype=torch.long)
+
+
+def decode_images(datas: list[torch.Tensor], device="cpu") -> list[torch.Tensor]:
+    """Encoded images -> uint8 RGB (3, H, W) tensors on ``device``; JPEGs in one batched call there.
+
+    Other formats (PNG, ...) and JPEGs the device decoder refuses (CMYK, say) are decoded on the
+    CPU and moved.
+    """
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    dev = torch.device(device)
+    out: list[torch.Tensor | None] = [None] * len(datas)
+    jpg = [k for k, d in enumerate(datas) if len(d) > 2 and int(d[0]) == 0xFF and int(d[1]) == 0xD8]
+    if jpg:
+        try:
+            dec = decode_jpeg([datas[k] for k in jpg], mode=ImageReadMode.RGB, device=dev)
+        except RuntimeError:
+            if dev.type == "cpu":
+                raise
+            dec = [None] * len(jpg)  # decode those on the CPU below
+        for k, im in zip(jpg, dec):
+            out[k] = im
+    for k, im in enumerate(out):
+        if im is None:
+            out[k] = decode_image(datas[k], mode=ImageReadMode.RGB).to(dev, non_blocking=True)
+    return out
+
 
 def _rrc_params(width: int, height: int, g: torch.Generator | None,
                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 import os
+import queue
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -27,8 +29,9 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 
 from . import io as fio
+from .cache import TeacherCache, cache_key, weights_sha
 from .config import config_hash
-from .data import build_data
+from .data import build_data, collate_encoded
 from .distillers import Distiller, TeacherOut, build_distiller
 from .errors import EffdstlError
 from .models import build_model, load_checkpoint, save_weights
@@ -48,6 +51,12 @@ class Env:
     compile: bool = False
     threads: int | None = None    # CPU threads; default 1 (see train_group)
     workers: int = 4              # DataLoader workers for on-disk (folder) datasets
+    gpu_decode: bool | None = None  # folder data: workers read bytes, the device decodes + augments
+                                    # (default: on for CUDA; True on the CPU runs the same code there)
+    teacher_cache: bool | None = None  # reuse teacher logits per (sample, aug variant); default: on
+                                       # where exact (no aug / CIFAR crop+flip), never for RRC
+    teacher_cache_dir: str | None = None  # keep caches across processes (default: $EFFDSTL_TEACHER_CACHE)
+    teacher_cache_mb: int = 1024  # per teacher: rows beyond this are not stored
     nan_check_every: int = 50     # steps between non-finite checks on CUDA (each one syncs)
     stop_after_epochs: int | None = None  # testing/preemption aid: return after N epochs
     progress: Progress | None = None
@@ -62,6 +71,10 @@ class Env:
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise EffdstlError("--device cuda asked for, but no CUDA GPU is visible here")
         return dev
+
+
+# Teacher-cache counters of the last group trained in this process (read by `effdstl bench`).
+last_cache_stats: dict[str, dict] = {}
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -244,6 +257,9 @@ def train_group(members_in: list[tuple[dict, Path]], env: Env | None = None) -> 
                 m.lock.release()
                 out.append(fio.read_json(done))
                 continue
+            for f in ("ckpt", "metrics.jsonl", "model.pt", "final.json", "failed.json"):
+                for tmp in run_dir.glob(f".{f}.*.tmp"):  # a killed writer's temp files (only the lock holder writes these)
+                    tmp.unlink(missing_ok=True)
         members.append(m)
     if not members:
         return out
@@ -291,8 +307,9 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
             m.distiller = build_distiller(m.stages[m.stage]["distiller"])
             if state is not None and int(state.get("stage", -1)) == m.stage and state.get("optim"):
                 m.opt.load_state_dict(state["optim"])
-        if env.rank == 0 and state is not None:
+        if env.rank == 0 and (state is not None or (m.run_dir / "metrics.jsonl").exists()):
             # metrics.jsonl always mirrors the checkpoint's history: never a repeated/skipped epoch
+            # (and no stale rows when no intact checkpoint is left and the run starts over)
             fio.write_jsonl(m.run_dir / "metrics.jsonl", m.history)
 
     # -- teachers: loaded once for the whole group -----------------------------------------
@@ -300,13 +317,14 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
     for m in members:
         tcfgs.update(m.cfg.get("teachers") or {})
     teachers = {n: load_teacher(n, t, data).to(device) for n, t in tcfgs.items()}
+    split = data.train
+    caches = _teacher_caches(teachers, tcfgs, split, members[0].cfg, env, device, amp)
     for n, t in teachers.items():
         if chl:
             t.to(memory_format=torch.channels_last)
         if env.compile:
             teachers[n] = torch.compile(t)
 
-    split = data.train
     n_train = len(split)
     steps = max(n_train // gbatch, 1)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
@@ -338,13 +356,18 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
         t0 = time.time()
         order = torch.randperm(n_train, generator=_gen(seed, epoch, 1))
         aug = _gen(seed, epoch, 2)
-        for step, idx_local, x, y in _batches(split, order, gbatch, steps, aug, device, env, chl):
+        for step, idx_local, x, y, var in _batches(split, order, gbatch, steps, aug, device, env, chl,
+                                                   with_variant=bool(caches)):
             with torch.no_grad(), autocast():
                 touts = {}
                 for n in need:
                     if n in need_feat:
                         z, f = teachers[n](x, features=True)
                         touts[n] = TeacherOut(z.float(), f.float())
+                    elif n in caches:
+                        run = (lambda rows, t=teachers[n]: t(x if rows is None else x.index_select(0, rows)))
+                        z = caches[n].fetch(idx_local, var, run, full_above=0.0 if env.compile else 0.5)
+                        touts[n] = TeacherOut(z.float())
                     else:
                         touts[n] = TeacherOut(teachers[n](x).float())
             for m in active:
@@ -357,17 +380,44 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
         for m in active:
             if m.failed is None:
                 _end_epoch(m, data, epoch, share, device, env, chl, autocast, gbatch)
+        if env.rank == 0:
+            for c in caches.values():
+                c.save()
         if env.stop_after_epochs is not None and epoch + 1 - start_epoch >= env.stop_after_epochs:
             break
+    last_cache_stats.clear()
+    last_cache_stats.update({n: c.stats() for n, c in caches.items()})
     return [_finish(m, env, device) for m in members]
 
 
-def _batches(split, order, gbatch, steps, gen, device, env: Env, chl):
-    """Yield (step, local indices, x, y) of this rank's share of each global batch.
+def _teacher_caches(teachers: dict, tcfgs: dict, split, cfg: dict, env: Env, device, amp) -> dict:
+    """A TeacherCache per teacher where caching is exact: in-memory data whose augmentation is
+    off or drawn from a finite set (CIFAR crop + flip); never for RandomResizedCrop (folders)."""
+    if env.teacher_cache is False or not teachers:
+        return {}
+    if not getattr(split, "in_memory", False) or getattr(split, "augment", None) not in ("none", "crop_flip"):
+        return {}
+    folder = env.teacher_cache_dir or os.environ.get("EFFDSTL_TEACHER_CACHE") or None
+    dtype = "bf16" if (amp and device.type == "cuda") else "fp32"
+    out = {}
+    for n, t in teachers.items():
+        key = cache_key(weights_sha(t), tcfgs[n]["model"], str(cfg["dataset"]), cfg.get("image_size"),
+                        split.num_variants, dtype)
+        path = Path(folder).expanduser() / f"teacher-{key}.pt" if folder else None
+        out[n] = TeacherCache(key, len(split), split.num_variants, device,
+                              max_bytes=int(env.teacher_cache_mb) << 20, path=path)
+    return out
+
+
+def _batches(split, order, gbatch, steps, gen, device, env: Env, chl, with_variant: bool = False):
+    """Yield (step, local indices, x, y, variant ids or None) of this rank's share of each global batch.
 
     In-memory splits augment the whole global batch with the epoch's generator and slice this
     rank's rows, so a DDP job sees exactly the samples and augmentations of a single process.
-    On-disk splits go through DataLoader workers (same order; per-worker augmentation seeds).
+    On-disk splits go through DataLoader workers (same order): with device decoding (default on
+    CUDA) the workers only read bytes and the device decodes + augments each batch, with the
+    epoch's generator, one batch ahead in a side thread; else workers decode with PIL
+    (per-worker augmentation seeds).
     """
     per = gbatch // env.world
     lo = env.rank * per
@@ -375,13 +425,23 @@ def _batches(split, order, gbatch, steps, gen, device, env: Env, chl):
     if getattr(split, "in_memory", False):
         labels = split.labels.to(device)
         for s, idx in enumerate(glob):
-            x = split.get_batch(idx, gen, device)[lo:lo + per]
+            if with_variant:
+                x, var = split.get_batch(idx, gen, device, return_variant=True)
+                x, var = x[lo:lo + per], var[lo:lo + per]
+            else:
+                x, var = split.get_batch(idx, gen, device)[lo:lo + per], None
             idx_l = idx[lo:lo + per]
             if chl and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield s, idx_l, x, labels[idx_l.to(device)]
+            yield s, idx_l, x, labels[idx_l.to(device)], var
         return
     local = [idx[lo:lo + per].tolist() for idx in glob]
+    if _device_decode(env, device, split):
+        for s, (x, y, idx_l) in enumerate(_decoded(split, local, gen, device, env, None)):
+            if chl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield s, idx_l, x, y, None
+        return
     loader = torch.utils.data.DataLoader(
         split, batch_sampler=local, num_workers=env.workers, pin_memory=device.type == "cuda",
         generator=gen, persistent_workers=False)
@@ -389,7 +449,71 @@ def _batches(split, order, gbatch, steps, gen, device, env: Env, chl):
         x = x.to(device, non_blocking=True)
         if chl:
             x = x.contiguous(memory_format=torch.channels_last)
-        yield s, idx_l, x, y.to(device, non_blocking=True)
+        yield s, idx_l, x, y.to(device, non_blocking=True), None
+
+
+def _device_decode(env: Env, device, split) -> bool:
+    if not hasattr(split, "decode_batch"):
+        return False
+    return env.gpu_decode if env.gpu_decode is not None else device.type == "cuda"
+
+
+def _decoded(split, batches: list[list[int]], gen, device, env: Env, augment):
+    """(x, y, indices) per batch: DataLoader workers read the files, ``split.decode_batch`` decodes
+    and transforms them on ``device``. On CUDA a side thread prepares the next batches on its own
+    stream (nvJPEG's host part and the launches overlap the training step); on the CPU inline."""
+    loader = torch.utils.data.DataLoader(
+        split.bytes_view(), batch_sampler=batches, num_workers=env.workers, collate_fn=collate_encoded,
+        pin_memory=device.type == "cuda", persistent_workers=False)
+    if device.type != "cuda":
+        for datas, y, idx in loader:
+            yield split.decode_batch(datas, gen, device, augment), y.to(device), idx
+        return
+    q: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+    side = torch.cuda.Stream(device)
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work():
+        try:
+            with torch.cuda.device(device), torch.cuda.stream(side):
+                for datas, y, idx in loader:
+                    x = split.decode_batch(datas, gen, device, augment)
+                    y = y.to(device, non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(side)
+                    if not put((x, y, idx, ev)):
+                        return
+            put(None)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(exc)
+
+    th = threading.Thread(target=work, name="effdstl-decode", daemon=True)
+    th.start()
+    try:
+        cur = torch.cuda.current_stream(device)
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            x, y, idx, ev = item
+            cur.wait_event(ev)
+            x.record_stream(cur)
+            y.record_stream(cur)
+            yield x, y, idx
+    finally:
+        stop.set()
+        th.join(timeout=30)
 
 
 def _student_step(m: Member, x, y, idx, touts, epoch, step, steps, autocast, env: Env, cuda: bool) -> None:
@@ -443,6 +567,9 @@ def evaluate(model: torch.nn.Module, split, device, env: Env, chl: bool, autocas
         labels = split.labels.to(device)
         it = ((split.get_batch(i, None, device), labels[i.to(device)])
               for i in idx_all.split(batch))
+    elif _device_decode(env, device, split):
+        it = ((x, y) for x, y, _ in _decoded(split, [i.tolist() for i in idx_all.split(batch)], None,
+                                              device, env, False))
     else:
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(split, idx_all.tolist()),
                                              batch_size=batch, num_workers=env.workers)

@@ -120,16 +120,18 @@ def load_checkpoint(run_dir: Path) -> tuple[dict | None, str | None]:
 
     ``note`` says when a corrupt newest checkpoint was skipped (the caller logs it).
     """
-    note = None
+    bad = []
     for name in ("ckpt-last.pt", "ckpt-prev.pt"):
         path = run_dir / name
         if not path.exists():
             continue
         try:
-            return _read_checkpoint(path), note
+            state = _read_checkpoint(path)
         except Exception as exc:  # corrupt/truncated: fall back, never crash the job
-            note = f"{path} is corrupt ({type(exc).__name__}: {exc}); fell back to the previous checkpoint"
-    return None, note
+            bad.append(f"{path} is corrupt ({type(exc).__name__}: {exc})")
+            continue
+        return state, (f"{'; '.join(bad)}; fell back to the previous checkpoint {path.name}" if bad else None)
+    return None, (f"{'; '.join(bad)}; no intact checkpoint left: the run starts over" if bad else None)
 
 
 # -- locks ---------------------------------------------------------------------------------

@@ -185,12 +185,17 @@ def _queued_elsewhere(job: Job) -> str | None:
         info = Path(d) / "job.json"
         if info.exists():
             try:
-                jid = str(fio.read_json(info).get("job_id", ""))
+                rec = fio.read_json(info)
             except Exception:  # noqa: BLE001
                 continue
-            if jid and fio.read_json(info).get("executor") == "slurm":
-                out = subprocess.run(["squeue", "-h", "-j", jid.split("_")[0], "-o", "%i"],
-                                     capture_output=True, text=True)
+            jid = str(rec.get("job_id", ""))
+            if jid and rec.get("executor") == "slurm":
+                # the full id: an array task (123_4) is listed only while that task is queued/running
+                try:
+                    out = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%i"], capture_output=True,
+                                         text=True, timeout=30)
+                except (OSError, subprocess.TimeoutExpired):
+                    continue
                 if out.returncode == 0 and out.stdout.strip():
                     return jid
     return None

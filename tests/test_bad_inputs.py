@@ -93,7 +93,7 @@ class Ctx:
     teacher: Path       # a finished teacher's model.pt (mlp:8 on synthetic: 10 classes, 1x8x8)
 
     def study(self, s: dict) -> Path:
-        p = self.tmp / f"{s['name']}.yaml"
+        p = self.tmp / (re.sub(r"[^A-Za-z0-9_-]", "_", str(s["name"])) + ".yaml")
         p.write_text(yaml.safe_dump(s, sort_keys=False))
         return p
 
@@ -185,11 +185,8 @@ CASES: list[Case] = [
     # -- names: unknown / misspelt (the nearest valid name is suggested) --------------------------
     Case("unknown-model", "student model `resnet81` in a study", lambda c: c.run(tiny("m1", **{"triplets": [
         {"weak": "weak", "strong": "strong", "student": "resnet81"}]})), ("unknown model 'resnet81'",), near="resnet8"),
-    Case("bad-mlp-spec", "model `mlp:32-x` on the command line", lambda c: c.teacher_cmd("synthetic", "-x", "debug", model="mlp:32-x"), ("bad MLP spec 'mlp:32-x'",)),
     Case("unknown-dataset", "dataset `synthetc` in a study", lambda c: c.run(tiny("d1", dataset="synthetc")),
          ("unknown dataset 'synthetc'",), near="synthetic"),
-    Case("unknown-dataset-cli", "`--dataset cifar-10`", lambda c: c.teacher_cmd("cifar-10", "-x", "debug"),
-         ("unknown dataset 'cifar-10'",), near="cifar10"),
     Case("unknown-distiller", "`--distiller kdd`", lambda c: c.student_cmd(c.teacher, "-D", "kdd", "-x", "debug"),
          ("unknown distiller 'kdd'",), near="kd"),
     Case("unknown-distiller-param", "`--distiller kd:tua=4`", lambda c: c.student_cmd(c.teacher, "-D", "kd:tua=4", "-x", "debug"),
@@ -249,14 +246,13 @@ CASES: list[Case] = [
          lambda c: c.teacher_cmd("synthetic", "--batch-size", "-8", "-x", "debug"), ("batch_size must be a positive integer, got -8",)),
     Case("seed-negative", "`seeds: [-1]`", lambda c: c.run(tiny("n5", seeds=[-1])), ("seeds must be a non-empty list",)),
     Case("t-above-1", "label smoothing `t: 1.5`", lambda c: c.run(manip("p1", t=1.5)), ("t in (0, 1], got 1.5",)),
-    Case("t-zero", "label smoothing `t: 0`", lambda c: c.run(manip("p2", t=0)), ("t in (0, 1], got 0",)),
     Case("delta-negative", "teacher amplification `delta: -0.2`", lambda c: c.run(manip("p3", "teacher_amp", delta=-0.2)),
          ("teacher_amp needs delta >= 0, got -0.2",)),
     Case("tau-zero", "`distill.tau: 0`", lambda c: c.run(tiny("p4", **{"distill.tau": 0})), ("distill.tau must be > 0, got 0",)),
-    Case("tau-negative-cli", "`--distiller kd:tau=-1`", lambda c: c.student_cmd(c.teacher, "-D", "kd:tau=-1", "-x", "debug"),
-         ("tau must be > 0, got -1",)),
     Case("lam-not-a-number", "`distill.lam: abc`", lambda c: c.run(tiny("p5", **{"distill.lam": "abc"})),
-         ("lam",)),
+         ("distill.lam must be a number in [0, 1], got 'abc'",)),
+    Case("unknown-distill-key", "`distill: {tua: 2}`", lambda c: c.run(tiny("p6", distill={"tua": 2})),
+         ("unknown key of distill 'tua'",), near="tau"),
     # -- checkpoints given as --teacher ---------------------------------------------------------------
     Case("ckpt-missing", "`--teacher` a checkpoint that does not exist",
          lambda c: c.student_cmd(c.tmp / "nope" / "model.pt", "-x", "debug"), ("no such checkpoint",)),
@@ -276,7 +272,7 @@ CASES: list[Case] = [
          ("is not writable", "Permission denied"), skip=_root_skip),
     Case("slurm-absent", "`--executor slurm` with no sbatch/sinfo on PATH",
          lambda c: c.run(tiny("sl1"), "-x", "slurm"), ("--executor slurm: no Slurm cluster answers here",),
-         phase="job", env=_no_slurm_env),
+         env=_no_slurm_env),
     # -- in a job: data -------------------------------------------------------------------------------
     Case("data-root-missing", "`dataset: folder:/nonexistent` (debug)",
          lambda c: c.teacher_cmd(f"folder:{c.tmp / 'nonexistent'}", "-x", "debug"),
@@ -293,23 +289,18 @@ CASES: list[Case] = [
     Case("npz-wrong-shape", "an npz whose x_train is float (N, 64)",
          lambda c: c.teacher_cmd(f"npz:{c.npz('shape.npz', **{**_good_npz_arrays(), 'x_train': np.zeros((60, 64), np.float32)})}",
                                  "-x", "debug"), ("x_train has shape (60, 64) and dtype float32",), phase="job"),
-    Case("npz-label-count", "an npz with 60 images but 59 labels",
-         lambda c: c.teacher_cmd(f"npz:{c.npz('labels.npz', **{**_good_npz_arrays(), 'y_train': np.zeros(59, np.int64)})}",
-                                 "-x", "debug"), ("y_train has 59 labels but x_train has 60 images",), phase="job"),
     Case("folder-no-classes", "an image folder whose train/ holds images but no class folders",
          lambda c: c.teacher_cmd(f"folder:{_flat_folder(c)}", "-x", "debug"), ("has no class subfolders",), phase="job"),
     # -- in a job: checkpoints ------------------------------------------------------------------------
     Case("teacher-classes-mismatch", "a 10-class teacher for a 3-class dataset",
          lambda c: c.student_cmd(c.teacher, "-x", "debug", dataset=f"npz:{c.npz('three.npz', **_good_npz_arrays(3))}"),
          ("trained for 10 classes and the model has 3",), phase="job"),
-    Case("ckpt-wrong-arch", "`--teacher` whose weights do not fit its model spec (debug)",
-         lambda c: c.student_cmd(_relabelled(c), "-x", "debug"), ("does not fit mlp:64",), phase="job"),
-    Case("ckpt-wrong-arch-local", "a study teacher `ckpt:` of another architecture (local executor)",
-         lambda c: ["run", "-s", c.study(tiny("c2", **{"teachers.weak": {"model": "mlp:64", "ckpt": str(c.teacher)}})),
-                    "--results", c.results, "-x", "local"], ("does not fit mlp:64",), phase="job"),
-    Case("study-ckpt-truncated", "a study teacher `ckpt:` cut to 200 bytes",
-         lambda c: c.run(tiny("c3", **{"teachers.weak": {"model": "mlp:8", "ckpt": str(_truncated(c))}})),
-         ("is corrupt or truncated",), phase="job"),
+    Case("ckpt-wrong-arch", "a study teacher `ckpt:` of another architecture (debug executor)",
+         lambda c: c.run(tiny("c2", teachers={"weak": {"model": "mlp:64", "ckpt": str(c.teacher)},
+                                              "strong": {"model": "mlp:8", "ckpt": str(c.teacher)}})),
+         ("does not fit mlp:64",), phase="job"),
+    Case("ckpt-wrong-arch-local", "`--teacher` whose weights do not fit its model spec (local executor)",
+         lambda c: c.student_cmd(_relabelled(c), "-x", "local"), ("does not fit mlp:64",), phase="job"),
 ]
 
 
@@ -333,26 +324,63 @@ def _a_file(ctx: Ctx) -> Path:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A results root holding the finished study 'tiny' (trained once, here, with the real CLI)."""
-    base = tmp_path_factory.mktemp("bad-inputs")
+    base = tmp_path_factory.mktemp("finished")
     results = base / "results"
     s = base / "tiny.yaml"
     s.write_text(yaml.safe_dump(tiny(), sort_keys=False))
     p = cli(["run", "-s", s, "--results", results, "-x", "debug"], cwd=base)
     assert p.returncode == 0, p.stderr
-    teachers = [d for d in (results / "tiny" / "runs").iterdir()
-                if yaml.safe_load((d / "config.yaml").read_text())["model"] == "mlp:8"
-                and yaml.safe_load((d / "config.yaml").read_text())["role"] == "teacher"]
-    assert len(teachers) == 1 and (teachers[0] / "final.json").exists()
-    return results, teachers[0] / "model.pt"
+    runs = [yaml.safe_load((d / "config.yaml").read_text()) | {"dir": d} for d in (results / "tiny" / "runs").iterdir()]
+    weak = [r["dir"] for r in runs if r["role"] == "teacher" and r["model"] == "mlp:8"]
+    assert len(runs) == 5 and len(weak) == 1 and (weak[0] / "final.json").exists()
+    return results, weak[0].relative_to(results) / "model.pt"
+
+
+def _selected(request) -> list[Case]:
+    ids = {item.callspec.params["case"].id for item in request.session.items
+           if getattr(item, "originalname", "") == "test_bad_input" and hasattr(item, "callspec")}
+    return [c for c in CASES if c.id in ids and not (c.skip and c.skip())]
 
 
 @pytest.fixture(scope="module")
-def catalogue():
-    rows: list[dict] = []
-    yield rows
-    out = os.environ.get("EFFDSTL_CATALOGUE_OUT")
-    if out:
-        Path(out).write_text(json.dumps(rows, indent=1) + "\n")
+def outcomes(request, finished, tmp_path_factory):
+    """Run every selected case, a few at a time (each in its own copy of the finished results root,
+    so their snapshots cannot see each other). -> {case id: what happened}."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    src, teacher_rel = finished
+    prepared = []
+    for case in _selected(request):  # files are made here, in order; only the CLI runs in parallel
+        tmp = tmp_path_factory.mktemp(case.id)
+        results = tmp / "results"
+        shutil.copytree(src, results)
+        ctx = Ctx(tmp, results, results / teacher_rel)
+        prepared.append((case, ctx, case.make(ctx), case.env(ctx) if case.env else None))
+
+    def one(item):
+        case, ctx, args, env = item
+        before_all, before_tiny = snapshot(ctx.results), snapshot(ctx.results / "tiny")
+        p = cli(args, cwd=ctx.tmp, env=env)
+        return case.id, {"ctx": ctx, "args": args, "p": p, "before_all": before_all, "before_tiny": before_tiny,
+                         "after_all": snapshot(ctx.results), "after_tiny": snapshot(ctx.results / "tiny")}
+
+    workers = int(os.environ.get("EFFDSTL_TEST_WORKERS", "3"))
+    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+        out = dict(pool.map(one, prepared))
+    rows = []
+    for case, *_ in prepared:
+        o = out[case.id]
+        errs = [ln for ln in o["p"].stderr.splitlines() if ln.startswith("error:")]
+        rel = lambda a, o=o: (str(a).replace(str(o["ctx"].results), "$RESULTS")  # noqa: E731
+                              .replace(str(o["ctx"].tmp), "$TMP"))
+        rows.append({"id": case.id, "what": case.what, "phase": case.phase, "rc": o["p"].returncode,
+                     "command": "effdstl " + " ".join(rel(a) for a in o["args"]),
+                     "error": rel(errs[0]) if len(errs) == 1 else None})
+    dest = os.environ.get("EFFDSTL_CATALOGUE_OUT")
+    if dest:
+        Path(dest).write_text(json.dumps(rows, indent=1) + "\n")
+    return out
 
 
 # -- the catalogue -------------------------------------------------------------------------------
@@ -371,20 +399,13 @@ def test_catalogue_is_large_and_covers_the_issue():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, finished, tmp_path, catalogue):
+def test_bad_input(case: Case, outcomes):
     why = case.skip() if case.skip else None
     if why:
         pytest.skip(why)
-    results, teacher = finished
-    ctx = Ctx(tmp_path, results, teacher)
-    args = case.make(ctx)
-    env = case.env(ctx) if case.env else None
-    before_all = snapshot(results)
-    before_tiny = snapshot(results / "tiny")
-
-    p = cli(args, cwd=tmp_path, env=env)
-
-    shown = f"\n--- stdout:\n{p.stdout}\n--- stderr:\n{p.stderr}"
+    o = outcomes[case.id]
+    p = o["p"]
+    shown = f"\n--- effdstl {' '.join(map(str, o['args']))}\n--- stdout:\n{p.stdout}\n--- stderr:\n{p.stderr}"
     assert p.returncode != 0, shown
     assert "Traceback" not in p.stderr and "Traceback" not in p.stdout, shown
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
@@ -398,18 +419,13 @@ def test_bad_input(case: Case, finished, tmp_path, catalogue):
     assert "----" not in line and "log.out" not in line and "log.err" not in line, shown
     if case.phase == "pre":
         assert p.stderr.strip().splitlines() == [line], shown          # that line, and only it
-        assert snapshot(results) == before_all                         # not one file written
+        assert o["after_all"] == o["before_all"]                       # not one file written
     else:
-        assert p.stderr.strip().splitlines()[-1] == line, shown
-    assert snapshot(results / "tiny") == before_tiny                   # the finished study: same bytes
-    rel = lambda a: str(a).replace(str(tmp_path), "$TMP").replace(str(results), "$RESULTS")  # noqa: E731
-    catalogue.append({"id": case.id, "what": case.what, "phase": case.phase, "rc": p.returncode,
-                      "command": "effdstl " + " ".join(rel(a) for a in args),
-                      "error": rel(line).replace(str(teacher.parent), "$RUN")})
+        assert p.stderr.strip().splitlines()[-1] == line, shown        # the last word is the error
+    assert o["after_tiny"] == o["before_tiny"]                         # the finished study: same bytes
 
 
-def test_locked_study_status_and_results_still_read(finished, tmp_path):
-    """After the whole catalogue: the finished study still reads back as done, each run once."""
+def test_finished_study_still_reads_back(finished, tmp_path):
     results, _ = finished
     p = cli(["results", "tiny", "--results", results, "--format", "csv"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr
@@ -454,9 +470,9 @@ def test_package_loads_nothing_unsafely():
                 if not (isinstance(wo, ast.Constant) and wo.value is True):
                     problems.append(f"{where(node)}: torch.load without weights_only=True")
             if owner == "np" and name == "load":
-                ap = kw.get("allow_pickle")
-                if not (isinstance(ap, ast.Constant) and ap.value is False):
-                    problems.append(f"{where(node)}: np.load without allow_pickle=False")
+                ap = kw.get("allow_pickle")  # numpy's default is False
+                if ap is not None and not (isinstance(ap, ast.Constant) and ap.value is False):
+                    problems.append(f"{where(node)}: np.load with allow_pickle")
             if isinstance(node.func, ast.Name) and node.func.id in ("eval", "exec"):
                 problems.append(f"{where(node)}: {node.func.id}()")
             if owner == "subprocess" and name in ("run", "Popen", "call", "check_call", "check_output"):

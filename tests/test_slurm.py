@@ -138,14 +138,18 @@ def test_preempted_job_requeues_and_resumes(tmp_path):
     the log says restart 1 and 'resumed from epoch k') and its metrics are exactly 1..E."""
     epochs = 8
     results = tmp_path / "results"
+    args = ("train", "teacher", "--dataset", "synthetic", "--model", "mlp:1024-1024", "--batch-size", "16",
+            "--epochs", epochs, "--name", "preempt", "--results", results, "--executor", "slurm", "--no-wait")
     try:
-        run_cli("train", "teacher", "--dataset", "synthetic", "--model", "mlp:1024-1024", "--batch-size", "16",
-                "--epochs", epochs, "--name", "preempt", "--results", results, "--executor", "slurm",
-                "--no-wait", cwd=tmp_path, timeout=120)
+        run_cli(*args, cwd=tmp_path, timeout=120)
         sdir = results / "preempt"
-        (run,) = run_dirs(sdir)
+        (run,) = [d for d in (sdir / "runs").iterdir() if (d / "job.json").exists()]  # no config.yaml yet
         jid = json.loads((run / "job.json").read_text())["job_id"]
         assert re.fullmatch(r"\d+", jid), jid
+        # the same command while the job is queued or running: found in squeue, not submitted twice
+        again = run_cli(*args, cwd=tmp_path, timeout=120)
+        assert f"already queued as Slurm job {jid}" in again.stdout + again.stderr, again.stdout + again.stderr
+        assert json.loads((run / "job.json").read_text())["job_id"] == jid
 
         def wait(cond, timeout, what):
             end = time.time() + timeout

@@ -1,0 +1,585 @@
+"""``effdstl bench``: what effdstl's engine buys, measured on this machine in one process.
+
+(a) a naive reference loop, written plainly here: fp32, NCHW, one student, the teacher recomputed
+    for every student, a ``loss.item()`` per step — what one writes first;
+(b) effdstl's engine (``engine.train_group`` on real run configs in a temp folder) on the same
+    work: one student distilled (KD + CE) from one teacher; optionally with ``--compile``;
+(c) one group of K = 14 students (a Fig. 5 triplet: 12 replacement configs + the 2 single-teacher
+    baselines, two teachers) against the same 14 runs trained one by one;
+(d) the data pipeline on a folder of JPEGs: DataLoader workers decoding with PIL vs workers only
+    reading bytes and the device decoding (nvJPEG) and augmenting, each alone and feeding the
+    engine's training step, against the same step on batches already on the device.
+
+Every rate is images per second (for groups: student-images, i.e. batch x students per step).
+Engine rates are steady state: each run trains 1 + R epochs (``--repeats`` R) and the median of
+epochs 2.. ``epoch_s`` (the engine's own accounting: its share of the data stream + teachers +
+steps, plus its evaluation on a small test split) is used, so start-up, cudnn autotuning and
+compilation stay out; the naive loop likewise reports the median of R timed chunks. Models are
+randomly initialised (no downloads); data is random uint8 images in an npz (in-memory, batched
+crop + flip augmentation on the device) and, for (d), JPEGs made from CIFAR-10 pictures (upscaled
+with noise to ImageNet-like sizes and file sizes) or from smooth random images.
+
+Results go to a table on stdout and a JSON file (written after every section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DEFAULTS = {
+    "cpu": dict(student="cnn:small", weak="resnet8", strong="resnet14", image_size=32, batch=64,
+                classes=10, steps=4, naive_steps=6, repeats=3, jpegs=384, jpeg_px=64, workers=2, k=14),
+    "cuda": dict(student="tv:resnet18", weak="tv:resnet34", strong="timm:resnet34d", image_size=224,
+                 batch=256, classes=1000, steps=4, naive_steps=8, repeats=2, jpegs=3072, jpeg_px=0,
+                 workers=min(16, os.cpu_count() or 4), k=14),
+}
+SCHEMES = ("full", "partial", "confidence")
+SUBSETS = ("reg_cor", "reg", "correct", "not_correct")
+SECTIONS = ("a", "b", "c", "d")
+
+
+def parse(device: str, argv: list[str]) -> argparse.Namespace:
+    dev = "cuda" if device.startswith("cuda") else "cpu"
+    d = DEFAULTS[dev]
+    ap = argparse.ArgumentParser(prog="effdstl bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--student", default=d["student"], help="student model spec (%(default)s)")
+    ap.add_argument("--teacher", "--weak", dest="weak", default=d["weak"],
+                    help="the teacher of (a), (b), (d) and the weak teacher of (c) (%(default)s)")
+    ap.add_argument("--strong", default=d["strong"], help="the second teacher of (c) (%(default)s)")
+    ap.add_argument("--image-size", type=int, default=d["image_size"])
+    ap.add_argument("--batch", type=int, default=d["batch"])
+    ap.add_argument("--classes", type=int, default=d["classes"])
+    ap.add_argument("--steps", type=int, default=d["steps"], help="steps per epoch of engine runs")
+    ap.add_argument("--naive-steps", type=int, default=d["naive_steps"], help="timed steps of (a) and (d)")
+    ap.add_argument("--repeats", type=int, default=d["repeats"],
+                    help="timed repeats (engine: epochs after the first; naive: chunks); the median counts")
+    ap.add_argument("--k", type=int, default=d["k"], help="students of (c): 2 baselines + K-2 replacement configs")
+    ap.add_argument("--jpegs", type=int, default=d["jpegs"], help="JPEGs to make for (d)")
+    ap.add_argument("--jpeg-px", type=int, default=d["jpeg_px"],
+                    help="side of the made JPEGs; 0 = ImageNet-like sizes (about 450x367, ~100 kB)")
+    ap.add_argument("--jpeg-dir", help="use this ImageFolder tree (train/, val/) for (d) instead")
+    ap.add_argument("--source", help="npz with uint8 x_train (N,H,W,3) to make the JPEGs from "
+                                     "(unpack-cifar10 format; default $EFFDSTL_BENCH_SOURCE, else random)")
+    ap.add_argument("--workers", type=int, default=d["workers"], help="DataLoader workers for (d)")
+    ap.add_argument("--threads", type=int, help="CPU intra-op threads (default: the engine's, 1 on CPU)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the engine with torch.compile (b; run last, compilation takes minutes)")
+    ap.add_argument("--budget", type=float, help="seconds this bench may take: --compile is skipped "
+                                                 "when less than 150 s are left for it")
+    ap.add_argument("--only", default=",".join(SECTIONS), help="sections to run, e.g. a,b (%(default)s)")
+    ap.add_argument("--json", help="write results here (default bench-<device>.json)")
+    ap.add_argument("--workdir", help="scratch folder (default: a temp folder, removed at the end)")
+    a = ap.parse_args(argv)
+    a.device = device
+    a.only = {s.strip() for s in a.only.split(",") if s.strip()}
+    bad = a.only - set(SECTIONS)
+    if bad:
+        ap.error(f"--only: unknown section(s) {sorted(bad)}; choose from {','.join(SECTIONS)}")
+    if a.k < 3:
+        ap.error("--k must be >= 3 (2 baselines + at least one replacement config)")
+    return a
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def _write_npz(path: Path, n_train: int, n_test: int, size: int, classes: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n_train + n_test, size, size, 3), dtype=np.uint8)
+    y = np.arange(n_train + n_test) % classes
+    rng.shuffle(y)
+    np.savez(path, x_train=x[:n_train], y_train=y[:n_train], x_test=x[n_train:], y_test=y[n_train:])
+
+
+class _DataMemo:
+    """Build each dataset once per bench process (the npz load and channel statistics are set-up,
+    not what is measured); engine runs then share it like a warm page cache."""
+
+    def __init__(self, build):
+        self.build, self.memo = build, {}
+
+    def __call__(self, spec, data_root=None, image_size=None, augment=True):
+        key = (spec, data_root, image_size, augment)
+        if key not in self.memo:
+            self.memo[key] = self.build(spec, data_root, image_size, augment)
+        return self.memo[key]
+
+
+def _stage(epochs: int, distiller: dict) -> dict:
+    return {"epochs": epochs, "distiller": distiller,
+            "optim": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False},
+            "sched": {"warmup_epochs": 0, "min_lr": 0.0}}
+
+
+def _run_cfg(a, dataset: str, distiller: dict, teachers: dict, label: str) -> dict:
+    epochs = 1 + max(int(a.repeats), 1)
+    return {"role": "student", "dataset": dataset, "data_root": None, "image_size": None,
+            "model": a.student, "seed": 0, "batch_size": a.batch, "epochs": epochs,
+            "stages": [_stage(epochs, distiller)], "teachers": teachers,
+            "meta": {"study": "bench", "label": label}}
+
+
+def _group_cfgs(a, dataset: str, teachers: dict) -> list[dict]:
+    kd = {"tau": 1.0, "lam": 0.9}
+    cfgs = [_run_cfg(a, dataset, {"name": "kd", "teacher": w, **kd}, teachers, f"{w} teacher only")
+            for w in ("weak", "strong")]
+    combos = [(s, u) for u in SUBSETS for s in SCHEMES] + [(s, "all") for s in SCHEMES] \
+        + [(s, "not_correct") for s in SCHEMES]
+    seen = set()
+    for scheme, subset in combos:
+        if len(cfgs) >= a.k:
+            break
+        if (scheme, subset) in seen:
+            continue
+        seen.add((scheme, subset))
+        cfgs.append(_run_cfg(a, dataset, {"name": "replace", "teacher": "weak", "strong": "strong",
+                                          "scheme": scheme, "subset": subset, **kd}, teachers,
+                             f"{scheme} / {subset}"))
+    return cfgs
+
+
+def _train(cfgs: list[dict], root: Path, env) -> tuple[float, float, list[dict]]:
+    """(wall s of the call, sum over members of their median epoch_s after the first, records)."""
+    from .config import config_hash
+    from .engine import train_group
+    from .io import read_jsonl
+
+    pairs = [(c, root / config_hash(c)) for c in cfgs]
+    t0 = time.perf_counter()
+    recs = train_group(pairs, env)
+    wall = time.perf_counter() - t0
+    bad = [r for r in recs if r.get("status") != "done"]
+    if bad:
+        raise RuntimeError(f"bench run did not finish: {bad[0]}")
+    steady = sum(float(np.median([r["epoch_s"] for r in read_jsonl(d / "metrics.jsonl")[1:]])) for _, d in pairs)
+    return wall, steady, recs
+
+
+# -- (a) the naive loop -------------------------------------------------------------------------
+
+def naive_loop(a, data, teacher_ckpt: str, device: torch.device, steps: int, warm: int = 2,
+               repeats: int = 1) -> dict:
+    """fp32, NCHW, default backend flags, teacher forward per student, ``loss.item()`` every step."""
+    from .models import build_model
+
+    torch.manual_seed(0)
+    kw = dict(in_chans=data.in_chans, image_size=data.image_size, mean=data.mean, std=data.std)
+    student = build_model(a.student, data.num_classes, **kw).to(device).train()
+    teacher = build_model(a.weak, data.num_classes, ckpt=teacher_ckpt, **kw).to(device).eval()
+    opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    split, b = data.train, a.batch
+    gen = torch.Generator().manual_seed(0)
+    labels = split.labels.to(device)
+    lam, tau = 0.9, 1.0
+    losses, chunks = [], []
+    for i in range(warm + steps * repeats):
+        if i >= warm and (i - warm) % steps == 0:
+            _sync(device)
+            if i > warm:
+                chunks.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+        idx = torch.randint(0, len(split), (b,), generator=gen)
+        x = split.get_batch(idx, gen, device)
+        y = labels[idx.to(device)]
+        with torch.no_grad():
+            zt = teacher(x)
+        zs = student(x)
+        kd = -(F.softmax(zt / tau, 1) * F.log_softmax(zs / tau, 1)).sum(1).mean() * tau * tau
+        loss = (1 - lam) * F.cross_entropy(zs, y) + lam * kd
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    _sync(device)
+    chunks.append(time.perf_counter() - t0)
+    if not all(math.isfinite(v) for v in losses):
+        raise RuntimeError("naive loop: non-finite loss")
+    dt = float(np.median(chunks))
+    return {"img_s": steps * b / dt, "step_ms": 1e3 * dt / steps, "steps": steps, "repeats": repeats}
+
+
+# -- (d) the engine's step fed by a pipeline ----------------------------------------------------
+
+class EngineStep:
+    """The engine's own per-batch work (teacher forward under its autocast, then
+    ``engine._student_step``) on batches from any source, without the epoch machinery."""
+
+    def __init__(self, a, data, teacher_ckpt: str, device: torch.device, env):
+        from . import engine
+        from .distillers import build_distiller
+        from .models import build_model
+
+        self.engine, self.env, self.device = engine, env, device
+        self.cuda = device.type == "cuda"
+        self.amp = env.amp if env.amp is not None else self.cuda
+        self.chl = env.channels_last if env.channels_last is not None else self.cuda
+        kw = dict(in_chans=data.in_chans, image_size=data.image_size, mean=data.mean, std=data.std)
+        torch.manual_seed(0)
+        model = build_model(a.student, data.num_classes, **kw).to(device)
+        teacher = build_model(a.weak, data.num_classes, ckpt=teacher_ckpt, **kw).to(device).eval()
+        teacher.requires_grad_(False)
+        if self.chl:
+            model.to(memory_format=torch.channels_last)
+            teacher.to(memory_format=torch.channels_last)
+        st = _stage(1, {"name": "kd", "teacher": "weak", "tau": 1.0, "lam": 0.9})
+        m = engine.Member(cfg={"stages": [st], "epochs": 1}, run_dir=Path("."), hash="bench")
+        m.model = m.ddp = torch.compile(model) if env.compile else model
+        self.teacher = torch.compile(teacher) if env.compile else teacher
+        m.stage, m.opt, m.distiller = 0, engine.make_optimizer(model, st), build_distiller(st["distiller"])
+        m.rng = torch.get_rng_state()
+        z = lambda: torch.zeros((), device=device)  # noqa: E731
+        m.acc = {"loss": z(), "correct": z(), "n": z(), "subset": z(), "bad": z(), "parts": {}, "hits": None}
+        m.n_train = len(data.train)
+        model.train()
+        self.m, self.step_no = m, 0
+        self._b, self._size, self._classes = a.batch, a.image_size, data.num_classes
+        import inspect
+
+        self.takes_idx = "idx" in inspect.signature(engine._student_step).parameters
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.amp else nullcontext
+
+    def parts(self, steps: int) -> dict:
+        """img/s of the teacher forward alone and of the student step alone (fixed teacher output)."""
+        from .distillers import TeacherOut
+
+        x = torch.rand(self._b, 3, self._size, self._size, device=self.device)
+        if self.chl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, self._classes, (self._b,), device=self.device)
+        out = {}
+
+        def teach():
+            with torch.no_grad(), self.autocast():
+                return self.teacher(x).float()
+
+        zt = teach()
+        touts = {"weak": TeacherOut(zt)}
+
+        def student():
+            args = (self.m, x, y) + ((torch.zeros(len(y), dtype=torch.long),) if self.takes_idx else ()) \
+                + (touts, 0, self.step_no, 10 ** 6, self.autocast, self.env, self.cuda)
+            self.engine._student_step(*args)
+            self.step_no += 1
+
+        for name, fn in (("teacher", teach), ("student", student)):
+            for _ in range(3):
+                fn()
+            _sync(self.device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            _sync(self.device)
+            out[f"{name}_img_s"] = steps * self._b / (time.perf_counter() - t0)
+        return out
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        from .distillers import TeacherOut
+
+        if self.chl and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), self.autocast():
+            touts = {"weak": TeacherOut(self.teacher(x).float())}
+        args = (self.m, x, y) + ((torch.zeros(len(y), dtype=torch.long),) if self.takes_idx else ()) \
+            + (touts, 0, self.step_no, 10 ** 6, self.autocast, self.env, self.cuda)
+        self.engine._student_step(*args)
+        self.step_no += 1
+
+
+def _timed(batches, device: torch.device, consume, n: int, b: int) -> dict:
+    """Rate over batches 2..n of an iterator: the clock starts when the first batch has arrived
+    (worker start-up and the first decode stay out), so at most one batch was made ahead."""
+    it = iter(batches)
+    got, t0 = 0, None
+    for x, y in it:
+        consume(x, y)
+        got += 1
+        if got == 1:
+            _sync(device)
+            t0 = time.perf_counter()
+        if got >= n:
+            break
+    _sync(device)
+    dt = time.perf_counter() - t0
+    if hasattr(it, "close"):
+        it.close()
+    if got < 2:
+        raise RuntimeError("bench: the pipeline yielded fewer than 2 batches (make more JPEGs)")
+    return {"img_s": (got - 1) * b / dt, "batches": got - 1}
+
+
+def make_jpegs(root: Path, n_train: int, n_val: int, px: int, classes: int, source: str | None,
+               workers: int, seed: int = 0) -> dict:
+    """An ImageFolder tree root/{train,val}/cNN/*.jpg (quality 90). Pictures come from ``source``
+    (uint8 x_train (N,H,W,3)) or are smooth random images; px 0 = ImageNet-like sizes + noise."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    rng = np.random.default_rng(seed)
+    total = n_train + n_val
+    if source:
+        z = np.load(source)
+        pics = z["x_train"]
+        pics = pics[rng.integers(0, len(pics), total)]
+    else:
+        base = rng.integers(0, 256, (total, 8, 8, 3), dtype=np.uint8)  # upscaled: smooth pictures
+        pics = base
+    if px > 0:
+        sizes = [(px, px)] * total
+    else:
+        sizes = [(int(rng.integers(400, 501)), int(rng.integers(333, 401))) for _ in range(total)]
+    jobs = []
+    classes = max(min(classes, n_train), 1)  # every val class must also be a train class
+    for k in range(total):
+        split = "train" if k < n_train else "val"
+        d = root / split / f"c{(k if k < n_train else k - n_train) % classes:03d}"
+        jobs.append((str(d / f"{k:06d}.jpg"), pics[k], sizes[k], px == 0, seed + k))
+    for j in jobs:
+        Path(j[0]).parent.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(max_workers=max(workers, 1)) as ex:
+        nbytes = sum(ex.map(_write_jpeg, jobs, chunksize=32))
+    return {"files": total, "mean_kb": nbytes / total / 1024, "px": px or "~450x367"}
+
+
+def _write_jpeg(job) -> int:
+    from PIL import Image
+
+    path, pic, (w, h), noisy, seed = job
+    im = Image.fromarray(np.ascontiguousarray(pic)).resize((w, h), Image.BICUBIC)
+    if noisy:  # camera-like grain: real photos at ~110 kB/image, not the few kB of a smooth upscale
+        arr = np.asarray(im, dtype=np.int16)
+        arr = arr + np.random.default_rng(seed).normal(0, 28, arr.shape).astype(np.int16)
+        im = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    im.save(path, quality=90)
+    return os.path.getsize(path)
+
+
+# -- the bench ----------------------------------------------------------------------------------
+
+def main(device: str = "cpu", argv: list[str] | None = None) -> dict:
+    from . import engine
+    from .data import build_data
+    from .engine import Env
+    from .models import build_model, save_weights
+
+    a = parse(device, list(argv or []))
+    env0 = Env(device=device)
+    dev = env0.torch_device()
+    cuda = dev.type == "cuda"
+    threads = int(a.threads or os.environ.get("EFFDSTL_THREADS", 1))
+    if not cuda:
+        torch.set_num_threads(threads)
+    out_json = Path(a.json or f"bench-{dev.type}.json")
+    res: dict = {
+        "device": _device_name(dev), "device_type": dev.type, "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads() if not cuda else None,
+        "config": {k: getattr(a, k) for k in ("student", "weak", "strong", "image_size", "batch", "classes", "steps",
+                                                "naive_steps", "repeats", "k", "jpegs", "jpeg_px", "workers", "compile")},
+        "rows": [],
+    }
+    res["config"]["only"] = sorted(a.only)
+
+    def save():
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(res, indent=2, default=str))
+
+    def row(section, what, img_s, ratio=None, vs="", goal=None, **extra):
+        r = {"section": section, "what": what, "img_s": round(img_s, 1)}
+        if ratio is not None:
+            r.update(ratio=round(ratio, 3), vs=vs)
+        if goal is not None:
+            r["goal"] = goal
+        r.update(extra)
+        res["rows"].append(r)
+        shown = f"{ratio:6.2f}x {vs}" if ratio is not None else ""
+        print(f"  ({section}) {what:<52} {img_s:>10,.0f} img/s  {shown}"
+              + (f"   [goal {goal}]" if goal else ""), flush=True)
+        save()
+
+    work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="effdstl-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"effdstl bench on {res['device']} ({dev}), torch {torch.__version__}"
+          + (f", {torch.get_num_threads()} CPU thread(s)" if not cuda else ""), flush=True)
+    print(f"  student {a.student}; teachers {a.weak} (weak) and {a.strong} (strong); "
+          f"{a.image_size}x{a.image_size}, batch {a.batch}, {a.classes} classes", flush=True)
+    real_build = engine.build_data
+    engine.build_data = _DataMemo(real_build)
+    t_all = time.perf_counter()
+    try:
+        # -- shared set-up: in-memory data, teacher checkpoints (random init) --------------------
+        npz = work / "data.npz"
+        n_train = a.batch * a.steps
+        _write_npz(npz, n_train, 32, a.image_size, a.classes)
+        dataset = f"npz:{npz}"
+        data = engine.build_data(dataset)
+        ckpts = {}
+        for role, spec in (("weak", a.weak), ("strong", a.strong)):
+            torch.manual_seed({"weak": 1, "strong": 2}[role])
+            net = build_model(spec, data.num_classes, in_chans=3, image_size=a.image_size,
+                              mean=data.mean, std=data.std)
+            ckpts[role] = str(work / f"teacher-{role}.pt")
+            save_weights(net, ckpts[role])
+        teachers = {r: {"model": s, "ckpt": ckpts[r]} for r, s in (("weak", a.weak), ("strong", a.strong))}
+        quiet = lambda msg: None  # noqa: E731
+        # teacher_cache off: (b)/(c) measure the engine and grouping, not caching (2 epochs of
+        # crop+flip would hit it rarely anyway)
+        env = Env(device=device, log=quiet, threads=threads, workers=a.workers, teacher_cache=False)
+
+        # -- (a) naive ---------------------------------------------------------------------------
+        naive = None
+        if "a" in a.only or "b" in a.only:
+            if cuda:  # PyTorch's defaults, whatever ran before
+                torch.backends.cudnn.benchmark = False
+                torch.backends.cuda.matmul.allow_tf32 = False
+                torch.backends.cudnn.allow_tf32 = True
+            naive = naive_loop(a, data, ckpts["weak"], dev, a.naive_steps, repeats=max(a.repeats, 1))
+            row("a", "naive loop (fp32, NCHW, .item() per step)", naive["img_s"], 1.0, "naive")
+
+        # -- (b) the engine on the same work -----------------------------------------------------
+        engine_rate = None
+        if "b" in a.only or "d" in a.only:
+            cfg = _run_cfg(a, dataset, {"name": "kd", "teacher": "weak", "tau": 1.0, "lam": 0.9},
+                           {"weak": teachers["weak"]}, "kd")
+            wall, steady, _ = _train([cfg], work / "b", env)
+            engine_rate = n_train / steady
+            mode = "bf16 autocast + channels_last" if cuda else "fp32 (CPU: no autocast/channels_last)"
+            row("b", f"engine, 1 student ({mode})", engine_rate,
+                engine_rate / naive["img_s"] if naive else None, "naive" if naive else "",
+                goal=">= 3.5x naive" if cuda else None, wall_s=round(wall, 2))
+            if cuda:  # where the time of one engine step goes, at the engine's settings
+                parts = EngineStep(a, data, ckpts["weak"], dev, env).parts(a.naive_steps)
+                row("b", "  of which: teacher forward alone", parts["teacher_img_s"])
+                row("b", "  of which: student step alone (fwd + bwd + SGD)", parts["student_img_s"])
+
+        # -- (c) a group of K against K separate runs --------------------------------------------
+        if "c" in a.only:
+            cfgs = _group_cfgs(a, dataset, teachers)
+            k = len(cfgs)
+            sep_wall = sep_steady = 0.0
+            for i, c in enumerate(cfgs):
+                w, s, _ = _train([c], work / "c-separate" / str(i), env)
+                sep_wall, sep_steady = sep_wall + w, sep_steady + s
+            g_wall, g_steady, _ = _train(cfgs, work / "c-group", env)
+            sep_rate, g_rate = k * n_train / sep_steady, k * n_train / g_steady
+            row("c", f"{k} separate engine runs (student-img/s)", sep_rate, 1.0, "separate",
+                wall_s=round(sep_wall, 2), epoch_s=round(sep_steady, 3))
+            row("c", f"one group of {k} (student-img/s)", g_rate, g_steady / sep_steady,
+                "cost of separate (epoch)", goal="<= 0.6", wall_s=round(g_wall, 2), epoch_s=round(g_steady, 3))
+            res["rows"][-1]["wall_ratio"] = round(g_wall / sep_wall, 3)
+            print(f"      whole calls incl. set-up, {1 + a.repeats} epochs, evaluation and checkpoints: group {g_wall:.1f} s, "
+                  f"separate {sep_wall:.1f} s ({g_wall / sep_wall:.2f}x)", flush=True)
+            save()
+
+        # -- (d) the JPEG pipeline ---------------------------------------------------------------
+        if "d" in a.only:
+            _bench_data(a, res, row, work, dev, env, ckpts["weak"], engine_rate)
+
+        # -- (b) with torch.compile, last: compilation takes minutes ------------------------------
+        left = a.budget - (time.perf_counter() - t_all) if a.budget else None
+        if a.compile and "b" in a.only and left is not None and left < 150:
+            print(f"  (b) engine + torch.compile: skipped, {left:.0f} s of --budget left", flush=True)
+            res["compile_skipped"] = f"{left:.0f} s left"
+        elif a.compile and "b" in a.only:
+            cfg = _run_cfg(a, dataset, {"name": "kd", "teacher": "weak", "tau": 1.0, "lam": 0.9},
+                           {"weak": teachers["weak"]}, "kd")
+            envc = Env(**{**env.__dict__, "compile": True})
+            wall, steady, _ = _train([cfg], work / "b-compile", envc)
+            r = n_train / steady
+            row("b", "engine + torch.compile (students and teachers)", r, r / naive["img_s"] if naive else None,
+                "naive" if naive else "", goal=">= 3.5x naive" if cuda else None,
+                wall_s_with_compile=round(wall, 2))
+    finally:
+        engine.build_data = real_build
+        res["bench_s"] = round(time.perf_counter() - t_all, 1)
+        save()
+        if not a.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {out_json} ({res['bench_s']:.0f} s)", flush=True)
+    return res
+
+
+def _bench_data(a, res, row, work: Path, dev: torch.device, env, teacher_ckpt: str, engine_rate) -> None:
+    from .data import build_data
+    from .engine import _decoded
+
+    b, n = a.batch, a.naive_steps + 1
+    if a.jpeg_dir:
+        root = Path(a.jpeg_dir)
+        made = {"folder": str(root)}
+    else:
+        root = work / "jpegs"
+        src = a.source or os.environ.get("EFFDSTL_BENCH_SOURCE") or None
+        made = make_jpegs(root, max(a.jpegs, b * n), b, a.jpeg_px, min(a.classes, 100), src, a.workers)
+    res["jpegs"] = made
+    data = build_data(f"folder:{root}", image_size=a.image_size)
+    split = data.train
+    n = min(n, len(split) // b)
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))
+    batches = [order[i * b:(i + 1) * b].tolist() for i in range(n)]
+    cuda = dev.type == "cuda"
+    print(f"      {made.get('files', len(split))} JPEGs ({made.get('px', '?')}, "
+          f"{made.get('mean_kb', 0):.0f} kB mean), {a.workers} workers", flush=True)
+
+    from .models import build_model, save_weights
+
+    torch.manual_seed(1)  # a teacher for this dataset's classes
+    save_weights(build_model(a.weak, data.num_classes, in_chans=3, image_size=a.image_size,
+                             mean=data.mean, std=data.std), work / "teacher-jpeg.pt")
+    step = EngineStep(a, data, str(work / "teacher-jpeg.pt"), dev, env)
+    # compute only: the same step on batches already on the device
+    xs = [torch.rand(b, 3, a.image_size, a.image_size, device=dev) for _ in range(2)]
+    ys = [torch.randint(0, data.num_classes, (b,), device=dev) for _ in range(2)]
+    for i in range(3):  # warm-up: autotuning, allocator
+        step(xs[i % 2], ys[i % 2])
+    comp = _timed(((xs[i % 2], ys[i % 2]) for i in range(n)), dev, step, n, b)["img_s"]
+    row("d", "compute only: engine step, batches on the device", comp, 1.0, "compute")
+
+    def cpu_loader():
+        dl = torch.utils.data.DataLoader(split, batch_sampler=batches, num_workers=a.workers,
+                                         pin_memory=cuda, persistent_workers=False)
+        for x, y, _ in dl:
+            yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+
+    def dev_loader():
+        gen = torch.Generator().manual_seed(0)
+        for x, y, _ in _decoded(split, batches, gen, dev, env, None):
+            yield x, y
+
+    where = "GPU (nvJPEG)" if cuda else "CPU, same code"
+    noop = lambda x, y: None  # noqa: E731
+    # the device's decode + augment alone, files already in memory: the decoder's own ceiling
+    mem = [[split.read_bytes(i) for i in bt] for bt in batches]
+    gen = torch.Generator().manual_seed(0)
+    r = _timed(((split.decode_batch(d, gen, dev), None) for d in mem), dev, noop, n, b)["img_s"]
+    row("d", f"decode + RRC + flip on {where}, bytes in memory", r, r / comp, "compute")
+    r = _timed(cpu_loader(), dev, noop, n, b)["img_s"]
+    row("d", f"JPEG, {a.workers} workers decoding with PIL, alone", r, r / comp, "compute")
+    r = _timed(dev_loader(), dev, noop, n, b)["img_s"]
+    row("d", f"JPEG, workers read bytes, decode on {where}, alone", r, r / comp, "compute")
+    r = _timed(cpu_loader(), dev, step, n, b)["img_s"]
+    row("d", "JPEG (PIL workers) -> engine step", r, r / comp, "compute")
+    r = _timed(dev_loader(), dev, step, n, b)["img_s"]
+    row("d", f"JPEG (decode on {where}) -> engine step", r, r / comp, "compute",
+        goal=">= 0.95" if cuda else None)

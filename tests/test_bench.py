@@ -1,0 +1,38 @@
+"""`effdstl bench --device cpu` end to end with tiny models: every section, every ratio, the JSON."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_cli
+
+TINY = ["--student", "mlp:16", "--teacher", "cnn:small", "--strong", "cnn:small", "--image-size", "16",
+        "--batch", "16", "--classes", "4", "--steps", "2", "--repeats", "1", "--naive-steps", "2",
+        "--k", "4", "--jpegs", "48", "--jpeg-px", "24", "--workers", "1"]
+
+
+def test_bench_cpu_prints_every_ratio_and_writes_json(tmp_path):
+    out = tmp_path / "b.json"
+    p = run_cli("bench", "--device", "cpu", *TINY, "--json", str(out), cwd=tmp_path, timeout=240)
+    text = p.stdout
+    res = json.loads(out.read_text())
+    assert res["device_type"] == "cpu" and "CPU" in res["device"] and res["device"] in text
+    rows = {(r["section"], r["what"]): r for r in res["rows"]}
+    sections = [r["section"] for r in res["rows"]]
+    assert sections.count("a") == 1 and sections.count("b") == 1
+    assert sections.count("c") == 2 and sections.count("d") == 6
+    for r in res["rows"]:
+        assert r["img_s"] > 0 and r["ratio"] > 0, r
+        assert f"{r['ratio']:.2f}x" in text                        # printed in the table
+    group = [r for r in res["rows"] if r["section"] == "c" and "group" in r["what"]][0]
+    assert group["vs"].startswith("cost of separate") and "wall_ratio" in group
+    assert any("decode on CPU" in w for _, w in rows)
+    assert res["jpegs"]["files"] >= 48 and res["config"]["k"] == 4
+
+
+def test_bench_sections_and_bad_options(tmp_path):
+    out = tmp_path / "a.json"
+    run_cli("bench", "--device", "cpu", *TINY, "--only", "a", "--json", str(out), cwd=tmp_path, timeout=120)
+    assert [r["section"] for r in json.loads(out.read_text())["rows"]] == ["a"]
+    p = run_cli("bench", "--device", "cpu", "--only", "x", cwd=tmp_path, check=False)
+    assert p.returncode != 0 and "unknown section" in p.stderr
