@@ -104,7 +104,13 @@ def _sync(device: torch.device) -> None:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+    model = ""
+    try:
+        model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                      if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{model or platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
 
 
 def _write_npz(path: Path, n_train: int, n_test: int, size: int, classes: int, seed: int = 0) -> None:
@@ -309,26 +315,27 @@ class EngineStep:
         self.step_no += 1
 
 
-def _timed(batches, device: torch.device, consume, n: int, b: int) -> dict:
-    """Rate over batches 2..n of an iterator: the clock starts when the first batch has arrived
-    (worker start-up and the first decode stay out), so at most one batch was made ahead."""
+def _timed(batches, device: torch.device, consume, n: int, b: int, skip: int = 1) -> dict:
+    """Rate over batches skip+1..n of an iterator: the clock starts once ``skip`` batches have
+    arrived. With W DataLoader workers, skip = W: the first W batches are made in parallel from the
+    start and arrive in a burst, so only later ones show the steady rate."""
     it = iter(batches)
     got, t0 = 0, None
     for x, y in it:
         consume(x, y)
         got += 1
-        if got == 1:
+        if got == skip:
             _sync(device)
             t0 = time.perf_counter()
         if got >= n:
             break
     _sync(device)
-    dt = time.perf_counter() - t0
+    dt = time.perf_counter() - t0 if t0 is not None else float("nan")
     if hasattr(it, "close"):
         it.close()
-    if got < 2:
-        raise RuntimeError("bench: the pipeline yielded fewer than 2 batches (make more JPEGs)")
-    return {"img_s": (got - 1) * b / dt, "batches": got - 1}
+    if got <= skip:
+        raise RuntimeError(f"bench: the pipeline yielded {got} batches, fewer than {skip + 1} (make more JPEGs)")
+    return {"img_s": (got - skip) * b / dt, "batches": got - skip}
 
 
 def make_jpegs(root: Path, n_train: int, n_val: int, px: int, classes: int, source: str | None,
@@ -413,7 +420,7 @@ def main(device: str = "cpu", argv: list[str] | None = None) -> dict:
             r["goal"] = goal
         r.update(extra)
         res["rows"].append(r)
-        shown = f"{ratio:6.2f}x {vs}" if ratio is not None else ""
+        shown = f"{r['ratio']:6.2f}x {vs}" if ratio is not None else ""
         print(f"  ({section}) {what:<52} {img_s:>10,.0f} img/s  {shown}"
               + (f"   [goal {goal}]" if goal else ""), flush=True)
         save()
@@ -524,7 +531,9 @@ def _bench_data(a, res, row, work: Path, dev: torch.device, env, teacher_ckpt: s
     from .data import build_data
     from .engine import _decoded
 
-    b, n = a.batch, a.naive_steps + 1
+    b = a.batch
+    skip = max(a.workers, 1)  # loaders: the first W batches come in a burst (see _timed)
+    n = max(a.naive_steps + 1, 3 * skip + 1)
     if a.jpeg_dir:
         root = Path(a.jpeg_dir)
         made = {"folder": str(root)}
@@ -574,12 +583,12 @@ def _bench_data(a, res, row, work: Path, dev: torch.device, env, teacher_ckpt: s
     gen = torch.Generator().manual_seed(0)
     r = _timed(((split.decode_batch(d, gen, dev), None) for d in mem), dev, noop, n, b)["img_s"]
     row("d", f"decode + RRC + flip on {where}, bytes in memory", r, r / comp, "compute")
-    r = _timed(cpu_loader(), dev, noop, n, b)["img_s"]
+    r = _timed(cpu_loader(), dev, noop, n, b, skip)["img_s"]
     row("d", f"JPEG, {a.workers} workers decoding with PIL, alone", r, r / comp, "compute")
-    r = _timed(dev_loader(), dev, noop, n, b)["img_s"]
+    r = _timed(dev_loader(), dev, noop, n, b, skip)["img_s"]
     row("d", f"JPEG, workers read bytes, decode on {where}, alone", r, r / comp, "compute")
-    r = _timed(cpu_loader(), dev, step, n, b)["img_s"]
+    r = _timed(cpu_loader(), dev, step, n, b, skip)["img_s"]
     row("d", "JPEG (PIL workers) -> engine step", r, r / comp, "compute")
-    r = _timed(dev_loader(), dev, step, n, b)["img_s"]
+    r = _timed(dev_loader(), dev, step, n, b, skip)["img_s"]
     row("d", f"JPEG (decode on {where}) -> engine step", r, r / comp, "compute",
         goal=">= 0.95" if cuda else None)

@@ -102,8 +102,8 @@ class Ctx:
         p.write_text(text)
         return p
 
-    def run(self, s: dict, *extra) -> list:
-        return ["run", "-s", self.study(s), "--results", self.results, "-x", "debug", *extra]
+    def run(self, s: dict, *extra, executor: str = "debug") -> list:
+        return ["run", "-s", self.study(s), "--results", self.results, "-x", executor, *extra]
 
     def teacher_cmd(self, dataset: str, *extra, name: str = "bad-teacher", model: str = "mlp:8",
                     epochs: int = 1, results: Path | None = None) -> list:
@@ -210,7 +210,7 @@ CASES: list[Case] = [
          ("unknown study key 'schedul'",), near="schedule"),
     Case("unknown-triplet-teacher", "triplet teacher `weeak`", lambda c: c.run(tiny("k3", triplets=[
         {"weak": "weeak", "strong": "strong", "student": "mlp:8"}])), ("unknown teacher in triplet 0 'weeak'",), near="weak"),
-    Case("unknown-executor", "`--executor slurmm`", lambda c: c.run(tiny(), "-x", "slurmm"),
+    Case("unknown-executor", "`--executor slurmm`", lambda c: c.run(tiny(), executor="slurmm"),
          ("unknown executor 'slurmm'",), near="slurm"),
     Case("unknown-study-folder", "`effdstl status tiyn`", lambda c: ["status", "tiyn", "--results", c.results],
          ("unknown study", "'tiyn'"), near="tiny"),
@@ -263,7 +263,7 @@ CASES: list[Case] = [
          ("checkpoint", "does not exist")),
     # -- the machine --------------------------------------------------------------------------------
     Case("gpus-not-here", "`--gpus-per-job 2 --executor local` on a machine without GPUs",
-         lambda c: c.run(tiny(), "-x", "local", "--gpus-per-job", "2"), ("--gpus-per-job 2 asked for", "0 GPU(s)"),
+         lambda c: c.run(tiny(), "--gpus-per-job", "2", executor="local"), ("--gpus-per-job 2 asked for", "GPU(s)"),
          skip=lambda: None if _gpu_count() < 2 else "this machine has 2+ GPUs"),
     Case("results-under-a-file", "`--results` below a regular file (not writable)",
          lambda c: c.teacher_cmd("synthetic", "-x", "debug", results=_a_file(c) / "results"),
@@ -271,7 +271,7 @@ CASES: list[Case] = [
     Case("results-read-only", "`--results` a read-only (0555) directory", _readonly,
          ("is not writable", "Permission denied"), skip=_root_skip),
     Case("slurm-absent", "`--executor slurm` with no sbatch/sinfo on PATH",
-         lambda c: c.run(tiny("sl1"), "-x", "slurm"), ("--executor slurm: no Slurm cluster answers here",),
+         lambda c: c.run(tiny("sl1"), executor="slurm"), ("--executor slurm: no Slurm cluster answers here",),
          env=_no_slurm_env),
     # -- in a job: data -------------------------------------------------------------------------------
     Case("data-root-missing", "`dataset: folder:/nonexistent` (debug)",

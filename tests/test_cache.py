@@ -185,3 +185,18 @@ def test_cache_on_by_default_only_where_exact(teacher_ckpt, tmp_path):
     cfg["image_size"] = 8
     cfg["model"] = "mlp:8"
     assert _run(cfg, tmp_path / "folder", teacher_cache=True, workers=0)[2] == {}
+
+
+def test_weights_sha_handles_batchnorm_counters_and_changes_with_weights():
+    """BatchNorm's 0-dim num_batches_tracked once broke the hash (a 0-dim int64 cannot be viewed
+    as bytes); a teacher with BN must hash, and any weight change must change the hash."""
+    from effdstl_cli.cache import weights_sha
+    from effdstl_cli.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("cnn:small", 10, 3, 32)
+    before = weights_sha(net)
+    assert before == weights_sha(net)
+    with torch.no_grad():
+        next(net.parameters()).add_(1e-3)
+    assert weights_sha(net) != before

@@ -126,8 +126,9 @@ def _report():
 
 # -- 1. corrupt latest checkpoint ------------------------------------------------------------------
 
+# --device cpu: the partial run below is made in this process on the CPU; CUDA numbers differ
 TEACHER_ARGS = ["train", "teacher", "-d", "synthetic", "-m", "mlp:32", "--epochs", "4", "--lr", "0.1",
-                "--name", "t", "-x", "debug"]
+                "--name", "t", "-x", "debug", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -187,9 +188,13 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
     out = tmp_path / "crash"
     sd = out / "k"
     rng = random.Random(20230607)
-    # Four kill moments, seeded: after a random number of epochs are on disk, plus a random fraction
-    # of an epoch (so a kill lands anywhere: in a step, an evaluation, a checkpoint or metrics write).
-    targets = sorted(rng.sample(range(1, total - 2), 4))
+    teach = sum(len(read_jsonl(d / "metrics.jsonl")) for d in ref.values()
+                if yaml.safe_load((d / "config.yaml").read_text())["role"] == "teacher")
+    # Four kill moments, seeded: after a random number of epochs are on disk (one while the teachers
+    # train, three spread over the student group), plus a random fraction of an epoch, so a kill
+    # lands anywhere: in a step, an evaluation, a checkpoint, metrics or final write.
+    third = (total - teach) // 3
+    targets = [rng.randrange(1, teach)] + [rng.randrange(teach + q * third, teach + (q + 1) * third) for q in range(3)]
     on_disk = lambda: sum(len(read_jsonl(d / "metrics.jsonl")) for d in runs(sd).values()) if sd.exists() else 0  # noqa: E731
     kills = []
     for target in targets:
@@ -240,7 +245,8 @@ def test_nan_student_fails_alone_and_stays_failed(tmp_path):
     p = cli(["run", "-s", f, "--results", res, "-x", "debug"], tmp_path)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     (err,) = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
-    assert "1 run(s) of study 'nan' failed" in err and "EffDstl" in err and "non-finite loss at epoch 2" in err, err
+    assert "1 run(s) of study 'nan' failed" in err and "EffDstl" in err, err
+    assert re.search(r"non-finite loss (at|in) epoch 2", err), err  # CPU checks every step, CUDA at the epoch's end
 
     rd = runs(res / "nan")
     cfgs = {h: yaml.safe_load((d / "config.yaml").read_text()) for h, d in rd.items()}
