@@ -147,6 +147,7 @@ def validate_study(study: dict, where: str) -> None:
         validate_schedule(f"{where} teacher '{tname}'", {k: v for k, v in t.items() if k in SCHEDULE_KEYS})
         if t.get("ckpt") and not Path(str(t["ckpt"])).expanduser().exists():
             raise EffdstlError(f"{where}: teacher '{tname}' checkpoint {t['ckpt']} does not exist")
+    _check_shapes(study, where)
     for i, tr in enumerate(study.get("triplets") or []):
         for k in ("weak", "strong", "student"):
             if k not in tr:
@@ -164,3 +165,29 @@ def validate_study(study: dict, where: str) -> None:
     lam = dist.get("lam", 1.0)
     if not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and 0 <= lam <= 1):
         raise EffdstlError(f"{where}: distill.lam must be a number in [0, 1], got {lam!r}")
+
+
+def _check_shapes(study: dict, where: str) -> None:
+    """Nested sections have the layout the expanders read (else a TypeError deep in planning)."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise EffdstlError(f"{where}: {what}")
+
+    for i, tr in enumerate(study.get("triplets") or []):
+        need(isinstance(tr, dict), f"triplet {i} must be a mapping {{weak, strong, student}}, got {tr!r}")
+    grid = study.get("grid") or {}
+    for k in ("scheme", "subset", "kind"):
+        if k in grid:
+            need(isinstance(grid[k], list) and all(isinstance(v, str) for v in grid[k]),
+                 f"grid.{k} must be a list of names (e.g. [full, partial]), got {grid[k]!r}")
+    params = grid.get("params") or {}
+    need(isinstance(params, dict) and all(isinstance(v, dict) for v in params.values()),
+         f"grid.params must map a manipulation to its parameter (e.g. label_smoothing: {{t: 0.9}}), got {params!r}")
+    need(all(isinstance(b, str) for b in study.get("baselines") or []),
+         f"baselines must be a list of names, got {study.get('baselines')!r}")
+    recipe = study.get("recipe") or {}
+    for k in ("stage1", "stage2"):
+        need(isinstance(recipe.get(k) or {}, dict), f"recipe.{k} must be a mapping, got {recipe.get(k)!r}")
+    for i, a in enumerate(study.get("ablations") or []):
+        need(isinstance(a, dict) and isinstance(a.get("stage2") or {}, dict),
+             f"ablation {i} must be a mapping {{label, stage2: {{...}}}}, got {a!r}")

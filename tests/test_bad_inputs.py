@@ -225,6 +225,13 @@ CASES: list[Case] = [
     Case("study-file-missing", "`--study nope.yaml`", lambda c: ["run", "-s", c.tmp / "nope.yaml", "--results", c.results],
          ("does not exist",)),
     Case("wrong-type", "`seeds: 0` (not a list)", lambda c: c.run(tiny("w1", seeds=0)), ("'seeds' has the wrong type",)),
+    Case("triplet-not-mapping", "`triplets: [3]`", lambda c: c.run(tiny("w2", triplets=[3])),
+         ("triplet 0 must be a mapping",)),
+    Case("grid-not-a-list", "`grid: {scheme: full}` (a name, not a list)", lambda c: c.run(tiny("w3", grid={"scheme": "full"})),
+         ("grid.scheme must be a list of names",)),
+    Case("params-not-mapping", "`grid.params: {label_smoothing: 0.9}`",
+         lambda c: c.run({**manip("w4", t=0.9), "grid": {"kind": ["label_smoothing"], "params": {"label_smoothing": 0.9}}}),
+         ("grid.params must map a manipulation",)),
     Case("name-escapes-root", "`name: ../evil`", lambda c: c.run(tiny("../evil")), ("study name '../evil' must be",)),
     Case("name-with-slash", "`name: a/b`", lambda c: c.run(tiny("a/b")), ("study name 'a/b' must be",)),
     Case("cli-name-escapes-root", "`train teacher --name ../evil`",
@@ -490,7 +497,7 @@ def test_run_directory_names_are_sanitized(tmp_path):
     from effdstl_cli.errors import EffdstlError
     from effdstl_cli.studies import plan, study_dir
 
-    nasty = tiny("ok", **{"triplets": [{"weak": "weak", "strong": "strong", "student": "mlp:8"}]})
+    nasty = tiny("ok")
     nasty["description"] = "../../etc/passwd; rm -rf / $(reboot)"
     f = tmp_path / "ok.yaml"
     f.write_text(yaml.safe_dump(nasty))
