@@ -547,7 +547,6 @@ def demo(results: str = RESULTS, executor: str = typer.Option("debug", "--execut
                                                              help="debug (in this process, fastest) | local | slurm."),
          sets: Optional[List[str]] = SETS):
     """The offline demo: the Fig. 5 replacement study on digits, its table and figure (CPU, minutes)."""
-    from .launch import LaunchOptions
     from . import plots
     from .results import collect, write_table
 
@@ -558,11 +557,9 @@ def demo(results: str = RESULTS, executor: str = typer.Option("debug", "--execut
     plan = _load_plan(study, sets, results, ("replacement",))
     _run_plan(plan, la, False)
     df = collect(plan.study_dir)
-    write_table(df, plan.study_dir / "tables")
-    paths = plots.figure5(plan.study_dir)
-    for p in (paths if isinstance(paths, (list, tuple)) else [paths]):
+    paths = list(write_table(df, plan.study_dir / "tables")) + list(plots.figure5(plan.study_dir))
+    for p in paths:
         out.print(f"wrote {p}")
-    _ = LaunchOptions
 
 
 @app.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

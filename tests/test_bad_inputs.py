@@ -29,18 +29,14 @@ from typing import Callable
 import numpy as np
 import pytest
 import yaml
+from conftest import cli_env
 
 PKG = Path(__file__).resolve().parents[1] / "effdstl_cli"
 
 
 # -- helpers -------------------------------------------------------------------------------------
 
-def env_for(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(EFFDSTL_OFFLINE="1", EFFDSTL_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1", COLUMNS="200")
-    env.update(extra)
-    return env
+env_for = cli_env  # offline, one thread, wide columns (tests/conftest.py)
 
 
 def cli(args: list, cwd: Path, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:

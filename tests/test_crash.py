@@ -30,6 +30,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import cli_env
 from effdstl_cli.io import read_jsonl
 
 TIMING = ("epoch_s",)                       # metrics fields that measure time, not learning
@@ -37,12 +38,7 @@ FINAL_TIMING = ("wall_s", "gpu_hours")
 REPORT: dict = {}
 
 
-def env_for(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(EFFDSTL_OFFLINE="1", EFFDSTL_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1", COLUMNS="200")
-    env.update(extra)
-    return env
+env_for = cli_env  # offline, one thread, wide columns (tests/conftest.py)
 
 
 CLI = [sys.executable, "-m", "effdstl_cli.cli"]
