@@ -387,7 +387,6 @@ def _write_jpeg(job) -> int:
 
 def main(device: str = "cpu", argv: list[str] | None = None) -> dict:
     from . import engine
-    from .data import build_data
     from .engine import Env
     from .models import build_model, save_weights
 

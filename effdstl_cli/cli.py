@@ -258,8 +258,6 @@ def _parse_distiller(text: str) -> dict:
 def _resolve_teacher(text: str) -> dict:
     """A teacher from: a model.pt, a run directory, a study folder with one teacher run, or a
     hub model ``timm:NAME`` / ``tv:NAME`` (pretrained)."""
-    from .io import read_jsonl  # noqa: F401
-
     if text.startswith(("timm:", "tv:")):
         return {"model": text, "pretrained": True}
     p = Path(text)
