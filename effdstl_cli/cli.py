@@ -109,9 +109,10 @@ def _progress_poller(plan):
 
 
 def _run_plan(plan, la: LaunchArgs, dry_run: bool) -> None:
-    from .launch import dry_run_lines, launch, preflight
+    from .launch import apply_study_defaults, dry_run_lines, launch, preflight
     from .studies import validate_runs
 
+    apply_study_defaults(plan, la.opts)
     la.opts.validate()
     validate_runs(plan)  # a misspelt name fails here, before any teacher trains
     if dry_run:

@@ -155,6 +155,11 @@ def validate_study(study: dict, where: str) -> None:
         for k in ("weak", "strong"):
             if tr[k] not in (study.get("teachers") or {}):
                 raise unknown(f"teacher in triplet {i}", tr[k], study.get("teachers") or {})
+    for k, v in (study.get("slurm") or {}).items():
+        if k not in ("gpus_per_job", "partition"):
+            raise unknown(f"key of slurm in study {where}", k, ("gpus_per_job", "partition"))
+        if k == "gpus_per_job" and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise EffdstlError(f"{where}: slurm.gpus_per_job must be an integer >= 0, got {v!r}")
     dist = study.get("distill") or {}
     for k in dist:
         if k not in ("tau", "lam"):

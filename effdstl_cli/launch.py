@@ -232,6 +232,19 @@ def todo(plan: Plan) -> list[Job]:
     return [j for j in plan.jobs if j.state() != "done"]
 
 
+def apply_study_defaults(plan: Plan, opts: LaunchOptions) -> None:
+    """On Slurm, a study's own ``slurm:`` block sets the defaults the command line did not:
+    the paper-scale studies ask for ``gpus_per_job: 4`` (ImageNet: one 4-GPU DDP job per group),
+    the CPU-sized digits studies for nothing. Other executors run where they are told."""
+    if opts.executor != "slurm":
+        return
+    s = plan.study.get("slurm") or {}
+    if opts.gpus_per_job is None and s.get("gpus_per_job") is not None:
+        opts.gpus_per_job = int(s["gpus_per_job"])
+    if opts.partition is None and s.get("partition"):
+        opts.partition = str(s["partition"])
+
+
 def preflight(plan: Plan, opts: LaunchOptions) -> None:
     """What must hold before a real launch (not a dry run): a Slurm launch needs a cluster that answers.
 
@@ -462,6 +475,7 @@ def dry_run_lines(plan: Plan, opts: LaunchOptions) -> list[str]:
                      + f"--cpus-per-task {p['cpus_per_task']} --time {p['timeout_min']}"
                      + (f" --partition {opts.partition}" if opts.partition else "")
                      + f"; one array per dependency set, --array=0-N%{opts.array_parallelism}; requeue on preemption")
+
     for j in plan.jobs:
         state = j.state()
         procs, jg = _job_resources(opts, j.kind)

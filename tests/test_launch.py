@@ -299,3 +299,17 @@ def test_local_executor_runs_at_most_max_parallel_jobs(tmp_path, teachers):
 def test_local_slots_default_to_one_on_cpu():
     assert _local_slots(LaunchOptions(device="cpu")) == [None]
     assert _local_slots(LaunchOptions(device="cpu", max_parallel=3)) == [None, None, None]
+
+
+def test_study_slurm_block_sets_gpus_per_job_on_slurm_only(tmp_path):
+    """figure5-imagenet.yaml says `slurm: {gpus_per_job: 4}`: on Slurm that is the default without
+    --gpus-per-job; a flag overrides it; other executors ignore it (they run where they are told)."""
+    study = Path(__file__).resolve().parents[1] / "studies" / "figure5-imagenet.yaml"
+    env = cli_env(PATH=_no_slurm_path(tmp_path))
+    base = ("sweep", "replacement", "--study", study, "--dry-run", "--results", tmp_path / "r")
+    slurm = run_cli(*base, "--executor", "slurm", cwd=tmp_path, env=env).stdout
+    assert "4 GPU(s) per job" in slurm and "--gpus-per-node 4" in slurm, slurm
+    one = run_cli(*base, "--executor", "slurm", "--gpus-per-job", "1", cwd=tmp_path, env=env).stdout
+    assert "1 GPU(s) per job" in one and "--gpus-per-node 1" in one, one
+    local = run_cli(*base, "--executor", "debug", cwd=tmp_path, env=env).stdout
+    assert "GPU(s) per job" not in local and ", CPU" in local, local
