@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
+import yaml
 
 from . import io as fio
 from .data import build_data
@@ -84,7 +85,7 @@ def run_probe(probe: dict, device: str = "auto") -> Path:
     teacher = load_teacher(probe["teacher"], cfg["teachers"][probe["teacher"]], data).to(dev)
     nets = {"teacher": teacher, "student": _load_run_model(probe["run"], cfg, data).to(dev)}
     if probe.get("undistilled"):
-        ucfg = {**cfg, "model": cfg["model"]}
+        ucfg = yaml.safe_load((Path(probe["undistilled"]) / "config.yaml").read_text())
         nets["undistilled"] = _load_run_model(probe["undistilled"], ucfg, data).to(dev)
 
     all_idx = torch.arange(len(split))

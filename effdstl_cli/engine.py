@@ -379,7 +379,7 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
         share = (time.time() - t0) / len(active)
         for m in active:
             if m.failed is None:
-                _end_epoch(m, data, epoch, share, device, env, chl, autocast, gbatch)
+                _end_epoch(m, data, epoch, share, device, env, chl, autocast)
         if env.rank == 0:
             for c in caches.values():
                 c.save()
@@ -588,7 +588,7 @@ def evaluate(model: torch.nn.Module, split, device, env: Env, chl: bool, autocas
     return {"test_loss": sums[0] / n, "test_top1": 100 * sums[1] / n, "test_top5": 100 * sums[2] / n}
 
 
-def _end_epoch(m: Member, data, epoch, share_s, device, env: Env, chl, autocast, gbatch) -> None:
+def _end_epoch(m: Member, data, epoch, share_s, device, env: Env, chl, autocast) -> None:
     t0 = time.time()
     a = m.acc
     keys = sorted(a["parts"])

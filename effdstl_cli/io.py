@@ -15,7 +15,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -24,23 +24,31 @@ from .errors import EffdstlError
 CKPT_MAGIC = b"EFFDSTL1"
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write(path: str | Path, writer: Callable[[Path], Any]) -> Path:
+    """Call ``writer(tmp_path)`` on a temp file in ``path``'s directory, fsync it, rename it over
+    ``path``. A reader never sees a half-written file; a failed writer leaves the old one untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        writer(Path(tmp))
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda p: p.write_bytes(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text))
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -62,15 +70,19 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file; a truncated last line (a writer killed mid-line) is skipped."""
-    rows = []
+    """Rows of a JSONL file; a truncated or garbled last line (a writer killed mid-line) is skipped."""
+    rows: list[dict] = []
     try:
         with open(path) as f:
             for line in f:
+                if not line.strip():
+                    continue
                 try:
-                    rows.append(json.loads(line))
+                    obj = json.loads(line)
                 except json.JSONDecodeError:
                     break
+                if isinstance(obj, dict):
+                    rows.append(obj)
     except FileNotFoundError:
         pass
     return rows

@@ -303,15 +303,14 @@ def _tidy_logs(plan: Plan) -> None:
 
 
 def _local_slots(opts: LaunchOptions) -> list[list[int] | None]:
-    gpus = _local_gpus() if not opts.device == "cpu" else 0
-    per = max(int(opts.gpus_per_job or 0), 1) if gpus else 0
-    if gpus and per:
-        slots = [list(range(i * per, (i + 1) * per)) for i in range(gpus // per)]
-    else:
-        slots = [None] * 1
-    if opts.max_parallel:
-        slots = (slots * opts.max_parallel)[:opts.max_parallel] if slots[0] is None else slots[:opts.max_parallel]
-    return slots
+    """Concurrent local jobs: one per group of ``gpus_per_job`` GPUs, else one CPU slot (a job
+    already uses every core); ``--max-parallel`` caps GPU slots or sets the number of CPU slots."""
+    gpus = _local_gpus() if opts.device != "cpu" else 0
+    per = max(int(opts.gpus_per_job or 0), 1)
+    if gpus:
+        slots: list[list[int] | None] = [list(range(i * per, (i + 1) * per)) for i in range(gpus // per)]
+        return slots[:opts.max_parallel] if opts.max_parallel else slots
+    return [None] * (opts.max_parallel or 1)
 
 
 def _run_local(plan: Plan, pending: list[Job], opts: LaunchOptions, report: Report, on_poll) -> dict:

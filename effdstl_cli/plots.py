@@ -23,7 +23,8 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from .errors import EffdstlError  # noqa: E402
-from .results import atomic_write, collect, interval95, normalized, read_metrics  # noqa: E402
+from .io import atomic_write, read_jsonl as read_metrics  # noqa: E402
+from .results import collect, interval95, normalized  # noqa: E402
 
 SUBSET_ORDER = ("reg_cor", "reg", "correct", "not_correct", "all", "reg_not_cor", "not_reg_cor", "not_reg")
 SUBSET_LABEL = {"reg_cor": "reg ∩ correct", "reg": "reg", "correct": "correct", "not_correct": "not correct",

@@ -11,16 +11,16 @@ import json
 import math
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 import yaml
 
 from .errors import EffdstlError
+from .io import atomic_write, read_jsonl as read_metrics
 
 META_KEYS = ("study", "study_kind", "dataset", "student", "weak", "strong", "triplet", "distiller",
              "scheme", "subset", "param", "baseline", "label", "seed")
@@ -30,52 +30,7 @@ COLUMNS = ("run", "state", "role", *META_KEYS, *FINAL_KEYS, "epochs_done", "fail
 LOCK_STALE_S = 6 * 3600  # same rule as io.RunLock: another host's lock untouched this long is dead
 
 
-# -- atomic files (shared by plots and tables; io.py would pull in torch) ------------------
-
-def atomic_write(path: str | Path, writer: Callable[[Path], Any]) -> Path:
-    """Call ``writer(tmp_path)`` on a temp file in ``path``'s directory, then rename it over ``path``.
-
-    A reader never sees a half-written file; a failed writer leaves the old file untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        writer(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text))
-
-
 # -- reading run directories ---------------------------------------------------------------
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """Rows of a metrics.jsonl; a truncated or garbled last line (a killed writer) is skipped."""
-    rows: list[dict] = []
-    try:
-        with open(path) as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    break
-                if isinstance(obj, dict):
-                    rows.append(obj)
-    except FileNotFoundError:
-        pass
-    return rows
-
 
 def _read_json(path: Path) -> dict:
     try:

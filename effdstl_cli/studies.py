@@ -301,7 +301,7 @@ ABLATION_DEFAULTS = [
 ]
 
 
-def _variants(ctx: _Ctx, variants: list[dict], kind_label: str) -> list[Job]:
+def _variants(ctx: _Ctx, variants: list[dict]) -> list[Job]:
     r = _recipe(ctx)
     jobs = []
     for seed in ctx.seeds:
@@ -321,13 +321,13 @@ def _variants(ctx: _Ctx, variants: list[dict], kind_label: str) -> list[Job]:
 
 def expand_ablation(ctx: _Ctx) -> list[Job]:
     """Table 4: teacher switch or not; stage-2 tau in {0.7, 0.8, 1.0}; CKM on/off."""
-    return _variants(ctx, ctx.study.get("ablations") or ABLATION_DEFAULTS, "ablation")
+    return _variants(ctx, ctx.study.get("ablations") or ABLATION_DEFAULTS)
 
 
 def expand_fig8(ctx: _Ctx) -> list[Job]:
     """Fig. 8: CKM on reg AND correct (keep incorrect samples) vs on all reg samples."""
     return _variants(ctx, [{"label": "keep incorrect (reg_cor)", "stage2": {"subset": "reg_cor"}},
-                           {"label": "manipulate incorrect (reg)", "stage2": {"subset": "reg"}}], "fig8")
+                           {"label": "manipulate incorrect (reg)", "stage2": {"subset": "reg"}}])
 
 
 def expand_fgsm(ctx: _Ctx) -> list[Job]:

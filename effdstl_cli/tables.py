@@ -17,7 +17,8 @@ import pandas as pd
 import yaml
 
 from .errors import EffdstlError
-from .results import atomic_write, atomic_write_text, collect
+from .io import atomic_write, atomic_write_text
+from .results import collect
 
 METHODS = ("none", "kd", "rkd", "wsl", "effdstl")
 METHOD_NAME = {"none": "no distill", "kd": "KD", "rkd": "RKD", "wsl": "WSL", "effdstl": "EffDstl",
