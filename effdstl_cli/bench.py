@@ -80,6 +80,9 @@ def parse(device: str, argv: list[str]) -> argparse.Namespace:
                     help="also time the engine with torch.compile (b; run last, compilation takes minutes)")
     ap.add_argument("--budget", type=float, help="seconds this bench may take: --compile is skipped "
                                                  "when less than 150 s are left for it")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="(d): also profile the decode (batched and per-image) and JPEG -> step with "
+                         "torch.profiler; op tables go to DIR, op and launch counts to the JSON")
     ap.add_argument("--only", default=",".join(SECTIONS), help="sections to run, e.g. a,b (%(default)s)")
     ap.add_argument("--json", help="write results here (default bench-<device>.json)")
     ap.add_argument("--workdir", help="scratch folder (default: a temp folder, removed at the end)")
@@ -201,7 +204,7 @@ def naive_loop(a, data, teacher_ckpt: str, device: torch.device, steps: int, war
     gen = torch.Generator().manual_seed(0)
     labels = split.labels.to(device)
     lam, tau = 0.9, 1.0
-    losses, chunks = [], []
+    losses, chunks, t0 = [], [], 0.0
     for i in range(warm + steps * repeats):
         if i >= warm and (i - warm) % steps == 0:
             _sync(device)
@@ -336,6 +339,47 @@ def _timed(batches, device: torch.device, consume, n: int, b: int, skip: int = 1
     if got <= skip:
         raise RuntimeError(f"bench: the pipeline yielded {got} batches, fewer than {skip + 1} (make more JPEGs)")
     return {"img_s": (got - skip) * b / dt, "batches": got - skip}
+
+
+def per_image_decode(split, datas: list[torch.Tensor], gen, dev) -> torch.Tensor:
+    """``FolderSplit.decode_batch`` as one writes it first: the same decode and crop/flip draws,
+    then a crop + antialiased resize (+ flip) per image (``data.resize_each``)."""
+    from .data import augment_params, decode_images, resize_each
+
+    imgs = decode_images(datas, dev)
+    crops, flips = augment_params([(im.shape[2], im.shape[1]) for im in imgs], gen)
+    return resize_each(imgs, crops, split.image_size, flips).round_().clamp_(0, 255).div_(255)
+
+
+# views, allocation and scalar reads: ops that launch no kernel on a GPU
+_METADATA_OPS = frozenset(
+    "as_strided slice select view reshape _reshape_alias _unsafe_view unsqueeze squeeze permute narrow "
+    "expand t transpose unbind split chunk flatten unflatten alias detach lift_fresh contiguous to "
+    "resolve_conj resolve_neg item _local_scalar_dense is_nonzero empty empty_strided empty_like new_empty "
+    "result_type".split())
+
+
+def _profile(fn, device: torch.device, path: Path, per: int) -> dict:
+    """Run ``fn`` under torch.profiler; write its op table (by self CPU and, on CUDA, self CUDA
+    time) to ``path``; return, per batch (``per`` batches), the aten ops that compute (views,
+    allocations and scalar reads left out: on a GPU each of the rest is a kernel launch, nested
+    ones included) and, on CUDA, the kernel launches counted by the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    with profile(activities=acts) as prof:
+        fn()
+        _sync(device)
+    ev = prof.key_averages()
+    ops = sum(e.count for e in ev if e.key.startswith("aten::") and e.key[6:] not in _METADATA_OPS)
+    launches = sum(e.count for e in ev if "LaunchKernel" in e.key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tables = [ev.table(sort_by="self_cpu_time_total", row_limit=30)]
+    if device.type == "cuda":
+        tables.append(ev.table(sort_by="self_cuda_time_total", row_limit=30))
+    path.write_text("\n\n".join(tables))
+    return {"compute_ops_per_batch": ops / per, "kernels_per_batch": launches / per, "table": str(path)}
 
 
 def make_jpegs(root: Path, n_train: int, n_val: int, px: int, classes: int, source: str | None,
@@ -527,7 +571,7 @@ def main(device: str = "cpu", argv: list[str] | None = None) -> dict:
 
 
 def _bench_data(a, res, row, work: Path, dev: torch.device, env, teacher_ckpt: str, engine_rate) -> None:
-    from .data import build_data
+    from .data import build_data, decode_images
     from .engine import _decoded
 
     b = a.batch
@@ -580,8 +624,34 @@ def _bench_data(a, res, row, work: Path, dev: torch.device, env, teacher_ckpt: s
     # the device's decode + augment alone, files already in memory: the decoder's own ceiling
     mem = [[split.read_bytes(i) for i in bt] for bt in batches]
     gen = torch.Generator().manual_seed(0)
+    r0 = _timed(((decode_images(d, dev), None) for d in mem), dev, noop, n, b)["img_s"]
+    row("d", f"decode only on {where}, bytes in memory", r0, r0 / comp, "compute")
     r = _timed(((split.decode_batch(d, gen, dev), None) for d in mem), dev, noop, n, b)["img_s"]
     row("d", f"decode + RRC + flip on {where}, bytes in memory", r, r / comp, "compute")
+    gen = torch.Generator().manual_seed(0)
+    r_ref = _timed(((per_image_decode(split, d, gen, dev), None) for d in mem), dev, noop, n, b)["img_s"]
+    row("d", "  the same, resized image by image (reference loop)", r_ref, r_ref / comp, "compute",
+        batched_vs_loop=round(r / r_ref, 3))
+    if a.profile:
+        g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+        res["profile"] = {
+            "decode_batch": _profile(lambda: [split.decode_batch(d, g1, dev) for d in mem[:2]], dev,
+                                     Path(a.profile) / "decode-batched.txt", per=2),
+            "per_image_loop": _profile(lambda: [per_image_decode(split, d, g2, dev) for d in mem[:2]], dev,
+                                       Path(a.profile) / "decode-per-image.txt", per=2),
+        }
+
+        def end_to_end():
+            for i, (x, y) in enumerate(dev_loader()):
+                step(x, y)
+                if i + 1 >= min(n, 6):
+                    break
+        res["profile"]["jpeg_to_step"] = _profile(end_to_end, dev, Path(a.profile) / "jpeg-to-step.txt",
+                                                  per=min(n, 6))
+        for k, v in res["profile"].items():
+            print(f"      profile {k}: {v['compute_ops_per_batch']:.0f} computing aten ops"
+                  + (f", {v['kernels_per_batch']:.0f} kernel launches" if cuda else "")
+                  + f" per batch -> {v['table']}", flush=True)
     r = _timed(cpu_loader(), dev, noop, n, b, skip)["img_s"]
     row("d", f"JPEG, {a.workers} workers decoding with PIL, alone", r, r / comp, "compute")
     r = _timed(dev_loader(), dev, noop, n, b, skip)["img_s"]

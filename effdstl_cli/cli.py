@@ -53,13 +53,13 @@ class LaunchArgs:
     """The options every launching command shares."""
 
     def __init__(self, executor, device, tasks, gpus_per_job, partition, account, qos, timeout_min,
-                 array_parallelism, max_parallel, compile_, workers, wait):
+                 array_parallelism, max_parallel, compile_, workers, decode, wait):
         from .launch import LaunchOptions
 
         self.opts = LaunchOptions(executor=executor, device=device, tasks=tasks, gpus_per_job=gpus_per_job,
                                   partition=partition, account=account, qos=qos, timeout_min=timeout_min,
                                   array_parallelism=array_parallelism, max_parallel=max_parallel,
-                                  compile=compile_, workers=workers, wait=wait)
+                                  compile=compile_, workers=workers, decode=decode, wait=wait)
 
 
 def launch_options(
@@ -75,10 +75,13 @@ def launch_options(
     max_parallel: Optional[int] = typer.Option(None, "--max-parallel", help="Local: jobs at once (default: 1 on CPU, one per GPU)."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile students and teachers (GPU)."),
     workers: int = typer.Option(4, "--workers", help="DataLoader workers for on-disk image folders."),
+    decode: str = typer.Option("auto", "--decode", help="Image folders: device (workers read bytes, the GPU decodes "
+                               "and augments) | workers (PIL in the workers) | auto (device on a GPU). "
+                               "`effdstl bench --device cuda --only d` says which is faster here."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for the jobs and show progress."),
 ) -> LaunchArgs:
     return LaunchArgs(executor, device, tasks, gpus_per_job, partition, account, qos, timeout_min,
-                      array_parallelism, max_parallel, compile_, workers, wait)
+                      array_parallelism, max_parallel, compile_, workers, decode, wait)
 
 
 def _progress_poller(plan):
@@ -549,7 +552,7 @@ def demo(results: str = RESULTS, executor: str = typer.Option("debug", "--execut
     from . import plots
     from .results import collect, write_table
 
-    la = LaunchArgs(executor, "auto", 1, None, None, None, None, 60, 16, None, False, 0, True)
+    la = LaunchArgs(executor, "auto", 1, None, None, None, None, 60, 16, None, False, 0, "auto", True)
     study = Path(__file__).resolve().parent.parent / "studies" / "figure5-digits.yaml"
     if not study.exists():
         study = Path("studies/figure5-digits.yaml")

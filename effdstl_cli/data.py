@@ -9,8 +9,10 @@ Two kinds of split:
   tensor; ``get_batch`` gathers and augments a whole batch on the device, drawing randomness only
   from the generator it is given, so every student of a group sees identical batches and a run is
   reproducible from (seed, epoch) alone.
-- on-disk (folder:PATH, imagenet:PATH): ImageFolder trees decoded per sample with PIL; used
-  through a DataLoader (``__getitem__``) or ``get_batch`` (same per-sample path).
+- on-disk (folder:PATH, imagenet:PATH): ImageFolder trees, decoded either with PIL per sample
+  (DataLoader workers: ``__getitem__``; or ``get_batch``) or as a batch on the device
+  (``bytes_view`` for the workers, then ``decode_batch``: nvJPEG and one batched resample on a
+  GPU). ``get_batch`` and ``decode_batch`` draw the same crops from the same generator.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import math
 import os
 import socket
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -181,7 +184,7 @@ class TensorSplit(Dataset):
 
 
 class FolderSplit(Dataset):
-    """An ImageFolder split decoded per sample with PIL (ImageNet-style transforms, no jitter)."""
+    """An ImageFolder split: PIL per sample, or batches decoded on the device (ImageNet-style transforms, no jitter)."""
 
     in_memory = False
 
@@ -198,26 +201,36 @@ class FolderSplit(Dataset):
         """The raw encoded file (for a GPU-decode path)."""
         return torch.frombuffer(bytearray(Path(self.samples[i][0]).read_bytes()), dtype=torch.uint8)
 
-    def load(self, i: int, generator: torch.Generator | None = None, augment: bool | None = None) -> torch.Tensor:
+    def _open(self, i: int):
         from PIL import Image
+
+        with Image.open(self.samples[i][0]) as im:
+            return im.convert("RGB")
+
+    def _pil(self, im, crop, flip: bool) -> torch.Tensor:
         import torchvision.transforms.functional as TF
 
         s = self.image_size
-        with Image.open(self.samples[i][0]) as im:
-            im = im.convert("RGB")
-        if self.train if augment is None else augment:
-            # RandomResizedCrop(s) + RandomHorizontalFlip only (METHOD.md: no colour jitter)
-            top, left, h, w = _rrc_params(im.width, im.height, generator)
-            im = TF.resized_crop(im, top, left, h, w, [s, s], antialias=True)
-            if torch.randint(0, 2, (1,), generator=generator).item():
-                im = TF.hflip(im)
-        else:
-            im = TF.center_crop(TF.resize(im, round(s * 256 / 224), antialias=True), [s, s])
-        return TF.to_tensor(im)
+        if crop is None:  # evaluation: resize the shorter side to s*256/224, centre crop s
+            return TF.to_tensor(TF.center_crop(TF.resize(im, round(s * 256 / 224), antialias=True), [s, s]))
+        top, left, h, w = crop  # RandomResizedCrop(s) + RandomHorizontalFlip only (METHOD.md: no colour jitter)
+        im = TF.resized_crop(im, top, left, h, w, [s, s], antialias=True)
+        return TF.to_tensor(TF.hflip(im) if flip else im)
+
+    def load(self, i: int, generator: torch.Generator | None = None, augment: bool | None = None) -> torch.Tensor:
+        """One sample with PIL; a training sample's crop and flip come from ``generator`` (global RNG if None)."""
+        return self.get_batch(torch.tensor([i]), generator, augment=augment)[0]
 
     def get_batch(self, idx: torch.Tensor, generator: torch.Generator | None = None, device="cpu",
                   augment: bool | None = None) -> torch.Tensor:
-        return torch.stack([self.load(int(i), generator, augment) for i in idx]).to(device)
+        """Decode ``idx`` with PIL; crops and flips drawn for the whole batch as ``decode_batch`` draws them."""
+        ims = [self._open(int(i)) for i in idx]
+        if self.train if augment is None else augment:
+            crops, flips = augment_params([(im.width, im.height) for im in ims], generator)
+            out = [self._pil(im, c, f) for im, c, f in zip(ims, crops.tolist(), flips.tolist())]
+        else:
+            out = [self._pil(im, None, False) for im in ims]
+        return torch.stack(out).to(device)
 
     def __getitem__(self, i: int):
         return self.load(i), int(self.labels[i]), i
@@ -234,34 +247,34 @@ class FolderSplit(Dataset):
 
         JPEGs are decoded as one batch by ``torchvision.io.decode_jpeg`` on ``device`` (nvJPEG on a
         GPU, libjpeg on the CPU: the same code either way). Training images get
-        RandomResizedCrop(s) + horizontal flip with the parameters drawn from ``generator`` in the
-        same order as ``load`` draws them (per image: crop, then flip); the resize is bilinear with
-        antialiasing, rounded to integers like PIL's, so it differs from the PIL path only by
-        resampling rounding. Others get the evaluation transform (resize to s*256/224, centre crop).
+        RandomResizedCrop(s) + horizontal flip with the crops and flips ``get_batch`` draws from the
+        same generator; others the evaluation transform (resize to s*256/224, centre crop). Both are
+        one batched resample (``resize_windows``) whatever the batch size: per-image Python work
+        and kernel launches here would hold the interpreter and the GPU queue that the training
+        step needs (the side thread of ``engine._decoded`` runs this while the step runs). Output
+        is rounded to 8-bit levels, like PIL's.
         """
-        s = self.image_size
         imgs = decode_images(datas, device)
-        train = self.train if augment is None else augment
-        outs, flips = [], []
-        for im in imgs:
-            _, h, w = im.shape
-            if train:
-                top, left, ch, cw = _rrc_params(w, h, generator)
-                crop = im[None, :, top:top + ch, left:left + cw].float()
-                outs.append(F.interpolate(crop, size=(s, s), mode="bilinear", antialias=True, align_corners=False))
-                flips.append(int(torch.randint(0, 2, (1,), generator=generator)))
-            else:
-                r = round(s * 256 / 224)  # TF.resize(int): the shorter side becomes r
-                nh, nw = (r, int(r * w / h)) if h <= w else (int(r * h / w), r)
-                z = F.interpolate(im[None].float(), size=(nh, nw), mode="bilinear", antialias=True,
-                                  align_corners=False)
-                top, left = int(round((nh - s) / 2.0)), int(round((nw - s) / 2.0))
-                outs.append(z[:, :, top:top + s, left:left + s])
-        x = torch.cat(outs).round_().clamp_(0, 255)
-        if flips and any(flips):
-            fl = torch.tensor(flips, dtype=torch.bool).to(x.device, non_blocking=True)
-            x = torch.where(fl[:, None, None, None], x.flip(3), x)
-        return x.div_(255)
+        crops = flips = None
+        if self.train if augment is None else augment:
+            crops, flips = augment_params([(im.shape[2], im.shape[1]) for im in imgs], generator)
+        if imgs[0].device.type != "cpu" and _BATCHED_RESIZE_FAILED:
+            x = resize_each(imgs, crops, self.image_size, flips)
+        else:
+            try:
+                x = resize_windows(imgs, crops, self.image_size, flips)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except (RuntimeError, NotImplementedError) as exc:
+                if imgs[0].device.type == "cpu":  # the tested path: a failure here is a bug, show it
+                    raise
+                # a device/PyTorch build without the nested-tensor or batched-matmul kernels this
+                # needs: say so once and resize image by image (same numbers, slower)
+                _BATCHED_RESIZE_FAILED.append(f"{type(exc).__name__}: {exc}")
+                warnings.warn(f"batched resize failed on {imgs[0].device} ({_BATCHED_RESIZE_FAILED[0]}); "
+                              "resizing image by image from now on", RuntimeWarning, stacklevel=2)
+                x = resize_each(imgs, crops, self.image_size, flips)
+        return x.round_().clamp_(0, 255).div_(255)
 
 
 class EncodedView(Dataset):
@@ -309,28 +322,167 @@ def decode_images(datas: list[torch.Tensor], device="cpu") -> list[torch.Tensor]
     return out
 
 
-def _rrc_params(width: int, height: int, g: torch.Generator | None,
-                scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop.get_params, drawing from ``g`` instead of the global RNG."""
-    area = width * height
+def augment_params(sizes: list[tuple[int, int]], g: torch.Generator | None,
+                   scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[torch.Tensor, torch.Tensor]:
+    """RandomResizedCrop + horizontal-flip parameters for a batch of (width, height) images.
+
+    Returns (crops, flips): int64 (B, 4) rows ``(top, left, h, w)`` and bool (B,). The
+    distribution is torchvision's ``RandomResizedCrop.get_params`` (up to 10 tries of area ~
+    U(scale) * W * H and log-aspect ~ U(log ratio); the first that fits; else the centre crop with
+    the nearest allowed aspect) and p = 0.5 flips, but drawn from ``g`` in three vectorised calls
+    per batch rather than a Python loop per image, so it costs the same for 8 or 512 images.
+    """
+    wh = torch.tensor(sizes, dtype=torch.float64).reshape(-1, 2)
+    n = len(wh)
+    W, H = wh[:, :1], wh[:, 1:]
+    u = torch.rand((n, 10, 2), generator=g, dtype=torch.float64)
+    pos = torch.rand((n, 2), generator=g, dtype=torch.float64)
+    flips = torch.rand(n, generator=g) < 0.5
+    target = W * H * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(1, generator=g).item())
-        aspect = math.exp(lo + (hi - lo) * torch.rand(1, generator=g).item())
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (1,), generator=g))
-            left = int(torch.randint(0, width - w + 1, (1,), generator=g))
-            return top, left, h, w
-    in_ratio = width / height  # fallback: the central crop with the nearest allowed aspect ratio
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        w, h = int(round(height * ratio[1])), height
+    aspect = torch.exp(lo + (hi - lo) * u[..., 1])
+    w = torch.round(torch.sqrt(target * aspect))  # round half to even, as Python's round()
+    h = torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = fits.int().argmax(1, keepdim=True)  # the first try that fits
+    w, h = w.gather(1, first), h.gather(1, first)
+    top = torch.minimum(torch.floor(pos[:, :1] * (H - h + 1)), H - h)
+    left = torch.minimum(torch.floor(pos[:, 1:] * (W - w + 1)), W - w)
+    # no try fits: the central crop with the nearest allowed aspect ratio
+    r = W / H
+    fw = torch.where(r > ratio[1], torch.round(H * ratio[1]), W)
+    fh = torch.where(r < ratio[0], torch.round(W / ratio[0]), H)
+    miss = ~fits.any(1, keepdim=True)
+    h, w = torch.where(miss, fh, h), torch.where(miss, fw, w)
+    top = torch.where(miss, torch.div(H - fh, 2, rounding_mode="floor"), top)
+    left = torch.where(miss, torch.div(W - fw, 2, rounding_mode="floor"), left)
+    return torch.cat([top, left, h, w], 1).long(), flips
+
+
+RESIZE_CHUNK_PX = 1 << 25  # padded source pixels per resample (x 3 channels x 4 bytes = 400 MB)
+
+
+def resize_windows(imgs: list[torch.Tensor], crops: torch.Tensor | None, s: int,
+                   flips: torch.Tensor | None = None, precrop: bool | None = None) -> torch.Tensor:
+    """uint8 (3, H_i, W_i) images -> float (B, 3, s, s) in 0..255: every image's resize in two matmuls.
+
+    ``crops`` (B, 4) rows ``(top, left, h, w)``: resize that window to s x s (RandomResizedCrop,
+    clamping at the window's edge like PIL's ``resized_crop``); None: the evaluation transform
+    (resize the shorter side to s*256/224, centre crop s). ``flips`` (B,) mirrors those rows.
+
+    The resize is separable, so image i is ``Wy_i @ X_i @ Wx_i^T`` with ``Wy_i``/``Wx_i`` the
+    (s, H)/(s, W) weight matrices of ``F.interpolate(mode="bilinear", antialias=True,
+    align_corners=False)`` (PIL's filter too), zero outside the window. With the images
+    zero-padded into one tensor that is one batched matmul pair for the whole batch (in chunks of
+    at most RESIZE_CHUNK_PX padded pixels, sorted by size, when they are many or large): a fixed
+    handful of kernels and no per-image Python beyond reading shapes, where a resize per image
+    costs ~3 launches and interpreter time per image. On a GPU the whole images are padded (they
+    are contiguous, so gathering them is one batched copy, and the dense weights' wasted FLOPs are
+    cheap there); on a CPU (``precrop``, default) the windows are cut out first, which costs a copy
+    per image but halves the arithmetic. Either way the numbers are the same.
+    """
+    n = len(imgs)
+    dev = imgs[0].device
+    if precrop is None:
+        precrop = dev.type == "cpu"
+    if crops is not None and precrop:
+        imgs = [im[:, t:t + h, l:l + w] for im, (t, l, h, w) in zip(imgs, crops.tolist())]
+    hw = [(int(t.shape[1]), int(t.shape[2])) for t in imgs]
+    H, W = torch.tensor(hw, dtype=torch.float64).unbind(1)
+    if crops is not None:
+        c = crops.to(torch.float64)
+        start = torch.zeros(n, 2, dtype=torch.float64) if precrop else c[:, :2]
+        length, size = c[:, 2:], torch.full((n, 2), float(s), dtype=torch.float64)
+        off = torch.zeros(n, 2, dtype=torch.float64)  # each window becomes s x s
     else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+        r = round(s * 256 / 224)  # TF.resize(int): the shorter side becomes r, the other int(r * ratio)
+        nh = torch.where(H <= W, float(r), torch.floor(r * H / W))
+        nw = torch.where(H <= W, torch.floor(r * W / H), float(r))
+        start, length, size = torch.zeros(n, 2, dtype=torch.float64), torch.stack([H, W], 1), torch.stack([nh, nw], 1)
+        off = torch.round((size - s) / 2)  # center_crop's top, left (round half to even, as round())
+    flip = torch.zeros(n, 1, dtype=torch.float64) if flips is None else flips.to(torch.float64)[:, None]
+    # (B, 9) per-image numbers, moved to the device in one copy
+    params = torch.cat([start, length, size, off, flip], 1).to(dev, torch.float32, non_blocking=True)
+    order = list(range(n))
+    if n * max(h for h, _ in hw) * max(w for _, w in hw) > RESIZE_CHUNK_PX:
+        order.sort(key=lambda k: hw[k][0] * hw[k][1])
+    out = None
+    i = 0
+    while i < n:  # the longest run of `order` whose padded batch fits the budget (at least one image)
+        j, mh, mw = i, 0, 0
+        while j < n:
+            h2, w2 = max(mh, hw[order[j]][0]), max(mw, hw[order[j]][1])
+            if j > i and (j - i + 1) * h2 * w2 > RESIZE_CHUNK_PX:
+                break
+            mh, mw, j = h2, w2, j + 1
+        ids = order[i:j]
+        with warnings.catch_warnings():  # "nested tensors are a prototype": we only pad with them
+            warnings.simplefilter("ignore")
+            # float before padding: CUDA's to_padded_tensor is one kernel for float, a loop for uint8
+            x = torch.nested.nested_tensor([imgs[k] for k in ids]).float().to_padded_tensor(0.0)
+        sel = torch.tensor(ids, device=dev) if len(ids) < n else None
+        p = params if sel is None else params[sel]
+        wy = _aa_weights(p[:, 0], p[:, 2], p[:, 4], p[:, 6], s, mh)
+        wx = _aa_weights(p[:, 1], p[:, 3], p[:, 5], p[:, 7], s, mw)
+        wx = torch.where(p[:, 8, None, None] > 0, wx.flip(1), wx)  # a flip reverses the output columns
+        z = wy[:, None] @ (x @ wx[:, None].transpose(2, 3))  # (b, 3, s, s)
+        if sel is None:
+            return z
+        if out is None:
+            out = torch.empty(n, 3, s, s, device=dev)
+        out[sel] = z
+        i = j
+    return out
+
+
+_BATCHED_RESIZE_FAILED: list[str] = []  # set once resize_windows failed on a device (see decode_batch)
+
+
+def resize_each(imgs: list[torch.Tensor], crops: torch.Tensor | None, s: int,
+                flips: torch.Tensor | None = None) -> torch.Tensor:
+    """``resize_windows`` one image at a time with ``F.interpolate``: the fallback and the reference
+    it is measured against (``effdstl bench``); ~3 launches and some Python per image."""
+    out = []
+    for k, im in enumerate(imgs):
+        if crops is not None:
+            t, l, h, w = crops[k].tolist()
+            z = F.interpolate(im[None, :, t:t + h, l:l + w].float(), size=(s, s), mode="bilinear",
+                              antialias=True, align_corners=False)
+        else:
+            box = _eval_resize(int(im.shape[1]), int(im.shape[2]), s)
+            z = F.interpolate(im[None].float(), size=box[:2], mode="bilinear", antialias=True,
+                              align_corners=False)[:, :, box[2]:box[2] + s, box[3]:box[3] + s]
+        out.append(z.flip(3) if flips is not None and bool(flips[k]) else z)
+    return torch.cat(out)
+
+
+def _eval_resize(h: int, w: int, s: int) -> tuple[int, int, int, int]:
+    """(new h, new w, top, left) of resize(shorter side -> s*256/224) + centre crop s, as TF does it."""
+    r = round(s * 256 / 224)
+    nh, nw = (r, int(r * w / h)) if h <= w else (int(r * h / w), r)
+    return nh, nw, int(round((nh - s) / 2.0)), int(round((nw - s) / 2.0))
+
+
+def _aa_weights(start: torch.Tensor, length: torch.Tensor, resized: torch.Tensor, offset: torch.Tensor,
+                s: int, n_src: int) -> torch.Tensor:
+    """(B, s, n_src) rows of the antialiased bilinear resize along one axis, on the inputs' device.
+
+    Per image: the source window ``[start, start + length)`` is resized to ``resized`` samples, of
+    which outputs ``offset .. offset + s - 1`` are kept (a crop after the resize); 0 outside it.
+    Same arithmetic as ATen's ``_upsample_bilinear2d_aa`` (and PIL's): centre = scale (o + 0.5),
+    support = max(scale, 1), triangle filter stretched by max(scale, 1), taps clipped to the
+    window, weights normalised to sum 1 (so clipping at an edge acts as clamping there).
+    """
+    dev = length.device
+    scale = (length / resized)[:, None, None]
+    support = scale.clamp(min=1.0)
+    centre = scale * (torch.arange(s, device=dev)[None, :, None] + offset[:, None, None] + 0.5)
+    lo = torch.trunc(centre - support + 0.5).clamp(min=0)
+    hi = torch.minimum(torch.trunc(centre + support + 0.5), length[:, None, None])
+    j = torch.arange(n_src, device=dev, dtype=torch.float32)[None, None, :] - start[:, None, None]
+    w = (1 - ((j - centre + 0.5) / support).abs()).clamp(min=0)
+    w = torch.where((j >= lo) & (j < hi), w, 0.0)
+    return w / w.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from .errors import EffdstlError
 from .studies import Job, Plan, run_state
 
 EXECUTORS = ("debug", "local", "slurm")
+DECODE = ("auto", "device", "workers")
 
 
 @dataclass
@@ -44,6 +45,7 @@ class LaunchOptions:
     max_parallel: int | None = None   # local: concurrent jobs
     compile: bool = False
     workers: int = 4
+    decode: str = "auto"              # folder data: device (nvJPEG) | workers (PIL) | auto (device on CUDA)
     wait: bool = True
     poll_s: float = 1.0
     extra: dict = field(default_factory=dict)
@@ -53,6 +55,10 @@ class LaunchOptions:
             from .errors import unknown
 
             raise unknown("executor", self.executor, EXECUTORS)
+        if self.decode not in DECODE:
+            from .errors import unknown
+
+            raise unknown("--decode mode", self.decode, DECODE)
         for k in ("tasks", "timeout_min", "array_parallelism", "workers"):
             if int(getattr(self, k)) < (0 if k == "workers" else 1):
                 raise EffdstlError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
@@ -166,7 +172,8 @@ Report = Callable[[str], None]
 
 
 def _env_kw(opts: LaunchOptions) -> dict:
-    return {"device": opts.device, "compile": opts.compile, "workers": opts.workers}
+    return {"device": opts.device, "compile": opts.compile, "workers": opts.workers,
+            "gpu_decode": {"auto": None, "device": True, "workers": False}[opts.decode]}
 
 
 def _callable(job: Job, opts: LaunchOptions):
@@ -461,6 +468,10 @@ def dry_run_lines(plan: Plan, opts: LaunchOptions) -> list[str]:
              + (f", {gpus} GPU(s) per job" if gpus else ", CPU") + f", backend {opts.backend() if world > 1 else 'none (1 process)'}"
              + (f", partition {opts.partition}" if opts.partition else "")
              + (f", array parallelism {opts.array_parallelism}" if opts.executor == "slurm" else "")]
+    if str(plan.study["dataset"]).split(":")[0] in ("folder", "imagenet"):
+        how = {"device": "decoded on the device (nvJPEG on a GPU)", "workers": "decoded by PIL in the workers",
+               "auto": "decoded on the GPU if there is one, else by PIL in the workers"}[opts.decode]
+        lines.append(f"images: {opts.workers} DataLoader workers per process read the files, {how} (--decode {opts.decode})")
     tl = []
     for name, t in (plan.study.get("teachers") or {}).items():
         src = "pretrained" if t.get("pretrained") else (f"ckpt {t['ckpt']}" if t.get("ckpt") else f"trained here, {t.get('epochs', '?')} ep")

@@ -13,14 +13,15 @@ TINY = ["--student", "mlp:16", "--teacher", "cnn:small", "--strong", "cnn:small"
 
 def test_bench_cpu_prints_every_ratio_and_writes_json(tmp_path):
     out = tmp_path / "b.json"
-    p = run_cli("bench", "--device", "cpu", *TINY, "--json", str(out), cwd=tmp_path, timeout=240)
+    p = run_cli("bench", "--device", "cpu", *TINY, "--json", str(out), "--profile", str(tmp_path / "prof"),
+                cwd=tmp_path, timeout=240)
     text = p.stdout
     res = json.loads(out.read_text())
     assert res["device_type"] == "cpu" and "CPU" in res["device"] and res["device"] in text
     rows = {(r["section"], r["what"]): r for r in res["rows"]}
     sections = [r["section"] for r in res["rows"]]
     assert sections.count("a") == 1 and sections.count("b") == 1
-    assert sections.count("c") == 2 and sections.count("d") == 6
+    assert sections.count("c") == 2 and sections.count("d") == 8
     for r in res["rows"]:
         assert r["img_s"] > 0 and r["ratio"] > 0, r
         assert f"{r['ratio']:.2f}x" in text                        # printed in the table
@@ -28,6 +29,11 @@ def test_bench_cpu_prints_every_ratio_and_writes_json(tmp_path):
     assert group["vs"].startswith("cost of separate") and "wall_ratio" in group
     assert any("decode on CPU" in w for _, w in rows)
     assert res["jpegs"]["files"] >= 48 and res["config"]["k"] == 4
+    loop = [r for r in res["rows"] if "image by image" in r["what"]][0]
+    assert loop["batched_vs_loop"] > 0                                   # batched decode vs the per-image loop
+    for name in ("decode_batch", "per_image_loop", "jpeg_to_step"):      # --profile: tables and counts
+        prof = res["profile"][name]
+        assert prof["compute_ops_per_batch"] > 0 and "aten::" in (tmp_path / "prof" / prof["table"].split("/")[-1]).read_text()
 
 
 def test_bench_sections_and_bad_options(tmp_path):

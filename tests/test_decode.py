@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from effdstl_cli.config import config_hash
-from effdstl_cli.data import build_data, collate_encoded, decode_images
+from effdstl_cli.data import (augment_params, build_data, collate_encoded, decode_images, resize_each,
+                              resize_windows)
 from effdstl_cli.engine import Env, train_group
 from effdstl_cli.io import read_jsonl
 
@@ -49,8 +50,8 @@ def test_decode_batch_shape_range_determinism_and_pil_agreement(folder):
     assert not torch.equal(x1, tr.decode_batch(datas, torch.Generator().manual_seed(4)))
     assert torch.equal(x1 * 255, (x1 * 255).round())                      # whole 8-bit levels, like PIL's
     # the same crop and flip draws as the PIL path: the images agree to resampling rounding
-    g = torch.Generator().manual_seed(3)
-    pil = torch.stack([tr.load(i, g) for i in range(len(tr))])
+    pil = tr.get_batch(torch.arange(len(tr)), torch.Generator().manual_seed(3))
+    print("mean |device - PIL|", float((x1 - pil).abs().mean()))
     assert (x1 - pil).abs().mean() < 0.01
     # evaluation transform (resize + centre crop), no randomness
     te = d.test
@@ -83,3 +84,117 @@ def test_engine_trains_folder_data_through_device_decoding(folder, tmp_path):
         assert rec["status"] == "done", rec
         rows.append([{k: v for k, v in r.items() if k != "epoch_s"} for r in read_jsonl(d / "metrics.jsonl")])
     assert len(rows[0]) == 2 and rows[0] == rows[1]  # augmentation drawn from the epoch's generator: reproducible
+
+
+# -- the batched augmentation: parameters and resample -------------------------------------------
+
+def test_augment_params_follow_random_resized_crop():
+    sizes = [(500, 375), (333, 500), (64, 64), (1000, 10), (10, 1000)] * 400
+    crops, flips = augment_params(sizes, torch.Generator().manual_seed(0))
+    again, flips2 = augment_params(sizes, torch.Generator().manual_seed(0))
+    assert torch.equal(crops, again) and torch.equal(flips, flips2)            # seeded
+    assert crops.dtype == torch.long and crops.shape == (2000, 4) and flips.shape == (2000,)
+    top, left, h, w = crops.T
+    W = torch.tensor([s[0] for s in sizes])
+    H = torch.tensor([s[1] for s in sizes])
+    assert bool((top >= 0).all() and (left >= 0).all() and (h >= 1).all() and (w >= 1).all())
+    assert bool((top + h <= H).all() and (left + w <= W).all())                # inside the image
+    frac = (h * w).double() / (H * W).double()
+    normal = (W >= 300) & (H >= 300)  # large enough that rounding moves the aspect < 1.5%
+    assert bool((frac[normal] >= 0.07).all() and (frac[normal] <= 1.0).all())
+    aspect = w.double() / h.double()
+    assert bool((aspect[normal] > 0.74).all() and (aspect[normal] < 1.36).all())
+    # the slivers fall back to the centre crop with the nearest allowed aspect: hand-computed
+    assert crops[3].tolist() == [0, 493, 10, 13] and crops[4].tolist() == [493, 0, 13, 10]
+    assert 0.45 < float(flips.double().mean()) < 0.55
+    # same distribution as torchvision's RandomResizedCrop.get_params (mean area fraction, aspect)
+    from torchvision.transforms import RandomResizedCrop
+    torch.manual_seed(0)
+    ref = [RandomResizedCrop.get_params(torch.empty(3, 375, 500), (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(2000)]
+    ref_frac = sum(r[2] * r[3] for r in ref) / (2000 * 375 * 500)
+    ours = augment_params([(500, 375)] * 2000, torch.Generator().manual_seed(1))[0]
+    our_frac = float((ours[:, 2] * ours[:, 3]).double().mean()) / (375 * 500)
+    assert abs(our_frac - ref_frac) < 0.03, (our_frac, ref_frac)
+
+
+def _reference_resize(imgs, crops, s, flips=None):
+    """The per-image resize resize_windows batches: crop, then F.interpolate with antialias."""
+    import torch.nn.functional as F
+    out = []
+    for k, im in enumerate(imgs):
+        _, h, w = im.shape
+        if crops is not None:
+            t, l, ch, cw = crops[k].tolist()
+            z = F.interpolate(im[None, :, t:t + ch, l:l + cw].float(), size=(s, s), mode="bilinear",
+                              antialias=True, align_corners=False)
+        else:
+            r = round(s * 256 / 224)
+            nh, nw = (r, int(r * w / h)) if h <= w else (int(r * h / w), r)
+            z = F.interpolate(im[None].float(), size=(nh, nw), mode="bilinear", antialias=True,
+                              align_corners=False)
+            top, left = int(round((nh - s) / 2.0)), int(round((nw - s) / 2.0))
+            z = z[:, :, top:top + s, left:left + s]
+        out.append(z.flip(3) if flips is not None and bool(flips[k]) else z)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("precrop", [True, False], ids=["precrop (CPU default)", "whole images (GPU default)"])
+@pytest.mark.parametrize("s", [8, 24, 57])
+def test_resize_windows_equals_per_image_interpolate(s, precrop):
+    g = torch.Generator().manual_seed(s)
+    imgs = [torch.randint(0, 256, (3, int(h), int(w)), dtype=torch.uint8, generator=g)
+            for h, w in torch.randint(12, 90, (9, 2), generator=g)]
+    crops, flips = augment_params([(im.shape[2], im.shape[1]) for im in imgs], g)
+    # up- and down-scaling (windows from ~4 px to 89 px), flips, and the evaluation transform
+    got = resize_windows(imgs, crops, s, flips, precrop=precrop)
+    assert got.shape == (9, 3, s, s) and got.dtype == torch.float32
+    assert torch.allclose(got, _reference_resize(imgs, crops, s, flips), atol=2e-3)
+    assert torch.allclose(resize_windows(imgs, None, s, precrop=precrop), _reference_resize(imgs, None, s), atol=2e-3)
+    const = [torch.full((3, 30 + k, 40 - k), 77, dtype=torch.uint8) for k in range(5)]  # constant stays constant
+    assert torch.allclose(resize_windows(const, None, s, precrop=precrop), torch.tensor(77.0), atol=1e-3)
+
+
+@pytest.mark.parametrize("precrop", [True, False])
+def test_resize_windows_chunks_keep_the_batch_order(monkeypatch, precrop):
+    import effdstl_cli.data as data
+    g = torch.Generator().manual_seed(0)
+    imgs = [torch.randint(0, 256, (3, int(h), int(w)), dtype=torch.uint8, generator=g)
+            for h, w in torch.randint(20, 70, (11, 2), generator=g)]
+    crops, flips = augment_params([(im.shape[2], im.shape[1]) for im in imgs], g)
+    whole = resize_windows(imgs, crops, 16, flips, precrop), resize_windows(imgs, None, 16, precrop=precrop)
+    monkeypatch.setattr(data, "RESIZE_CHUNK_PX", 3 * 70 * 70)  # a few images per chunk, sorted by size
+    parts = resize_windows(imgs, crops, 16, flips, precrop), resize_windows(imgs, None, 16, precrop=precrop)
+    for a, b in zip(whole, parts):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_batched_resize_failure_on_a_device_falls_back_once_and_on_the_cpu_raises(monkeypatch, folder):
+    import effdstl_cli.data as data
+    tr = build_data(f"folder:{folder}", image_size=12).train
+    datas = [tr.read_bytes(i) for i in range(6)]
+
+    def broken(*a, **k):
+        raise NotImplementedError("no nested kernel here")
+    monkeypatch.setattr(data, "resize_windows", broken)
+    monkeypatch.setattr(data, "_BATCHED_RESIZE_FAILED", [])
+    with pytest.raises(NotImplementedError):                    # CPU: the tested path; a failure is a bug
+        tr.decode_batch(datas, torch.Generator().manual_seed(0))
+    # another device type (meta tensors stand in for a GPU's): warn once, then resize image by image
+    monkeypatch.setattr(data, "decode_images", lambda d, dev: [im.to("meta") for im in decode_images(d)])
+    with pytest.warns(RuntimeWarning, match="no nested kernel here"):
+        x = tr.decode_batch(datas, torch.Generator().manual_seed(0))
+    assert x.device.type == "meta" and x.shape == (6, 3, 12, 12)
+    assert data._BATCHED_RESIZE_FAILED and "NotImplementedError" in data._BATCHED_RESIZE_FAILED[0]
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)          # not again
+        assert tr.decode_batch(datas, torch.Generator().manual_seed(0)).shape == (6, 3, 12, 12)
+
+
+def test_resize_each_is_the_reference():
+    g = torch.Generator().manual_seed(1)
+    imgs = [torch.randint(0, 256, (3, int(h), int(w)), dtype=torch.uint8, generator=g)
+            for h, w in torch.randint(12, 60, (5, 2), generator=g)]
+    crops, flips = augment_params([(im.shape[2], im.shape[1]) for im in imgs], g)
+    assert torch.allclose(resize_each(imgs, crops, 16, flips), _reference_resize(imgs, crops, 16, flips))
+    assert torch.allclose(resize_each(imgs, None, 16), _reference_resize(imgs, None, 16))

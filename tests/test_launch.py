@@ -86,6 +86,8 @@ def _check_dry_run(study_file: Path, tmp_path: Path) -> None:
     # the cluster side: every job is one 4-GPU DDP job over nccl
     assert "4 GPU(s) per job" in text and "backend nccl" in text, text
     assert "--ntasks-per-node 4" in text and "--gpus-per-node 4" in text, text
+    if str(study["dataset"]).startswith(("imagenet", "folder")):  # how the images will be decoded
+        assert "DataLoader workers per process read the files" in text and "(--decode auto)" in text, text
     seeds = study.get("seeds", [0])
     jobs = [ln for ln in lines if ln.startswith("  ") and not ln.startswith("      ")]
     assert len(jobs) == len(seeds), text  # pretrained teachers: no teacher jobs, one group per seed
@@ -117,6 +119,22 @@ def test_dry_run_figure5_imagenet(tmp_path):
     models = {t["model"] for t in s["teachers"].values()}
     assert {"tv:resnet34", "timm:resnet34d"} <= models and s["triplets"][0]["student"] == "tv:resnet18"
     _check_dry_run(study, tmp_path)
+
+
+def test_decode_option_reaches_the_engine_and_rejects_unknown_modes(tmp_path):
+    from effdstl_cli.launch import _env_kw
+
+    assert _env_kw(LaunchOptions(decode="workers"))["gpu_decode"] is False
+    assert _env_kw(LaunchOptions(decode="device"))["gpu_decode"] is True
+    assert _env_kw(LaunchOptions())["gpu_decode"] is None          # auto: the engine picks by device
+    study = ROOT / "studies" / "figure5-imagenet.yaml"
+    p = run_cli("sweep", "replacement", "--study", study, "--executor", "slurm", "--decode", "workers",
+                "--dry-run", "--results", tmp_path / "r", cwd=tmp_path, env=cli_env(PATH=_no_slurm_path(tmp_path)))
+    assert "decoded by PIL in the workers (--decode workers)" in p.stdout, p.stdout
+    p = run_cli("sweep", "replacement", "--study", study, "--decode", "gpu", "--dry-run",
+                "--results", tmp_path / "r", cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "--decode mode" in p.stderr and "gpu" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
 
 
 def test_slurm_parameters_of_a_4_gpu_job():
