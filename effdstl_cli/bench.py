@@ -367,8 +367,14 @@ def _profile(fn, device: torch.device, path: Path, per: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    kw = {}
+    try:  # the decode side thread's ops too (by default only the thread that starts the profiler)
+        from torch._C._profiler import _ExperimentalConfig
+        kw["experimental_config"] = _ExperimentalConfig(profile_all_threads=True)
+    except (ImportError, TypeError):  # an older torch: the calling thread only
+        pass
     _sync(device)
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, **kw) as prof:
         fn()
         _sync(device)
     ev = prof.key_averages()
@@ -464,7 +470,7 @@ def main(device: str = "cpu", argv: list[str] | None = None) -> dict:
         r.update(extra)
         res["rows"].append(r)
         shown = f"{r['ratio']:6.2f}x {vs}" if ratio is not None else ""
-        print(f"  ({section}) {what:<52} {img_s:>10,.0f} img/s  {shown}"
+        print(f"  ({section}) {what:<60} {img_s:>10,.0f} img/s  {shown}"
               + (f"   [goal {goal}]" if goal else ""), flush=True)
         save()
 
@@ -571,8 +577,8 @@ def main(device: str = "cpu", argv: list[str] | None = None) -> dict:
 
 
 def _bench_data(a, res, row, work: Path, dev: torch.device, env, teacher_ckpt: str, engine_rate) -> None:
-    from .data import build_data, decode_images
-    from .engine import _decoded
+    from .data import KeyedView, build_data, decode_images
+    from .engine import Env, _decoded
 
     b = a.batch
     skip = max(a.workers, 1)  # loaders: the first W batches come in a burst (see _timed)
@@ -608,15 +614,16 @@ def _bench_data(a, res, row, work: Path, dev: torch.device, env, teacher_ckpt: s
     comp = _timed(((xs[i % 2], ys[i % 2]) for i in range(n)), dev, step, n, b)["img_s"]
     row("d", "compute only: engine step, batches on the device", comp, 1.0, "compute")
 
-    def cpu_loader():
-        dl = torch.utils.data.DataLoader(split, batch_sampler=batches, num_workers=a.workers,
+    key = 1234  # the epoch's augmentation key, as the engine draws one per epoch
+
+    def cpu_loader():  # the engine's PIL path
+        dl = torch.utils.data.DataLoader(KeyedView(split, key), batch_sampler=batches, num_workers=a.workers,
                                          pin_memory=cuda, persistent_workers=False)
         for x, y, _ in dl:
             yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
 
-    def dev_loader():
-        gen = torch.Generator().manual_seed(0)
-        for x, y, _ in _decoded(split, batches, gen, dev, env, None):
+    def dev_loader(share: float = 0.0):  # the engine's device path (share > 0: mixed)
+        for x, y, _ in _decoded(split, batches, key, dev, Env(**{**env.__dict__, "cpu_share": share}), None):
             yield x, y
 
     where = "GPU (nvJPEG)" if cuda else "CPU, same code"
@@ -652,12 +659,20 @@ def _bench_data(a, res, row, work: Path, dev: torch.device, env, teacher_ckpt: s
             print(f"      profile {k}: {v['compute_ops_per_batch']:.0f} computing aten ops"
                   + (f", {v['kernels_per_batch']:.0f} kernel launches" if cuda else "")
                   + f" per batch -> {v['table']}", flush=True)
-    r = _timed(cpu_loader(), dev, noop, n, b, skip)["img_s"]
-    row("d", f"JPEG, {a.workers} workers decoding with PIL, alone", r, r / comp, "compute")
-    r = _timed(dev_loader(), dev, noop, n, b, skip)["img_s"]
-    row("d", f"JPEG, workers read bytes, decode on {where}, alone", r, r / comp, "compute")
+    r_pil = _timed(cpu_loader(), dev, noop, n, b, skip)["img_s"]
+    row("d", f"JPEG, {a.workers} workers decoding with PIL, alone", r_pil, r_pil / comp, "compute")
+    r_dev = _timed(dev_loader(), dev, noop, n, b, skip)["img_s"]
+    row("d", f"JPEG, workers read bytes, decode on {where}, alone", r_dev, r_dev / comp, "compute")
     r = _timed(cpu_loader(), dev, step, n, b, skip)["img_s"]
-    row("d", "JPEG (PIL workers) -> engine step", r, r / comp, "compute")
+    row("d", "JPEG -> step, PIL workers  [--decode workers]", r, r / comp, "compute")
     r = _timed(dev_loader(), dev, step, n, b, skip)["img_s"]
-    row("d", f"JPEG (decode on {where}) -> engine step", r, r / comp, "compute",
+    row("d", f"JPEG -> step, decode on {where}  [--decode device]", r, r / comp, "compute",
         goal=">= 0.95" if cuda else None)
+    # both decoders at once: PIL takes the share of each batch that balances the two rates
+    share = min(max(round(20 * r_pil / (r_pil + r_dev)) / 20, 0.05), 0.95)
+    r = _timed(dev_loader(share), dev, noop, n, b, skip)["img_s"]
+    row("d", f"JPEG, {share:.0%} PIL workers + rest on {where}, alone", r, r / comp, "compute")
+    r = _timed(dev_loader(share), dev, step, n, b, skip)["img_s"]
+    row("d", f"JPEG -> step, mixed  [--decode mixed:{share:g}]", r, r / comp, "compute",
+        goal=">= 0.95" if cuda else None)
+    res["suggested_decode"] = f"mixed:{share:g}"

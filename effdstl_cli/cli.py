@@ -76,8 +76,9 @@ def launch_options(
     compile_: bool = typer.Option(False, "--compile", help="torch.compile students and teachers (GPU)."),
     workers: int = typer.Option(4, "--workers", help="DataLoader workers for on-disk image folders."),
     decode: str = typer.Option("auto", "--decode", help="Image folders: device (workers read bytes, the GPU decodes "
-                               "and augments) | workers (PIL in the workers) | auto (device on a GPU). "
-                               "`effdstl bench --device cuda --only d` says which is faster here."),
+                               "and augments) | workers (PIL in the workers) | mixed:F (PIL decodes the share F "
+                               "of each batch, the GPU the rest) | auto (device on a GPU). "
+                               "`effdstl bench --device cuda --only d` measures them and suggests F."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for the jobs and show progress."),
 ) -> LaunchArgs:
     return LaunchArgs(executor, device, tasks, gpus_per_job, partition, account, qos, timeout_min,

@@ -207,29 +207,36 @@ class FolderSplit(Dataset):
         with Image.open(self.samples[i][0]) as im:
             return im.convert("RGB")
 
-    def _pil(self, im, crop, flip: bool) -> torch.Tensor:
+    def _pil(self, im, crop, flip: bool, uint8: bool = False) -> torch.Tensor:
         import torchvision.transforms.functional as TF
 
         s = self.image_size
         if crop is None:  # evaluation: resize the shorter side to s*256/224, centre crop s
-            return TF.to_tensor(TF.center_crop(TF.resize(im, round(s * 256 / 224), antialias=True), [s, s]))
-        top, left, h, w = crop  # RandomResizedCrop(s) + RandomHorizontalFlip only (METHOD.md: no colour jitter)
-        im = TF.resized_crop(im, top, left, h, w, [s, s], antialias=True)
-        return TF.to_tensor(TF.hflip(im) if flip else im)
+            im = TF.center_crop(TF.resize(im, round(s * 256 / 224), antialias=True), [s, s])
+        else:  # RandomResizedCrop(s) + RandomHorizontalFlip only (METHOD.md: no colour jitter)
+            top, left, h, w = crop
+            im = TF.resized_crop(im, top, left, h, w, [s, s], antialias=True)
+            im = TF.hflip(im) if flip else im
+        return TF.pil_to_tensor(im) if uint8 else TF.to_tensor(im)
 
-    def load(self, i: int, generator: torch.Generator | None = None, augment: bool | None = None) -> torch.Tensor:
-        """One sample with PIL; a training sample's crop and flip come from ``generator`` (global RNG if None)."""
-        return self.get_batch(torch.tensor([i]), generator, augment=augment)[0]
+    def load(self, i: int, generator: torch.Generator | None = None, augment: bool | None = None,
+             epoch_key: int | None = None, uint8: bool = False) -> torch.Tensor:
+        """One sample with PIL; see ``get_batch`` for where a training sample's crop and flip come from."""
+        return self.get_batch(torch.tensor([i]), generator, augment=augment, epoch_key=epoch_key, uint8=uint8)[0]
 
     def get_batch(self, idx: torch.Tensor, generator: torch.Generator | None = None, device="cpu",
-                  augment: bool | None = None) -> torch.Tensor:
-        """Decode ``idx`` with PIL; crops and flips drawn for the whole batch as ``decode_batch`` draws them."""
+                  augment: bool | None = None, epoch_key: int | None = None, uint8: bool = False) -> torch.Tensor:
+        """Decode ``idx`` with PIL. Training crops and flips are keyed by (``epoch_key``, sample
+        index) when a key is given (what the engine does: the same crop in any worker, batch or
+        process, and in ``decode_batch``), else drawn for the batch from ``generator`` (global RNG
+        if None) as ``decode_batch`` draws them. ``uint8``: 0..255 uint8 instead of float in [0, 1]."""
         ims = [self._open(int(i)) for i in idx]
         if self.train if augment is None else augment:
-            crops, flips = augment_params([(im.width, im.height) for im in ims], generator)
-            out = [self._pil(im, c, f) for im, c, f in zip(ims, crops.tolist(), flips.tolist())]
+            keys = None if epoch_key is None else sample_keys(epoch_key, idx)
+            crops, flips = augment_params([(im.width, im.height) for im in ims], generator, keys=keys)
+            out = [self._pil(im, c, f, uint8) for im, c, f in zip(ims, crops.tolist(), flips.tolist())]
         else:
-            out = [self._pil(im, None, False) for im in ims]
+            out = [self._pil(im, None, False, uint8) for im in ims]
         return torch.stack(out).to(device)
 
     def __getitem__(self, i: int):
@@ -242,13 +249,15 @@ class FolderSplit(Dataset):
         return EncodedView(self)
 
     def decode_batch(self, datas: list[torch.Tensor], generator: torch.Generator | None = None,
-                     device="cpu", augment: bool | None = None) -> torch.Tensor:
+                     device="cpu", augment: bool | None = None, idx=None,
+                     epoch_key: int | None = None) -> torch.Tensor:
         """Encoded files -> float (B, 3, s, s) in [0, 1] on ``device``, decoded and transformed there.
 
         JPEGs are decoded as one batch by ``torchvision.io.decode_jpeg`` on ``device`` (nvJPEG on a
         GPU, libjpeg on the CPU: the same code either way). Training images get
-        RandomResizedCrop(s) + horizontal flip with the crops and flips ``get_batch`` draws from the
-        same generator; others the evaluation transform (resize to s*256/224, centre crop). Both are
+        RandomResizedCrop(s) + horizontal flip with the crops and flips ``get_batch`` gives: keyed
+        by (``epoch_key``, ``idx``) when a key is given, else drawn from ``generator``; others the
+        evaluation transform (resize to s*256/224, centre crop). Both are
         one batched resample (``resize_windows``) whatever the batch size: per-image Python work
         and kernel launches here would hold the interpreter and the GPU queue that the training
         step needs (the side thread of ``engine._decoded`` runs this while the step runs). Output
@@ -257,13 +266,14 @@ class FolderSplit(Dataset):
         imgs = decode_images(datas, device)
         crops = flips = None
         if self.train if augment is None else augment:
-            crops, flips = augment_params([(im.shape[2], im.shape[1]) for im in imgs], generator)
+            keys = None if epoch_key is None else sample_keys(epoch_key, idx)
+            crops, flips = augment_params([(im.shape[2], im.shape[1]) for im in imgs], generator, keys=keys)
         if imgs[0].device.type != "cpu" and _BATCHED_RESIZE_FAILED:
             x = resize_each(imgs, crops, self.image_size, flips)
         else:
             try:
                 x = resize_windows(imgs, crops, self.image_size, flips)
-            except torch.cuda.OutOfMemoryError:
+            except (torch.cuda.OutOfMemoryError, *_STICKY_ERRORS):  # not a missing kernel: no fallback
                 raise
             except (RuntimeError, NotImplementedError) as exc:
                 if imgs[0].device.type == "cpu":  # the tested path: a failure here is a bug, show it
@@ -296,6 +306,76 @@ def collate_encoded(batch):
     return list(datas), torch.tensor(ys, dtype=torch.long), torch.tensor(idx, dtype=torch.long)
 
 
+class KeyedView(Dataset):
+    """PIL in the workers with keyed crops: ``(float image, label, index)``, the same whatever the
+    number of workers (a worker's own RNG never enters)."""
+
+    def __init__(self, split: FolderSplit, epoch_key: int | None, augment: bool | None = None):
+        self.split, self.epoch_key, self.augment = split, epoch_key, augment
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        return self.split.load(i, augment=self.augment, epoch_key=self.epoch_key), int(self.split.labels[i]), i
+
+
+class MixedView(Dataset):
+    """Items ``(index, on_cpu)``: a worker decodes an ``on_cpu`` sample with PIL (uint8, keyed crop)
+    and only reads the others' bytes, which the device then decodes (``decode_mixed``). Splitting
+    each batch between the CPU cores and the GPU's decoder adds their rates."""
+
+    def __init__(self, split: FolderSplit, epoch_key: int | None, augment: bool | None = None):
+        self.split, self.epoch_key, self.augment = split, epoch_key, augment
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, item):
+        i, on_cpu = item
+        if on_cpu:
+            return self.split.load(i, augment=self.augment, epoch_key=self.epoch_key, uint8=True), int(self.split.labels[i]), i
+        return self.split.read_bytes(i), int(self.split.labels[i]), i
+
+
+def mixed_batches(batches: list[list[int]], cpu_share: float, epoch_key: int | None) -> list[list[tuple[int, bool]]]:
+    """``MixedView`` items ``(index, on_cpu)``: each sample goes to PIL with probability
+    ``cpu_share``, decided by its key, so which decoder a sample meets (they differ by resampling
+    rounding) does not depend on its batch, its position or the DDP rank that handles it."""
+    if cpu_share <= 0:
+        return [[(i, False) for i in b] for b in batches]
+    flat = [i for b in batches for i in b]
+    u = keyed_uniforms(sample_keys(epoch_key or 0, flat), 24)[:, 23]  # past augment_params' 23 numbers
+    on_cpu = iter((u < cpu_share).tolist())
+    return [[(i, next(on_cpu)) for i in b] for b in batches]
+
+
+def collate_mixed(batch):
+    """DataLoader collate for MixedView: (PIL uint8 images (k, 3, s, s) or None, their positions,
+    encoded files, their positions, labels (B,), indices (B,))."""
+    pil = [k for k, (x, _, _) in enumerate(batch) if x.dim() == 3]
+    enc = [k for k, (x, _, _) in enumerate(batch) if x.dim() != 3]
+    ys = torch.tensor([y for _, y, _ in batch], dtype=torch.long)
+    idx = torch.tensor([i for _, _, i in batch], dtype=torch.long)
+    x_pil = torch.stack([batch[k][0] for k in pil]) if pil else None
+    return x_pil, torch.tensor(pil, dtype=torch.long), [batch[k][0] for k in enc], torch.tensor(enc, dtype=torch.long), ys, idx
+
+
+def decode_mixed(split: FolderSplit, item, device, augment: bool | None = None,
+                 epoch_key: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A ``collate_mixed`` batch -> (float (B, 3, s, s) in [0, 1] on ``device`` in batch order, labels, indices)."""
+    x_pil, pos_pil, datas, pos_enc, y, idx = item
+    if x_pil is None:  # all on the device: no scatter
+        return split.decode_batch(datas, None, device, augment, idx, epoch_key), y.to(device, non_blocking=True), idx
+    s = split.image_size
+    x = torch.empty(len(idx), 3, s, s, device=device)
+    dev_pos = pos_pil.to(device, non_blocking=True)
+    x[dev_pos] = x_pil.to(device, non_blocking=True).float().div_(255)
+    if datas:
+        x[pos_enc.to(device, non_blocking=True)] = split.decode_batch(datas, None, device, augment, idx[pos_enc], epoch_key)
+    return x, y.to(device, non_blocking=True), idx
+
+
 def decode_images(datas: list[torch.Tensor], device="cpu") -> list[torch.Tensor]:
     """Encoded images -> uint8 RGB (3, H, W) tensors on ``device``; JPEGs in one batched call there.
 
@@ -322,22 +402,54 @@ def decode_images(datas: list[torch.Tensor], device="cpu") -> list[torch.Tensor]
     return out
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic): a well-mixed bijection."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def sample_keys(epoch_key: int, idx) -> np.ndarray:
+    """uint64 keys of samples ``idx`` in an epoch: the seed of each sample's augmentation."""
+    i = np.asarray(torch.as_tensor(idx).reshape(-1).tolist(), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return _mix64(np.uint64(epoch_key & 0xFFFF_FFFF_FFFF_FFFF) + (i + np.uint64(1)) * _GOLDEN)
+
+
+def keyed_uniforms(keys: np.ndarray, n: int) -> torch.Tensor:
+    """float64 (B, n) uniforms in [0, 1): a counter-based stream per key (splitmix64), so a
+    sample's numbers depend on its key alone, not on which batch, worker or process draws them."""
+    k = np.asarray(keys, dtype=np.uint64).reshape(-1, 1)
+    with np.errstate(over="ignore"):
+        x = _mix64(k + np.arange(1, n + 1, dtype=np.uint64)[None, :] * _GOLDEN)
+    return torch.from_numpy((x >> np.uint64(11)).astype(np.float64) * 2.0 ** -53)
+
+
 def augment_params(sizes: list[tuple[int, int]], g: torch.Generator | None,
-                   scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[torch.Tensor, torch.Tensor]:
+                   scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                   keys: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """RandomResizedCrop + horizontal-flip parameters for a batch of (width, height) images.
 
     Returns (crops, flips): int64 (B, 4) rows ``(top, left, h, w)`` and bool (B,). The
     distribution is torchvision's ``RandomResizedCrop.get_params`` (up to 10 tries of area ~
     U(scale) * W * H and log-aspect ~ U(log ratio); the first that fits; else the centre crop with
-    the nearest allowed aspect) and p = 0.5 flips, but drawn from ``g`` in three vectorised calls
-    per batch rather than a Python loop per image, so it costs the same for 8 or 512 images.
+    the nearest allowed aspect) and p = 0.5 flips, drawn without a Python loop per image (it costs
+    the same for 8 or 512 images): from ``g`` in three calls per batch, or, given per-sample
+    ``keys`` (``sample_keys``), from each sample's own counter-based stream.
     """
     wh = torch.tensor(sizes, dtype=torch.float64).reshape(-1, 2)
     n = len(wh)
     W, H = wh[:, :1], wh[:, 1:]
-    u = torch.rand((n, 10, 2), generator=g, dtype=torch.float64)
-    pos = torch.rand((n, 2), generator=g, dtype=torch.float64)
-    flips = torch.rand(n, generator=g) < 0.5
+    if keys is not None:
+        r = keyed_uniforms(keys, 23)  # 10 tries x (area, aspect), (top, left), flip
+        u, pos, flips = r[:, :20].reshape(n, 10, 2), r[:, 20:22], r[:, 22] < 0.5
+    else:
+        u = torch.rand((n, 10, 2), generator=g, dtype=torch.float64)
+        pos = torch.rand((n, 2), generator=g, dtype=torch.float64)
+        flips = torch.rand(n, generator=g) < 0.5
     target = W * H * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(lo + (hi - lo) * u[..., 1])
@@ -363,7 +475,8 @@ RESIZE_CHUNK_PX = 1 << 25  # padded source pixels per resample (x 3 channels x 4
 
 
 def resize_windows(imgs: list[torch.Tensor], crops: torch.Tensor | None, s: int,
-                   flips: torch.Tensor | None = None, precrop: bool | None = None) -> torch.Tensor:
+                   flips: torch.Tensor | None = None, precrop: bool | None = None,
+                   exact: bool | None = None) -> torch.Tensor:
     """uint8 (3, H_i, W_i) images -> float (B, 3, s, s) in 0..255: every image's resize in two matmuls.
 
     ``crops`` (B, 4) rows ``(top, left, h, w)``: resize that window to s x s (RandomResizedCrop,
@@ -379,12 +492,15 @@ def resize_windows(imgs: list[torch.Tensor], crops: torch.Tensor | None, s: int,
     costs ~3 launches and interpreter time per image. On a GPU the whole images are padded (they
     are contiguous, so gathering them is one batched copy, and the dense weights' wasted FLOPs are
     cheap there); on a CPU (``precrop``, default) the windows are cut out first, which costs a copy
-    per image but halves the arithmetic. Either way the numbers are the same.
+    per image but halves the arithmetic. Either way the numbers are the same. ``exact`` (default:
+    off the CPU) guards the matmuls against TF32 rounding (``_separable``).
     """
     n = len(imgs)
     dev = imgs[0].device
     if precrop is None:
         precrop = dev.type == "cpu"
+    if exact is None:
+        exact = dev.type != "cpu"
     if crops is not None and precrop:
         imgs = [im[:, t:t + h, l:l + w] for im, (t, l, h, w) in zip(imgs, crops.tolist())]
     hw = [(int(t.shape[1]), int(t.shape[2])) for t in imgs]
@@ -401,12 +517,11 @@ def resize_windows(imgs: list[torch.Tensor], crops: torch.Tensor | None, s: int,
         start, length, size = torch.zeros(n, 2, dtype=torch.float64), torch.stack([H, W], 1), torch.stack([nh, nw], 1)
         off = torch.round((size - s) / 2)  # center_crop's top, left (round half to even, as round())
     flip = torch.zeros(n, 1, dtype=torch.float64) if flips is None else flips.to(torch.float64)[:, None]
-    # (B, 9) per-image numbers, moved to the device in one copy
-    params = torch.cat([start, length, size, off, flip], 1).to(dev, torch.float32, non_blocking=True)
+    params = torch.cat([start, length, size, off, flip], 1).float()  # (B, 9) per-image numbers
     order = list(range(n))
     if n * max(h for h, _ in hw) * max(w for _, w in hw) > RESIZE_CHUNK_PX:
-        order.sort(key=lambda k: hw[k][0] * hw[k][1])
-    out = None
+        order.sort(key=lambda k: hw[k])  # by (h, w): landscape and portrait images apart
+    zs = []
     i = 0
     while i < n:  # the longest run of `order` whose padded batch fits the budget (at least one image)
         j, mh, mw = i, 0, 0
@@ -419,23 +534,63 @@ def resize_windows(imgs: list[torch.Tensor], crops: torch.Tensor | None, s: int,
         with warnings.catch_warnings():  # "nested tensors are a prototype": we only pad with them
             warnings.simplefilter("ignore")
             # float before padding: CUDA's to_padded_tensor is one kernel for float, a loop for uint8
+            # (it copies its size table to the device with a sync of this stream: once per chunk)
             x = torch.nested.nested_tensor([imgs[k] for k in ids]).float().to_padded_tensor(0.0)
-        sel = torch.tensor(ids, device=dev) if len(ids) < n else None
-        p = params if sel is None else params[sel]
+        p = _to(params if len(ids) == n else params[ids], dev)
         wy = _aa_weights(p[:, 0], p[:, 2], p[:, 4], p[:, 6], s, mh)
         wx = _aa_weights(p[:, 1], p[:, 3], p[:, 5], p[:, 7], s, mw)
         wx = torch.where(p[:, 8, None, None] > 0, wx.flip(1), wx)  # a flip reverses the output columns
-        z = wy[:, None] @ (x @ wx[:, None].transpose(2, 3))  # (b, 3, s, s)
-        if sel is None:
-            return z
-        if out is None:
-            out = torch.empty(n, 3, s, s, device=dev)
-        out[sel] = z
+        zs.append(_separable(x, wy, wx, exact))
         i = j
-    return out
+    if len(zs) == 1:
+        return zs[0]
+    inv = torch.empty(n, dtype=torch.long)
+    inv[torch.tensor(order)] = torch.arange(n)
+    return torch.cat(zs).index_select(0, _to(inv, dev))
+
+
+def _to(t: torch.Tensor, dev) -> torch.Tensor:
+    """A small CPU tensor to ``dev`` without making the host wait (pinned staging on CUDA)."""
+    if torch.device(dev).type == "cuda":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
+
+
+def _tf32_split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """t = hi + lo with hi exact in TF32 (10-bit mantissa: fp32's low 13 bits cleared)."""
+    hi = (t.view(torch.int32) & ~0x1FFF).view(torch.float32)
+    return hi, t - hi
+
+
+def _separable(x: torch.Tensor, wy: torch.Tensor, wx: torch.Tensor, exact: bool) -> torch.Tensor:
+    """(b, 3, H, W) x (b, s, H) x (b, s, W) -> (b, 3, s, s) = wy @ x @ wx^T per image, as two bmm
+    with the channels folded in (no broadcast copies of the weights).
+
+    ``exact``: on a GPU the process may run fp32 matmuls in TF32 (the engine turns it on), which
+    would round the weights and the intermediate to 10 bits (up to ~0.4 of a level off). The
+    pixels (integers <= 255) are exact in TF32; the weights and the intermediate are split into a
+    TF32-exact high part and a small low part, and the products summed: error ~1e-3 of a level.
+    """
+    b, c, hh, ww = x.shape
+    s = wy.shape[1]
+    xr = x.reshape(b, c * hh, ww)
+    if exact:
+        hi, lo = _tf32_split(wx.transpose(1, 2).contiguous())
+        t = torch.baddbmm(torch.bmm(xr, lo), xr, hi)
+    else:
+        t = torch.bmm(xr, wx.transpose(1, 2))                                  # (b, 3H, s)
+    t = t.reshape(b, c, hh, s).permute(0, 2, 1, 3).reshape(b, hh, c * s)        # (b, H, 3s)
+    if exact:
+        w_hi, w_lo = _tf32_split(wy)
+        t_hi, t_lo = _tf32_split(t)
+        z = torch.baddbmm(torch.baddbmm(torch.bmm(w_lo, t_hi), w_hi, t_lo), w_hi, t_hi)
+    else:
+        z = torch.bmm(wy, t)                                                    # (b, s, 3s)
+    return z.reshape(b, s, c, s).permute(0, 2, 1, 3).contiguous()
 
 
 _BATCHED_RESIZE_FAILED: list[str] = []  # set once resize_windows failed on a device (see decode_batch)
+_STICKY_ERRORS = tuple(e for e in (getattr(torch, "AcceleratorError", None),) if e is not None)  # CUDA errors
 
 
 def resize_each(imgs: list[torch.Tensor], crops: torch.Tensor | None, s: int,

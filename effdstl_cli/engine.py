@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from . import io as fio
 from .cache import TeacherCache, cache_key, weights_sha
 from .config import config_hash
-from .data import build_data, collate_encoded
+from .data import KeyedView, MixedView, build_data, collate_mixed, decode_mixed, mixed_batches
 from .distillers import Distiller, TeacherOut, build_distiller
 from .errors import EffdstlError
 from .models import build_model, load_checkpoint, save_weights
@@ -53,6 +53,8 @@ class Env:
     workers: int = 4              # DataLoader workers for on-disk (folder) datasets
     gpu_decode: bool | None = None  # folder data: workers read bytes, the device decodes + augments
                                     # (default: on for CUDA; True on the CPU runs the same code there)
+    cpu_share: float = 0.0        # with gpu_decode: this fraction of each batch is decoded by PIL in
+                                  # the workers instead (CPU cores and the GPU's decoder add up)
     teacher_cache: bool | None = None  # reuse teacher logits per (sample, aug variant); default: on
                                        # where exact (no aug / CIFAR crop+flip), never for RRC
     teacher_cache_dir: str | None = None  # keep caches across processes (default: $EFFDSTL_TEACHER_CACHE)
@@ -415,9 +417,11 @@ def _batches(split, order, gbatch, steps, gen, device, env: Env, chl, with_varia
     In-memory splits augment the whole global batch with the epoch's generator and slice this
     rank's rows, so a DDP job sees exactly the samples and augmentations of a single process.
     On-disk splits go through DataLoader workers (same order): with device decoding (default on
-    CUDA) the workers only read bytes and the device decodes + augments each batch, with the
-    epoch's generator, one batch ahead in a side thread; else workers decode with PIL
-    (per-worker augmentation seeds).
+    CUDA) the workers only read bytes and the device decodes + augments each batch one batch ahead
+    in a side thread (``Env.cpu_share`` of each batch decoded by PIL in the workers instead); else
+    workers decode with PIL. Either way a sample's crop and flip are keyed by (an epoch key from
+    the epoch's generator, its index), so they do not depend on the decoder, the number of workers
+    or the DDP rank that handles it.
     """
     per = gbatch // env.world
     lo = env.rank * per
@@ -436,15 +440,16 @@ def _batches(split, order, gbatch, steps, gen, device, env: Env, chl, with_varia
             yield s, idx_l, x, labels[idx_l.to(device)], var
         return
     local = [idx[lo:lo + per].tolist() for idx in glob]
+    key = int(torch.randint(0, 2 ** 62, (1,), generator=gen))  # the epoch's augmentation key
     if _device_decode(env, device, split):
-        for s, (x, y, idx_l) in enumerate(_decoded(split, local, gen, device, env, None)):
+        for s, (x, y, idx_l) in enumerate(_decoded(split, local, key, device, env, None)):
             if chl:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield s, idx_l, x, y, None
         return
     loader = torch.utils.data.DataLoader(
-        split, batch_sampler=local, num_workers=env.workers, pin_memory=device.type == "cuda",
-        generator=gen, persistent_workers=False)
+        KeyedView(split, key), batch_sampler=local, num_workers=env.workers, pin_memory=device.type == "cuda",
+        persistent_workers=False)
     for s, (x, y, idx_l) in enumerate(loader):
         x = x.to(device, non_blocking=True)
         if chl:
@@ -458,16 +463,18 @@ def _device_decode(env: Env, device, split) -> bool:
     return env.gpu_decode if env.gpu_decode is not None else device.type == "cuda"
 
 
-def _decoded(split, batches: list[list[int]], gen, device, env: Env, augment):
-    """(x, y, indices) per batch: DataLoader workers read the files, ``split.decode_batch`` decodes
-    and transforms them on ``device``. On CUDA a side thread prepares the next batches on its own
-    stream (nvJPEG's host part and the launches overlap the training step); on the CPU inline."""
+def _decoded(split, batches: list[list[int]], epoch_key: int | None, device, env: Env, augment):
+    """(x, y, indices) per batch: DataLoader workers read the files (and decode ``env.cpu_share``
+    of each batch with PIL), ``data.decode_mixed`` decodes and transforms the rest on ``device``.
+    On CUDA a side thread prepares the next batches on its own stream (nvJPEG's host part and the
+    launches overlap the training step); on the CPU inline."""
     loader = torch.utils.data.DataLoader(
-        split.bytes_view(), batch_sampler=batches, num_workers=env.workers, collate_fn=collate_encoded,
-        pin_memory=device.type == "cuda", persistent_workers=False)
+        MixedView(split, epoch_key, augment), batch_sampler=mixed_batches(batches, env.cpu_share, epoch_key),
+        num_workers=env.workers, collate_fn=collate_mixed, pin_memory=device.type == "cuda",
+        persistent_workers=False)
     if device.type != "cuda":
-        for datas, y, idx in loader:
-            yield split.decode_batch(datas, gen, device, augment), y.to(device), idx
+        for item in loader:
+            yield decode_mixed(split, item, device, augment, epoch_key)
         return
     q: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
@@ -485,9 +492,8 @@ def _decoded(split, batches: list[list[int]], gen, device, env: Env, augment):
     def work():
         try:
             with torch.cuda.device(device), torch.cuda.stream(side):
-                for datas, y, idx in loader:
-                    x = split.decode_batch(datas, gen, device, augment)
-                    y = y.to(device, non_blocking=True)
+                for item in loader:
+                    x, y, idx = decode_mixed(split, item, device, augment, epoch_key)
                     ev = torch.cuda.Event()
                     ev.record(side)
                     if not put((x, y, idx, ev)):
@@ -571,7 +577,7 @@ def evaluate(model: torch.nn.Module, split, device, env: Env, chl: bool, autocas
         it = ((x, y) for x, y, _ in _decoded(split, [i.tolist() for i in idx_all.split(batch)], None,
                                               device, env, False))
     else:
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(split, idx_all.tolist()),
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(KeyedView(split, None, False), idx_all.tolist()),
                                              batch_size=batch, num_workers=env.workers)
         it = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y, _ in loader)
     for x, y in it:

@@ -26,7 +26,7 @@ from .errors import EffdstlError
 from .studies import Job, Plan, run_state
 
 EXECUTORS = ("debug", "local", "slurm")
-DECODE = ("auto", "device", "workers")
+DECODE = ("auto", "device", "workers", "mixed:F")
 
 
 @dataclass
@@ -45,7 +45,7 @@ class LaunchOptions:
     max_parallel: int | None = None   # local: concurrent jobs
     compile: bool = False
     workers: int = 4
-    decode: str = "auto"              # folder data: device (nvJPEG) | workers (PIL) | auto (device on CUDA)
+    decode: str = "auto"              # folder data: device (nvJPEG) | workers (PIL) | mixed:F | auto (device on CUDA)
     wait: bool = True
     poll_s: float = 1.0
     extra: dict = field(default_factory=dict)
@@ -55,10 +55,7 @@ class LaunchOptions:
             from .errors import unknown
 
             raise unknown("executor", self.executor, EXECUTORS)
-        if self.decode not in DECODE:
-            from .errors import unknown
-
-            raise unknown("--decode mode", self.decode, DECODE)
+        decode_share(self.decode)
         for k in ("tasks", "timeout_min", "array_parallelism", "workers"):
             if int(getattr(self, k)) < (0 if k == "workers" else 1):
                 raise EffdstlError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
@@ -171,9 +168,28 @@ def _init_distributed(world: int, backend: str) -> tuple[int, int]:
 Report = Callable[[str], None]
 
 
+def decode_share(mode: str) -> tuple[bool | None, float]:
+    """``--decode`` -> (Env.gpu_decode, Env.cpu_share); one clear error for anything else."""
+    if mode in ("auto", "device", "workers"):
+        return {"auto": None, "device": True, "workers": False}[mode], 0.0
+    if mode.startswith("mixed:"):
+        try:
+            f = float(mode.split(":", 1)[1])
+        except ValueError:
+            f = -1.0
+        if 0.0 < f < 1.0:
+            return True, f
+        raise EffdstlError(f"--decode {mode}: mixed:F needs 0 < F < 1, the share of each batch PIL "
+                           "decodes in the workers (e.g. mixed:0.4)")
+    from .errors import unknown
+
+    raise unknown("--decode mode", mode, DECODE)
+
+
 def _env_kw(opts: LaunchOptions) -> dict:
+    gpu_decode, share = decode_share(opts.decode)
     return {"device": opts.device, "compile": opts.compile, "workers": opts.workers,
-            "gpu_decode": {"auto": None, "device": True, "workers": False}[opts.decode]}
+            "gpu_decode": gpu_decode, "cpu_share": share}
 
 
 def _callable(job: Job, opts: LaunchOptions):
@@ -469,8 +485,11 @@ def dry_run_lines(plan: Plan, opts: LaunchOptions) -> list[str]:
              + (f", partition {opts.partition}" if opts.partition else "")
              + (f", array parallelism {opts.array_parallelism}" if opts.executor == "slurm" else "")]
     if str(plan.study["dataset"]).split(":")[0] in ("folder", "imagenet"):
-        how = {"device": "decoded on the device (nvJPEG on a GPU)", "workers": "decoded by PIL in the workers",
-               "auto": "decoded on the GPU if there is one, else by PIL in the workers"}[opts.decode]
+        gpu_decode, share = decode_share(opts.decode)
+        how = ("decoded on the GPU if there is one, else by PIL in the workers" if gpu_decode is None else
+               "decoded by PIL in the workers" if not gpu_decode else
+               "decoded on the device (nvJPEG on a GPU)" if not share else
+               f"{share:.0%} of each batch decoded by PIL in the workers, the rest on the device")
         lines.append(f"images: {opts.workers} DataLoader workers per process read the files, {how} (--decode {opts.decode})")
     tl = []
     for name, t in (plan.study.get("teachers") or {}).items():

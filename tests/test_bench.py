@@ -21,7 +21,7 @@ def test_bench_cpu_prints_every_ratio_and_writes_json(tmp_path):
     rows = {(r["section"], r["what"]): r for r in res["rows"]}
     sections = [r["section"] for r in res["rows"]]
     assert sections.count("a") == 1 and sections.count("b") == 1
-    assert sections.count("c") == 2 and sections.count("d") == 8
+    assert sections.count("c") == 2 and sections.count("d") == 10
     for r in res["rows"]:
         assert r["img_s"] > 0 and r["ratio"] > 0, r
         assert f"{r['ratio']:.2f}x" in text                        # printed in the table
@@ -29,6 +29,7 @@ def test_bench_cpu_prints_every_ratio_and_writes_json(tmp_path):
     assert group["vs"].startswith("cost of separate") and "wall_ratio" in group
     assert any("decode on CPU" in w for _, w in rows)
     assert res["jpegs"]["files"] >= 48 and res["config"]["k"] == 4
+    assert res["suggested_decode"].startswith("mixed:") and any("step, mixed" in w for _, w in rows)
     loop = [r for r in res["rows"] if "image by image" in r["what"]][0]
     assert loop["batched_vs_loop"] > 0                                   # batched decode vs the per-image loop
     for name in ("decode_batch", "per_image_loop", "jpeg_to_step"):      # --profile: tables and counts

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from effdstl_cli.config import config_hash
-from effdstl_cli.data import (augment_params, build_data, collate_encoded, decode_images, resize_each,
-                              resize_windows)
+from effdstl_cli.data import (augment_params, build_data, collate_encoded, decode_images, keyed_uniforms,
+                              resize_each, resize_windows, sample_keys)
 from effdstl_cli.engine import Env, train_group
 from effdstl_cli.io import read_jsonl
 
@@ -115,6 +115,18 @@ def test_augment_params_follow_random_resized_crop():
     ours = augment_params([(500, 375)] * 2000, torch.Generator().manual_seed(1))[0]
     our_frac = float((ours[:, 2] * ours[:, 3]).double().mean()) / (375 * 500)
     assert abs(our_frac - ref_frac) < 0.03, (our_frac, ref_frac)
+    # the whole (h, w) distribution on a small image, and crop positions reaching both ends
+    torch.manual_seed(1)
+    tv = torch.tensor([RandomResizedCrop.get_params(torch.empty(3, 20, 60), (0.08, 1.0), (3 / 4, 4 / 3))
+                       for _ in range(20000)])
+    ours = augment_params([(60, 20)] * 20000, torch.Generator().manual_seed(2))[0]
+
+    def hist(c):
+        return torch.bincount(c[:, 2] * 61 + c[:, 3], minlength=21 * 61).double() / len(c)
+    assert 0.5 * float((hist(ours) - hist(tv)).abs().sum()) < 0.05           # total variation
+    for hh in (10, 15):
+        top = ours[ours[:, 2] == hh, 0]
+        assert int(top.min()) == 0 and int(top.max()) == 20 - hh               # 0 .. H - h, both ends
 
 
 def _reference_resize(imgs, crops, s, flips=None):
@@ -198,3 +210,101 @@ def test_resize_each_is_the_reference():
     crops, flips = augment_params([(im.shape[2], im.shape[1]) for im in imgs], g)
     assert torch.allclose(resize_each(imgs, crops, 16, flips), _reference_resize(imgs, crops, 16, flips))
     assert torch.allclose(resize_each(imgs, None, 16), _reference_resize(imgs, None, 16))
+
+
+# -- keyed augmentation: a sample's crop depends on (epoch key, index) alone -----------------------
+
+def test_keyed_uniforms_are_per_key_streams():
+    keys = sample_keys(12345, torch.arange(4000))
+    u = keyed_uniforms(keys, 23)
+    assert u.shape == (4000, 23) and u.dtype == torch.float64
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005      # uniform
+    assert abs(float(torch.corrcoef(torch.stack([u[:, 0], u[:, 1]]))[0, 1])) < 0.05         # streams uncorrelated
+    assert torch.equal(keyed_uniforms(keys[[7, 3]], 23), u[[7, 3]])           # a row depends on its key alone
+    assert len(set(keys.tolist())) == 4000                                     # distinct samples, distinct keys
+    assert not np.array_equal(sample_keys(12346, torch.arange(4000)), keys)    # another epoch, other crops
+
+
+def test_keyed_crops_agree_between_pil_and_device_and_ignore_the_batch(folder):
+    tr = build_data(f"folder:{folder}", image_size=24).train
+    idx = torch.arange(len(tr))
+    datas = [tr.read_bytes(i) for i in range(len(tr))]
+    dev = tr.decode_batch(datas, idx=idx, epoch_key=99)
+    pil = tr.get_batch(idx, epoch_key=99)
+    assert (dev - pil).abs().mean() < 0.01                                     # same crops and flips
+    sub = [9, 2, 30, 17]                                                       # another batch, another order
+    part = tr.decode_batch([datas[i] for i in sub], idx=torch.tensor(sub), epoch_key=99)
+    assert (part - dev[sub]).abs().max() <= 1 / 255 + 1e-6                     # same image (to resampling rounding)
+    assert torch.equal(tr.load(17, epoch_key=99), pil[17])                      # one sample alone: the same
+    assert not torch.equal(tr.get_batch(idx, epoch_key=100), pil)               # the epoch key matters
+    u8 = tr.get_batch(idx[:4], epoch_key=99, uint8=True)
+    assert u8.dtype == torch.uint8 and torch.equal(u8.float() / 255, pil[:4])
+
+
+def test_mixed_batches_split_each_batch_and_reassemble_in_order(folder):
+    from effdstl_cli.data import MixedView, collate_mixed, decode_mixed, mixed_batches
+    tr = build_data(f"folder:{folder}", image_size=24).train
+    batches = [[5, 1, 9, 3, 7, 30, 12], [2, 8, 0]]
+    items = mixed_batches(batches, 0.5, 99)
+    assert [[i for i, _ in it] for it in items] == batches
+    flags = {i: c for it in items for i, c in it}
+    assert any(flags.values()) and not all(flags.values())                     # both decoders get work
+    assert mixed_batches([[12, 2], [30, 5, 0]], 0.5, 99) == [[(i, flags[i]) for i in b] for b in [[12, 2], [30, 5, 0]]]
+    many = mixed_batches([list(range(2000))], 0.3, 7)                          # ~ the share asked for
+    assert 0.27 < sum(c for _, c in many[0]) / 2000 < 0.33
+    view = MixedView(tr, 99)
+    for b, it in zip(batches, items):
+        got = collate_mixed([view[i] for i in it])
+        x, y, idx = decode_mixed(tr, got, "cpu", None, 99)
+        assert torch.equal(idx, torch.tensor(b)) and torch.equal(y, tr.labels[b])
+        ref = tr.decode_batch([tr.read_bytes(i) for i in b], idx=torch.tensor(b), epoch_key=99)
+        assert (x - ref).abs().max() <= 1 / 255 + 1e-6                          # PIL rows == device rows
+    none = collate_mixed([view[i] for i in mixed_batches([[4, 6]], 0.0, 99)[0]])
+    assert none[0] is None and none[1].numel() == 0                             # share 0: the device path
+
+
+def _folder_run(folder, tmp_path, name, **env):
+    cfg = {"role": "student", "dataset": f"folder:{folder}", "data_root": None, "image_size": 16,
+           "model": "mlp:16", "seed": 0, "batch_size": 8, "epochs": 2,
+           "stages": [{"epochs": 2, "distiller": {"name": "none"},
+                       "optim": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "nesterov": False},
+                       "sched": {"warmup_epochs": 0, "min_lr": 0.0}}],
+           "teachers": {}, "meta": {}}
+    d = tmp_path / name / config_hash(cfg)
+    (rec,) = train_group([(cfg, d)], Env(device="cpu", log=lambda m: None, **env))
+    assert rec["status"] == "done", rec
+    return [{k: v for k, v in r.items() if k != "epoch_s"} for r in read_jsonl(d / "metrics.jsonl")]
+
+
+def test_pil_worker_path_does_not_depend_on_the_number_of_workers(folder, tmp_path):
+    one = _folder_run(folder, tmp_path, "w1", gpu_decode=False, workers=1)
+    three = _folder_run(folder, tmp_path, "w3", gpu_decode=False, workers=3)
+    assert len(one) == 2 and one == three
+
+
+def test_mixed_decoding_trains_reproducibly(folder, tmp_path):
+    a = _folder_run(folder, tmp_path, "m1", gpu_decode=True, cpu_share=0.5, workers=2)
+    b = _folder_run(folder, tmp_path, "m2", gpu_decode=True, cpu_share=0.5, workers=1)
+    assert len(a) == 2 and a == b
+
+
+def test_resample_survives_tf32_matmuls(monkeypatch):
+    """A GPU process with TF32 on rounds fp32 matmul inputs to 10 mantissa bits; the resample
+    splits weights and intermediate so the result stays within 1e-2 of a level. Emulated here:
+    bmm/baddbmm with their inputs truncated to TF32, as tensor cores may."""
+    g = torch.Generator().manual_seed(3)
+    imgs = [torch.randint(0, 256, (3, int(h), int(w)), dtype=torch.uint8, generator=g)
+            for h, w in torch.randint(150, 260, (6, 2), generator=g)]
+    crops, flips = augment_params([(im.shape[2], im.shape[1]) for im in imgs], g)
+    truth = _reference_resize(imgs, crops, 64, flips)
+    bmm = torch.bmm
+
+    def tf32(t):
+        return (t.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
+    monkeypatch.setattr(torch, "bmm", lambda a, b: bmm(tf32(a).double(), tf32(b).double()).float())
+    monkeypatch.setattr(torch, "baddbmm", lambda c, a, b: c + bmm(tf32(a).double(), tf32(b).double()).float())
+    plain = resize_windows(imgs, crops, 64, flips, precrop=False, exact=False)  # the CPU's default
+    assert (plain - truth).abs().max() > 0.05                                  # the emulation bites
+    guarded = resize_windows(imgs, crops, 64, flips, precrop=False, exact=True)  # the GPU's default
+    assert (guarded - truth).abs().max() < 0.01

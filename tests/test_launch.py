@@ -122,15 +122,24 @@ def test_dry_run_figure5_imagenet(tmp_path):
 
 
 def test_decode_option_reaches_the_engine_and_rejects_unknown_modes(tmp_path):
+    from effdstl_cli.errors import EffdstlError
     from effdstl_cli.launch import _env_kw
 
     assert _env_kw(LaunchOptions(decode="workers"))["gpu_decode"] is False
     assert _env_kw(LaunchOptions(decode="device"))["gpu_decode"] is True
     assert _env_kw(LaunchOptions())["gpu_decode"] is None          # auto: the engine picks by device
+    kw = _env_kw(LaunchOptions(decode="mixed:0.35"))
+    assert kw["gpu_decode"] is True and kw["cpu_share"] == 0.35
+    for bad in ("mixed:0", "mixed:1", "mixed:1.5", "mixed:x", "mixed:"):
+        with pytest.raises(EffdstlError, match="0 < F < 1"):
+            LaunchOptions(decode=bad).validate()
     study = ROOT / "studies" / "figure5-imagenet.yaml"
     p = run_cli("sweep", "replacement", "--study", study, "--executor", "slurm", "--decode", "workers",
                 "--dry-run", "--results", tmp_path / "r", cwd=tmp_path, env=cli_env(PATH=_no_slurm_path(tmp_path)))
     assert "decoded by PIL in the workers (--decode workers)" in p.stdout, p.stdout
+    p = run_cli("sweep", "replacement", "--study", study, "--executor", "slurm", "--decode", "mixed:0.4",
+                "--dry-run", "--results", tmp_path / "r", cwd=tmp_path, env=cli_env(PATH=_no_slurm_path(tmp_path)))
+    assert "40% of each batch decoded by PIL in the workers, the rest on the device" in p.stdout, p.stdout
     p = run_cli("sweep", "replacement", "--study", study, "--decode", "gpu", "--dry-run",
                 "--results", tmp_path / "r", cwd=tmp_path, check=False)
     assert p.returncode == 2 and "--decode mode" in p.stderr and "gpu" in p.stderr, p.stderr
@@ -219,6 +228,35 @@ def test_ddp_two_tasks_match_one_process(tmp_path, teachers):
             assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-4, abs=1e-6)
             assert ra["subset_frac"] == pytest.approx(rb["subset_frac"], abs=1e-6)
             assert ra["test_loss"] == pytest.approx(rb["test_loss"], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("decode", ["workers", "mixed:0.5"])
+def test_ddp_two_tasks_match_one_process_on_jpeg_folders(tmp_path, decode):
+    """Folder data: each sample's crop is keyed by (epoch, index), so a rank's share of a batch is
+    augmented as the single process augments it, by PIL in the workers or on the device."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 48), ("val", 8)):
+        for i in range(n):
+            d = tmp_path / "jpegs" / split / f"c{i % 3}"
+            d.mkdir(parents=True, exist_ok=True)
+            w, h = int(rng.integers(30, 60)), int(rng.integers(30, 60))
+            Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC) \
+                .save(d / f"{i}.jpg", quality=90)
+    common = ["train", "student", "--dataset", f"folder:{tmp_path / 'jpegs'}", "--image-size", "16",
+              "--model", "mlp:16", "--epochs", "2", "--batch-size", "16", "--lr", "0.1", "--name", "ddpf",
+              "-D", "none", "--decode", decode, "--workers", "1", "--device", "cpu"]
+    run_cli(*common, "--results", tmp_path / "one", "--executor", "debug", cwd=tmp_path, timeout=240)
+    run_cli(*common, "--results", tmp_path / "two", "--executor", "local", "--tasks", "2", cwd=tmp_path, timeout=240)
+    (a,), (b,) = run_dirs(tmp_path / "one" / "ddpf"), run_dirs(tmp_path / "two" / "ddpf")
+    assert a.name == b.name and json.loads((b / "final.json").read_text())["world_size"] == 2
+    wa = torch.load(a / "model.pt", weights_only=True)["model"]
+    wb = torch.load(b / "model.pt", weights_only=True)["model"]
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5, rtol=0), f"{k} differs by {(wa[k] - wb[k]).abs().max():.3g}"
 
 
 # -- 3. kill -9 of a local run mid-training, then the same command ---------------------------------
