@@ -487,13 +487,13 @@ def resize_windows(imgs: list[torch.Tensor], crops: torch.Tensor | None, s: int,
     (s, H)/(s, W) weight matrices of ``F.interpolate(mode="bilinear", antialias=True,
     align_corners=False)`` (PIL's filter too), zero outside the window. With the images
     zero-padded into one tensor that is one batched matmul pair for the whole batch (in chunks of
-    at most RESIZE_CHUNK_PX padded pixels, sorted by size, when they are many or large): a fixed
+    at most RESIZE_CHUNK_PX padded pixels, sorted by (h, w), when they are many or large): a fixed
     handful of kernels and no per-image Python beyond reading shapes, where a resize per image
-    costs ~3 launches and interpreter time per image. On a GPU the whole images are padded (they
-    are contiguous, so gathering them is one batched copy, and the dense weights' wasted FLOPs are
-    cheap there); on a CPU (``precrop``, default) the windows are cut out first, which costs a copy
-    per image but halves the arithmetic. Either way the numbers are the same. ``exact`` (default:
-    off the CPU) guards the matmuls against TF32 rounding (``_separable``).
+    costs ~2 launches and a dozen interpreter calls per image. On a GPU the whole images are
+    padded (they are contiguous, so gathering them is one batched copy, and the dense weights'
+    wasted FLOPs are cheap there); on a CPU (``precrop``, default) the windows are cut out first,
+    which costs a copy per image but halves the arithmetic. Either way the numbers are the same.
+    ``exact`` (default: off the CPU) guards the matmuls against TF32 rounding (``_separable``).
     """
     n = len(imgs)
     dev = imgs[0].device
@@ -596,7 +596,7 @@ _STICKY_ERRORS = tuple(e for e in (getattr(torch, "AcceleratorError", None),) if
 def resize_each(imgs: list[torch.Tensor], crops: torch.Tensor | None, s: int,
                 flips: torch.Tensor | None = None) -> torch.Tensor:
     """``resize_windows`` one image at a time with ``F.interpolate``: the fallback and the reference
-    it is measured against (``effdstl bench``); ~3 launches and some Python per image."""
+    it is measured against (``effdstl bench``); ~2 launches and some Python per image."""
     out = []
     for k, im in enumerate(imgs):
         if crops is not None:
