@@ -94,6 +94,11 @@ def parse(device: str, argv: list[str]) -> argparse.Namespace:
         ap.error(f"--only: unknown section(s) {sorted(bad)}; choose from {','.join(SECTIONS)}")
     if a.k < 3:
         ap.error("--k must be >= 3 (2 baselines + at least one replacement config)")
+    if a.profile:  # fail now, not after minutes of timing
+        try:
+            Path(a.profile).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            ap.error(f"--profile {a.profile}: cannot make that folder ({exc.strerror or exc})")
     return a
 
 

@@ -11,8 +11,8 @@ Two kinds of split:
   reproducible from (seed, epoch) alone.
 - on-disk (folder:PATH, imagenet:PATH): ImageFolder trees, decoded either with PIL per sample
   (DataLoader workers: ``__getitem__``; or ``get_batch``) or as a batch on the device
-  (``bytes_view`` for the workers, then ``decode_batch``: nvJPEG and one batched resample on a
-  GPU). ``get_batch`` and ``decode_batch`` draw the same crops from the same generator.
+  (``MixedView`` for the workers, which read the bytes, then ``decode_batch``: nvJPEG and one
+  batched resample on a GPU). ``get_batch`` and ``decode_batch`` draw the same crops from the same generator.
 """
 
 from __future__ import annotations
@@ -244,10 +244,6 @@ class FolderSplit(Dataset):
 
     # -- the device-decode path: workers read bytes, the device decodes and augments ------------
 
-    def bytes_view(self) -> "EncodedView":
-        """This split as a Dataset of ``(encoded bytes, label, index)`` (collate with ``collate_encoded``)."""
-        return EncodedView(self)
-
     def decode_batch(self, datas: list[torch.Tensor], generator: torch.Generator | None = None,
                      device="cpu", augment: bool | None = None, idx=None,
                      epoch_key: int | None = None) -> torch.Tensor:
@@ -285,25 +281,6 @@ class FolderSplit(Dataset):
                               "resizing image by image from now on", RuntimeWarning, stacklevel=2)
                 x = resize_each(imgs, crops, self.image_size, flips)
         return x.round_().clamp_(0, 255).div_(255)
-
-
-class EncodedView(Dataset):
-    """``(uint8 tensor of the encoded file, label, index)`` per sample: what a worker reads."""
-
-    def __init__(self, split: FolderSplit):
-        self.split = split
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, i: int):
-        return self.split.read_bytes(i), int(self.split.labels[i]), i
-
-
-def collate_encoded(batch):
-    """DataLoader collate for EncodedView: (list of byte tensors, labels (B,), indices (B,))."""
-    datas, ys, idx = zip(*batch)
-    return list(datas), torch.tensor(ys, dtype=torch.long), torch.tensor(idx, dtype=torch.long)
 
 
 class KeyedView(Dataset):

@@ -43,3 +43,7 @@ def test_bench_sections_and_bad_options(tmp_path):
     assert [r["section"] for r in json.loads(out.read_text())["rows"]] == ["a"]
     p = run_cli("bench", "--device", "cpu", "--only", "x", cwd=tmp_path, check=False)
     assert p.returncode != 0 and "unknown section" in p.stderr
+    (tmp_path / "file").write_text("x")
+    p = run_cli("bench", "--device", "cpu", "--profile", tmp_path / "file" / "prof", cwd=tmp_path, check=False)
+    assert p.returncode != 0 and "--profile" in p.stderr and "Traceback" not in p.stderr
+    assert "img/s" not in p.stdout                                     # refused before any timing

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from effdstl_cli.config import config_hash
-from effdstl_cli.data import (augment_params, build_data, collate_encoded, decode_images, keyed_uniforms,
+from effdstl_cli.data import (augment_params, build_data, decode_images, keyed_uniforms,
                               resize_each, resize_windows, sample_keys)
 from effdstl_cli.engine import Env, train_group
 from effdstl_cli.io import read_jsonl
@@ -60,14 +60,17 @@ def test_decode_batch_shape_range_determinism_and_pil_agreement(folder):
     assert (e - torch.stack([te.load(i) for i in range(len(te))])).abs().mean() < 0.01
 
 
-def test_encoded_view_and_collate(folder):
+def test_workers_only_read_bytes_for_the_device(folder):
+    from effdstl_cli.data import MixedView, collate_mixed
     tr = build_data(f"folder:{folder}", image_size=16).train
-    view = tr.bytes_view()
+    view = MixedView(tr, 5)
     assert len(view) == len(tr)
-    b, y, i = view[3]
-    assert b.dtype == torch.uint8 and y == int(tr.labels[3]) and i == 3
-    datas, ys, idx = collate_encoded([view[k] for k in (0, 1, 2)])
-    assert len(datas) == 3 and torch.equal(ys, tr.labels[:3]) and torch.equal(idx, torch.arange(3))
+    b, y, i = view[(3, False)]
+    assert b.dtype == torch.uint8 and b.dim() == 1 and torch.equal(b, tr.read_bytes(3))
+    assert y == int(tr.labels[3]) and i == 3
+    x_pil, pos_pil, datas, pos_enc, ys, idx = collate_mixed([view[(k, False)] for k in (0, 1, 2)])
+    assert x_pil is None and pos_pil.numel() == 0 and len(datas) == 3 and torch.equal(pos_enc, torch.arange(3))
+    assert torch.equal(ys, tr.labels[:3]) and torch.equal(idx, torch.arange(3))
 
 
 def test_engine_trains_folder_data_through_device_decoding(folder, tmp_path):
