@@ -488,11 +488,8 @@ def resize_windows(imgs: list[torch.Tensor], crops: torch.Tensor | None, s: int,
         length, size = c[:, 2:], torch.full((n, 2), float(s), dtype=torch.float64)
         off = torch.zeros(n, 2, dtype=torch.float64)  # each window becomes s x s
     else:
-        r = round(s * 256 / 224)  # TF.resize(int): the shorter side becomes r, the other int(r * ratio)
-        nh = torch.where(H <= W, float(r), torch.floor(r * H / W))
-        nw = torch.where(H <= W, torch.floor(r * W / H), float(r))
-        start, length, size = torch.zeros(n, 2, dtype=torch.float64), torch.stack([H, W], 1), torch.stack([nh, nw], 1)
-        off = torch.round((size - s) / 2)  # center_crop's top, left (round half to even, as round())
+        geo = torch.tensor([_eval_resize(h, w, s) for h, w in hw], dtype=torch.float64)  # (nh, nw, top, left)
+        start, length, size, off = torch.zeros(n, 2, dtype=torch.float64), torch.stack([H, W], 1), geo[:, :2], geo[:, 2:]
     flip = torch.zeros(n, 1, dtype=torch.float64) if flips is None else flips.to(torch.float64)[:, None]
     params = torch.cat([start, length, size, off, flip], 1).float()  # (B, 9) per-image numbers
     order = list(range(n))
