@@ -48,7 +48,10 @@ DEFAULTS = {
 }
 SCHEMES = ("full", "partial", "confidence")
 SUBSETS = ("reg_cor", "reg", "correct", "not_correct")
-SECTIONS = ("a", "b", "c", "d")
+SECTIONS = ("a", "b", "c", "d", "f")
+# (f): fused student groups vs the loop; MODEL@SIZE[xCHANNELS], K students, batch 64 (issue: a Fig. 5
+# triplet is 17 students of one small architecture)
+FUSED_MODELS = "mlp:32@8x1,cnn:small@32,resnet20@32"
 
 
 def parse(device: str, argv: list[str]) -> argparse.Namespace:
@@ -83,6 +86,10 @@ def parse(device: str, argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--profile", metavar="DIR",
                     help="(d): also profile the decode (batched and per-image) and JPEG -> step with "
                          "torch.profiler; op tables go to DIR, op and launch counts to the JSON")
+    ap.add_argument("--fuse-models", default=FUSED_MODELS,
+                    help="(f): students to fuse, MODEL@SIZE[xCHANNELS] comma-separated (%(default)s)")
+    ap.add_argument("--fuse-k", type=int, default=17, help="(f): students per group (%(default)s)")
+    ap.add_argument("--fuse-batch", type=int, default=64, help="(f): batch size (%(default)s)")
     ap.add_argument("--only", default=",".join(SECTIONS), help="sections to run, e.g. a,b (%(default)s)")
     ap.add_argument("--json", help="write results here (default bench-<device>.json)")
     ap.add_argument("--workdir", help="scratch folder (default: a temp folder, removed at the end)")
@@ -92,6 +99,12 @@ def parse(device: str, argv: list[str]) -> argparse.Namespace:
     bad = a.only - set(SECTIONS)
     if bad:
         ap.error(f"--only: unknown section(s) {sorted(bad)}; choose from {','.join(SECTIONS)}")
+    try:
+        a.fuse_models = [_fuse_model(m) for m in a.fuse_models.split(",") if m.strip()]
+    except ValueError as exc:
+        ap.error(f"--fuse-models: {exc}")
+    if a.fuse_k < 2:
+        ap.error("--fuse-k must be >= 2")
     if a.k < 3:
         ap.error("--k must be >= 3 (2 baselines + at least one replacement config)")
     if a.profile:  # fail now, not after minutes of timing
@@ -103,6 +116,15 @@ def parse(device: str, argv: list[str]) -> argparse.Namespace:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+def _fuse_model(text: str) -> tuple[str, int, int]:
+    """'resnet20@32' -> ('resnet20', 32, 3); 'mlp:32@8x1' -> ('mlp:32', 8, 1)."""
+    spec, _, size = text.strip().partition("@")
+    px, _, ch = (size or "32").partition("x")
+    if not spec or not px.isdigit() or (ch and not ch.isdigit()) or int(px) < 1:
+        raise ValueError(f"'{text}' is not MODEL@SIZE or MODEL@SIZExCHANNELS (e.g. resnet20@32, mlp:32@8x1)")
+    return spec, int(px), int(ch or 3)
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -542,7 +564,8 @@ def main(device: str = "cpu", argv: list[str] | None = None) -> dict:
             for i, c in enumerate(cfgs):
                 w, s, _ = _train([c], work / "c-separate" / str(i), env)
                 sep_wall, sep_steady = sep_wall + w, sep_steady + s
-            g_wall, g_steady, _ = _train(cfgs, work / "c-group", env)
+            # fusion is off here: (c) is what sharing the stream and the teachers buys; (f) adds fusion
+            g_wall, g_steady, _ = _train(cfgs, work / "c-group", Env(**{**env.__dict__, "fuse": "off"}))
             sep_rate, g_rate = k * n_train / sep_steady, k * n_train / g_steady
             row("c", f"{k} separate engine runs (student-img/s)", sep_rate, 1.0, "separate",
                 wall_s=round(sep_wall, 2), epoch_s=round(sep_steady, 3))
@@ -551,6 +574,11 @@ def main(device: str = "cpu", argv: list[str] | None = None) -> dict:
             res["rows"][-1]["wall_ratio"] = round(g_wall / sep_wall, 3)
             print(f"      whole calls incl. set-up, {1 + a.repeats} epochs, evaluation and checkpoints: group {g_wall:.1f} s, "
                   f"separate {sep_wall:.1f} s ({g_wall / sep_wall:.2f}x)", flush=True)
+            save()
+
+        # -- (f) fused student groups vs the loop ------------------------------------------------
+        if "f" in a.only:
+            _bench_fused(a, row, dev, env)
             save()
 
         # -- (d) the JPEG pipeline ---------------------------------------------------------------
@@ -579,6 +607,133 @@ def main(device: str = "cpu", argv: list[str] | None = None) -> dict:
             shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {out_json} ({res['bench_s']:.0f} s)", flush=True)
     return res
+
+
+def fused_group_rates(spec: str, size: int, chans: int, k: int, batch: int, dev: torch.device, env,
+                      steps: int, classes: int = 10) -> dict:
+    """student-img/s of K students of ``spec`` stepped by the engine one after another (the loop)
+    and as one fused model, on the same batches and teacher outputs: Fig. 5's mix of distillers
+    (KD from each teacher + replacement schemes x subsets), the engine's autocast and layout.
+    Also the peak memory of each (CUDA) or the bytes of weights + grads + momentum (CPU)."""
+    from . import engine
+    from .distillers import TeacherOut, build_distiller
+    from .fused import fuse
+    from .models import build_model
+
+    cuda = dev.type == "cuda"
+    amp = env.amp if env.amp is not None else cuda
+    chl = (env.channels_last if env.channels_last is not None else cuda) and not spec.startswith("mlp:")
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
+    dists = [{"name": "kd", "teacher": t, "tau": 1.0, "lam": 0.9} for t in ("weak", "strong")]
+    dists += [{"name": "replace", "teacher": "weak", "strong": "strong", "scheme": sc, "subset": su, "tau": 1.0,
+               "lam": 0.9} for su in SUBSETS + ("all", "not_reg") for sc in SCHEMES][:max(k - 2, 0)]
+    dists = (dists * k)[:k]
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.rand(batch, chans, size, size, generator=gen).to(dev) for _ in range(4)]
+    if chl:
+        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+    ys = [torch.randint(0, classes, (batch,), generator=gen).to(dev) for _ in range(4)]
+    touts = [{t: TeacherOut(torch.randn(batch, classes, generator=gen).to(dev) * 3) for t in ("weak", "strong")}
+             for _ in range(4)]
+    idx = torch.arange(batch)
+
+    def members():
+        ms = []
+        for d in dists:
+            torch.manual_seed(0)
+            st = _stage(1, d)
+            model = build_model(spec, classes, in_chans=chans, image_size=size).to(dev)
+            if chl:
+                model.to(memory_format=torch.channels_last)
+            m = engine.Member(cfg={"stages": [st], "epochs": 1, "model": spec}, run_dir=Path("."), hash="bench")
+            m.model = m.ddp = model.train()
+            m.stage, m.opt, m.distiller = 0, engine.make_optimizer(model, st), build_distiller(d)
+            m.rng, m.n_train, m.acc = torch.get_rng_state(), batch, engine.new_accumulator(dev)
+            ms.append(m)
+        return ms
+
+    def timed(units, n):
+        for i in range(n):
+            for u in units:
+                engine.train_step(u, xs[i % 4], ys[i % 4], idx, touts[i % 4], 0, i, 10 ** 6, autocast, env, cuda)
+        _sync(dev)
+
+    out = {}
+    for mode in ("loop", "fused"):
+        ms = members()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        units = ms
+        if mode == "fused":
+            net = fuse([m.model for m in ms], xs[0][:2])
+            if chl:
+                net.to(memory_format=torch.channels_last)
+            g = engine.FusedMembers(ms, net, ddp=net, opt=engine.make_optimizer(net, ms[0].stages[0]), stage=0)
+            g.new_epoch(dev, batch)
+            units = [g]
+            for m in ms:  # the members' own copies are only written at an epoch's end
+                m.model.to("cpu") if cuda else None
+        timed(units, 3 if cuda else 1)  # warm-up: cudnn autotuning, allocator
+        reps = []
+        for _ in range(3 if cuda else 2):
+            t0 = time.perf_counter()
+            timed(units, steps)
+            reps.append(time.perf_counter() - t0)
+        dt = float(np.median(reps))
+        params = units[0].net if mode == "fused" else None
+        mem = (torch.cuda.max_memory_allocated(dev) if cuda else
+               3 * sum(p.numel() * p.element_size() for p in (params.parameters() if params is not None else
+                                                             (q for m in ms for q in m.model.parameters()))))
+        out[mode] = {"student_img_s": k * batch * steps / dt, "step_ms": 1e3 * dt / steps, "memory_bytes": int(mem)}
+        del ms, units
+    return out
+
+
+def _bench_fused(a, row, dev: torch.device, env) -> None:
+    """(f): a group of K students fused vs looped, per model; on CUDA also the projected GPU-hours
+    of a paper-scale CIFAR-10 Fig. 5 triplet (17 students x 240 epochs x 50,000 images)."""
+    from .models import build_model
+
+    cuda = dev.type == "cuda"
+    steps = 20 if cuda else 3
+    for spec, size, chans in a.fuse_models:
+        r = fused_group_rates(spec, size, chans, a.fuse_k, a.fuse_batch, dev, env, steps)
+        lo, fu = r["loop"], r["fused"]
+        tag = f"{a.fuse_k} x {spec} @ {size}px, batch {a.fuse_batch}"
+        row("f", f"{tag}: loop (student-img/s)", lo["student_img_s"], 1.0, "loop", memory_mb=round(lo["memory_bytes"] / 2**20, 3))
+        row("f", f"{tag}: fused", fu["student_img_s"], fu["student_img_s"] / lo["student_img_s"], "loop",
+            goal=">= 5x" if cuda and spec == "resnet20" else None, memory_mb=round(fu["memory_bytes"] / 2**20, 3))
+        if spec.startswith("resnet"):
+            # the two teachers' forwards are shared by the 17 students (measured: resnet56, resnet110)
+            t_rates = []
+            for t in ("resnet56", "resnet110"):
+                net = build_model(t, 10, image_size=32).to(dev).eval()
+                chl = (env.channels_last if env.channels_last is not None else cuda)
+                x = torch.rand(a.fuse_batch, 3, 32, 32, device=dev)
+                if chl:
+                    net.to(memory_format=torch.channels_last)
+                    x = x.contiguous(memory_format=torch.channels_last)
+                ac = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+                with torch.no_grad(), ac:
+                    for _ in range(3):
+                        net(x)
+                    _sync(dev)
+                    t0 = time.perf_counter()
+                    for _ in range(steps):
+                        net(x)
+                    _sync(dev)
+                t_rates.append(steps * a.fuse_batch / (time.perf_counter() - t0))
+            imgs = 240 * 50_000
+            hours = imgs * (17 / fu["student_img_s"] + sum(1 / t for t in t_rates)) / 3600
+            loop_hours = imgs * (17 / lo["student_img_s"] + sum(1 / t for t in t_rates)) / 3600
+            row("f", f"projection: CIFAR-10 Fig. 5 triplet, 17 x {spec} x 240 epochs, fused",
+                fu["student_img_s"], loop_hours / hours, "loop (projected hours)",
+                goal="<= 1 GPU-hour" if cuda else None, projected_hours=round(hours, 3),
+                projected_hours_loop=round(loop_hours, 3), teacher_img_s=[round(t) for t in t_rates])
+            print(f"      projected: {hours:.2f} h fused vs {loop_hours:.2f} h looped on this device "
+                  f"(student steps + 2 teacher forwards (resnet56, resnet110) per batch; no teacher cache, no evaluation)",
+                  flush=True)
 
 
 def _bench_data(a, res, row, work: Path, dev: torch.device, env, teacher_ckpt: str, engine_rate) -> None:

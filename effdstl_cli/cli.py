@@ -53,13 +53,13 @@ class LaunchArgs:
     """The options every launching command shares."""
 
     def __init__(self, executor, device, tasks, gpus_per_job, partition, account, qos, timeout_min,
-                 array_parallelism, max_parallel, compile_, workers, decode, wait):
+                 array_parallelism, max_parallel, compile_, workers, decode, wait, fuse="auto"):
         from .launch import LaunchOptions
 
         self.opts = LaunchOptions(executor=executor, device=device, tasks=tasks, gpus_per_job=gpus_per_job,
                                   partition=partition, account=account, qos=qos, timeout_min=timeout_min,
                                   array_parallelism=array_parallelism, max_parallel=max_parallel,
-                                  compile=compile_, workers=workers, decode=decode, wait=wait)
+                                  compile=compile_, workers=workers, decode=decode, wait=wait, fuse=fuse)
 
 
 def launch_options(
@@ -80,9 +80,12 @@ def launch_options(
                                "of each batch, the GPU the rest) | auto (device on a GPU). "
                                "`effdstl bench --device cuda --only d` measures them and suggests F."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for the jobs and show progress."),
+    fuse: str = typer.Option("auto", "--fuse", help="Students of one architecture and schedule as one horizontally "
+                             "fused model: auto (on a GPU always, on a CPU for MLPs: what `effdstl bench` measures) "
+                             "| on | off (one after another). --dry-run shows the choice."),
 ) -> LaunchArgs:
     return LaunchArgs(executor, device, tasks, gpus_per_job, partition, account, qos, timeout_min,
-                      array_parallelism, max_parallel, compile_, workers, decode, wait)
+                      array_parallelism, max_parallel, compile_, workers, decode, wait, fuse)
 
 
 def _progress_poller(plan):

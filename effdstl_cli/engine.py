@@ -34,6 +34,7 @@ from .config import config_hash
 from .data import KeyedView, MixedView, build_data, collate_mixed, decode_mixed, mixed_batches
 from .distillers import Distiller, TeacherOut, build_distiller
 from .errors import EffdstlError
+from .fused import FusedStudents, NotFusable, fuse, part, policy
 from .models import build_model, load_checkpoint, save_weights
 
 Progress = Callable[[str, dict], None]
@@ -60,6 +61,7 @@ class Env:
     teacher_cache_dir: str | None = None  # keep caches across processes (default: $EFFDSTL_TEACHER_CACHE)
     teacher_cache_mb: int = 1024  # per teacher: rows beyond this are not stored
     nan_check_every: int = 50     # steps between non-finite checks on CUDA (each one syncs)
+    fuse: str = "auto"            # auto | on | off: students of one architecture as one fused model
     stop_after_epochs: int | None = None  # testing/preemption aid: return after N epochs
     progress: Progress | None = None
     log: Callable[[str], None] = print
@@ -147,7 +149,7 @@ def _rng_of(member: "Member"):
 
 # -- one student of the group --------------------------------------------------------------
 
-@dataclass
+@dataclass(eq=False)  # identity: members are kept in lists and sets
 class Member:
     cfg: dict
     run_dir: Path
@@ -176,6 +178,91 @@ class Member:
     @property
     def total_epochs(self) -> int:
         return int(self.cfg["epochs"])
+
+
+def new_accumulator(device) -> dict:
+    """On-device sums of one student's epoch in flight (read once, at the epoch's end)."""
+    z = lambda: torch.zeros((), device=device)  # noqa: E731
+    return {"loss": z(), "correct": z(), "n": z(), "subset": z(), "bad": z(), "hits": None, "parts": {}}
+
+
+@dataclass(eq=False)
+class FusedMembers:
+    """K members trained as one horizontally fused model (fused.py): one forward, each member's
+    own loss from its own distiller, one backward over the sum, one optimizer. The members'
+    own modules and optimizers receive the fused state at every epoch's end (``store``), so
+    evaluation, checkpoints and run directories are per student, as in the loop."""
+
+    members: list[Member]
+    net: FusedStudents
+    ddp: torch.nn.Module = None
+    opt: torch.optim.Optimizer | None = None
+    stage: int = -1
+    acc: dict = field(default_factory=dict)      # the members' epoch sums, one row each (see _fused_step)
+    slots: dict = field(default_factory=dict)    # (member, loss name) -> its index in acc["parts"]
+
+    def new_epoch(self, device, n_train: int) -> None:
+        k = len(self.members)
+        self.acc = {key: torch.zeros(k, device=device) for key in ("loss", "correct", "n", "subset", "bad")}
+        self.acc.update(parts=torch.zeros(max(len(self.slots), 1), device=device), hits=None, masked=set(),
+                        n_train=n_train)
+
+    def to_members(self) -> None:
+        """The epoch's sums, kept as one tensor per quantity for all K, -> each member's accumulator."""
+        a = self.acc
+        for i, m in enumerate(self.members):
+            m.acc = {key: a[key][i] for key in ("loss", "correct", "n", "subset", "bad")}
+            m.acc["parts"] = {name: a["parts"][j] for (mi, name), j in self.slots.items() if mi == i}
+            m.acc["hits"] = a["hits"][i] if i in a["masked"] else None
+
+    def load_optim_state(self) -> None:
+        """Momentum buffers of the members' optimizers -> the fused optimizer."""
+        per = [list(m.model.parameters()) for m in self.members]
+        for j, p in enumerate(self.net.parameters()):
+            bufs = [m.opt.state.get(per[i][j], {}).get("momentum_buffer") for i, m in enumerate(self.members)]
+            if all(b is not None for b in bufs):
+                self.opt.state[p]["momentum_buffer"] = torch.cat(bufs, 0).to(p.dtype)
+
+    @torch.no_grad()
+    def store(self) -> None:
+        """Fused weights, BN statistics, momentum and lr -> each member's model and optimizer."""
+        k = len(self.members)
+        self.net.store_students([m.model for m in self.members])
+        lr = self.opt.param_groups[0]["lr"]
+        fused_params = list(self.net.parameters())
+        for i, m in enumerate(self.members):
+            for g in m.opt.param_groups:
+                g["lr"] = lr
+            for p, fp in zip(m.model.parameters(), fused_params):
+                buf = self.opt.state.get(fp, {}).get("momentum_buffer")
+                if buf is not None:
+                    m.opt.state[p]["momentum_buffer"] = part(buf, k, i).clone()
+
+
+def fusion_key(cfg: dict, epoch: int = 0) -> tuple:
+    """Students fuse when they share architecture, schedule and optimizer settings (everything of
+    their stages but the distiller) and where they are in training."""
+    stages = [(s["epochs"], sorted(s["optim"].items()), sorted((s.get("sched") or {}).items()))
+              for s in cfg["stages"]]
+    return (str(cfg["model"]), bool(cfg.get("pretrained", False)), repr(stages), epoch)
+
+
+def fusion_plan(cfgs: list[dict], device_type: str, mode: str) -> list[str]:
+    """What ``--fuse mode`` does with a group's runs on ``device_type``, one line per set of
+    runs that could share a fused model (the dry run prints it; the engine still checks each
+    model on a probe batch and loops where it cannot fuse)."""
+    sets: dict[tuple, int] = {}
+    for c in cfgs:
+        sets[fusion_key(c)] = sets.get(fusion_key(c), 0) + 1
+    lines = []
+    for key, n in sets.items():
+        spec = key[0]
+        if n < 2:
+            continue
+        size = cfgs[0].get("image_size") or (224 if str(cfgs[0]["dataset"]).split(":")[0] in ("imagenet", "folder") else 32)
+        on, why = policy(mode, spec, device_type, int(size))
+        lines.append(f"{n} students of {spec}: " + ("fused into one model" if on else "stepped in a loop") + f" ({why})")
+    return lines
 
 
 def _validate_group(cfgs: list[dict]) -> None:
@@ -314,6 +401,8 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
             # (and no stale rows when no intact checkpoint is left and the run starts over)
             fio.write_jsonl(m.run_dir / "metrics.jsonl", m.history)
 
+    fused = _fuse_members(members, data, env, device, chl)
+
     # -- teachers: loaded once for the whole group -----------------------------------------
     tcfgs: dict[str, dict] = {}
     for m in members:
@@ -345,11 +434,16 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
             if st != m.stage:  # teacher switch (EffDstl stage 2): a fresh optimizer, a new loss
                 m.stage, m.opt = st, make_optimizer(m.model, m.stages[st])
                 m.distiller = build_distiller(m.stages[st]["distiller"])
-            m.acc = {"loss": torch.zeros((), device=device), "correct": torch.zeros((), device=device),
-                     "n": torch.zeros((), device=device), "subset": torch.zeros((), device=device),
-                     "hits": None,
-                     "bad": torch.zeros((), device=device), "parts": {}}
+            m.acc = new_accumulator(device)
             m.model.train()
+        units: list = [m for m in active if not any(m in g.members for g in fused)]
+        for g in fused:
+            if any(m in active for m in g.members):
+                if g.members[0].stage != g.stage:  # the members switched stage together: fresh optimizer
+                    g.stage, g.opt = g.members[0].stage, make_optimizer(g.net, g.members[0].stages[g.members[0].stage])
+                g.net.train()
+                g.new_epoch(device, n_train)
+                units.append(g)
         need = {n for m in active for n in m.distiller.teachers}
         need_feat = {n for m in active if m.distiller.needs_features for n in m.distiller.teachers}
         missing = need - set(teachers)
@@ -372,16 +466,25 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
                         touts[n] = TeacherOut(z.float())
                     else:
                         touts[n] = TeacherOut(teachers[n](x).float())
-            for m in active:
-                if m.failed is not None:
-                    continue
-                _student_step(m, x, y, idx_local, touts, epoch, step, steps, autocast, env, cuda)
+            for u in units:
+                train_step(u, x, y, idx_local, touts, epoch, step, steps, autocast, env, cuda)
+        for g in fused:
+            if any(m in active for m in g.members):
+                g.store()
+                g.to_members()
         # The shared stream's time is split between the runs that used it, so the GPU-hours of a
         # group's runs add up to what the group cost (Table 3), not K times that.
         share = (time.time() - t0) / len(active)
+        evs = {}  # a fused group is evaluated in one pass; its time is shared like the stream's
+        for g in fused:
+            if any(m in active and m.failed is None for m in g.members):
+                t1 = time.time()
+                for m, ev in zip(g.members, evaluate(g.net, data.test, device, env, chl, autocast)):
+                    evs[id(m)] = ev
+                share += (time.time() - t1) / len(active)
         for m in active:
             if m.failed is None:
-                _end_epoch(m, data, epoch, share, device, env, chl, autocast)
+                _end_epoch(m, data, epoch, share, device, env, chl, autocast, evs.get(id(m)))
         if env.rank == 0:
             for c in caches.values():
                 c.save()
@@ -522,12 +625,63 @@ def _decoded(split, batches: list[list[int]], epoch_key: int | None, device, env
         th.join(timeout=30)
 
 
-def _student_step(m: Member, x, y, idx, touts, epoch, step, steps, autocast, env: Env, cuda: bool) -> None:
-    st = m.stages[m.stage]
+def _fuse_members(members: list[Member], data, env: Env, device, chl: bool) -> list[FusedMembers]:
+    """Fuse every set of >= 2 members that share a fusion key and that ``--fuse`` (env.fuse) fuses
+    on this device; members that cannot be fused (fused.fuse says why) stay in the loop."""
+    sets: dict[tuple, list[Member]] = {}
+    for m in members:
+        if m.epoch < m.total_epochs:
+            sets.setdefault(fusion_key(m.cfg, m.epoch), []).append(m)
+    out = []
+    for key, ms in sets.items():
+        if len(ms) < 2:
+            continue
+        on, why = policy(env.fuse, key[0], device.type, data.image_size)
+        if not on:
+            continue
+        probe = torch.rand(2, data.in_chans, data.image_size, data.image_size, device=device)
+        feats = any(build_distiller(s["distiller"]).needs_features for m in ms for s in m.stages)
+        try:
+            net = fuse([m.model for m in ms], probe, features=feats)
+        except NotFusable as exc:
+            if env.rank == 0:
+                env.log(f"{len(ms)} students of {key[0]} stepped in a loop: cannot fuse ({exc})")
+            continue
+        if chl:
+            net.to(memory_format=torch.channels_last)
+        g = FusedMembers(ms, net, stage=ms[0].stage)
+        g.ddp = net
+        if env.world > 1:
+            g.ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        if env.compile:
+            g.ddp = torch.compile(g.ddp)
+        g.opt = make_optimizer(net, ms[0].stages[ms[0].stage])
+        g.load_optim_state()
+        if env.rank == 0:
+            env.log(f"{len(ms)} students of {key[0]} fused into one model ({why})")
+        out.append(g)
+    return out
+
+
+def train_step(unit: "Member | FusedMembers", x, y, idx, touts, epoch: int, step: int, steps: int,
+               autocast, env: Env, cuda: bool) -> None:
+    """One SGD step of one student (a Member) or of K fused students (FusedMembers) on a batch
+    whose teacher outputs are ``touts``; losses and accuracy go to each member's accumulator."""
+    if isinstance(unit, FusedMembers):
+        _fused_step(unit, x, y, idx, touts, epoch, step, steps, autocast, env, cuda)
+    elif unit.failed is None:
+        _student_step(unit, x, y, idx, touts, epoch, step, steps, autocast, env, cuda)
+
+
+def _set_lr(opt, m: Member, epoch: int, step: int, steps: int) -> None:
     _, e_in = _stage_of(m.stages, epoch)
-    lr = lr_at(st, e_in + step / steps)
-    for g in m.opt.param_groups:
+    lr = lr_at(m.stages[m.stage], e_in + step / steps)
+    for g in opt.param_groups:
         g["lr"] = lr
+
+
+def _student_step(m: Member, x, y, idx, touts, epoch, step, steps, autocast, env: Env, cuda: bool) -> None:
+    _set_lr(m.opt, m, epoch, step, steps)
     with _rng_of(m):
         with autocast():
             if m.distiller.needs_features:
@@ -541,6 +695,68 @@ def _student_step(m: Member, x, y, idx, touts, epoch, step, steps, autocast, env
         m.opt.zero_grad(set_to_none=True)
         loss.backward()
         m.opt.step()
+    _account(m, loss, z, y, idx, parts, mask, epoch, step, env, cuda)
+
+
+def _fused_step(g: FusedMembers, x, y, idx, touts, epoch, step, steps, autocast, env: Env, cuda: bool) -> None:
+    live = [(i, m) for i, m in enumerate(g.members) if m.failed is None]
+    if not live:
+        return
+    _set_lr(g.opt, live[0][1], epoch, step, steps)  # one schedule: the fusion key says so
+    feats = any(m.distiller.needs_features for _, m in live)
+    with autocast():
+        out = g.ddp(x, features=feats)
+    z, f = (out[0].float(), out[1].float()) if feats else (out.float(), None)
+    losses, parts, masks = [], [], []
+    for i, m in live:  # each student's own loss from its own distiller
+        p, mask = m.distiller.losses(z[i], f[i] if f is not None else None, touts, y)
+        losses.append(sum(p.values()))
+        parts.append(p)
+        masks.append(mask)
+    loss = torch.stack(losses)
+    g.opt.zero_grad(set_to_none=True)
+    loss.sum().backward()  # d(sum)/d(student i's weights) = d(loss i)/d(student i's weights)
+    g.opt.step()
+    _account_fused(g, live, loss.detach(), z.detach(), y, idx, parts, masks, epoch, step, env, cuda)
+
+
+def _account_fused(g: FusedMembers, live, loss, z, y, idx, parts, masks, epoch, step, env: Env, cuda) -> None:
+    """``_account`` for all live members at once: a handful of ops on (K,) tensors instead of a
+    dozen per member (on a GPU each is a kernel launch, on a CPU ~10 us of dispatch)."""
+    a, b = g.acc, y.shape[0]
+    rows = torch.tensor([i for i, _ in live], device=loss.device)
+    zl = z if len(live) == len(g.members) else z.index_select(0, rows)
+    a["bad"].index_add_(0, rows, (~torch.isfinite(loss)).float())
+    a["loss"].index_add_(0, rows, torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * b)
+    a["correct"].index_add_(0, rows, (zl.argmax(2) == y).sum(1).float())
+    a["n"].index_add_(0, rows, torch.full((len(live),), float(b), device=loss.device))
+    keys = [(i, name) for (i, _), p in zip(live, parts) for name in p]
+    for key in keys:
+        if key not in g.slots:  # a new loss name (first step, or a new stage): widen the sums
+            g.slots[key] = len(g.slots)
+    if len(g.slots) > a["parts"].numel():
+        a["parts"] = torch.cat([a["parts"], a["parts"].new_zeros(len(g.slots) - a["parts"].numel())])
+    vals = torch.stack([v.detach() for p in parts for v in p.values()])
+    a["parts"].index_add_(0, torch.tensor([g.slots[k] for k in keys], device=loss.device), vals * b)
+    mrows = [i for (i, _), mk in zip(live, masks) if mk is not None]
+    if mrows:
+        # Which samples each run altered, per epoch: the FGSM probe's kept/manipulated split.
+        mk = torch.stack([mk for mk in masks if mk is not None]).float()
+        mr = torch.tensor(mrows, device=mk.device)
+        a["subset"].index_add_(0, mr.to(a["subset"].device), mk.sum(1).to(a["subset"].device))
+        if a["hits"] is None:
+            a["hits"] = torch.zeros(len(g.members), a["n_train"], device=mk.device)
+        a["hits"].view(-1).index_add_(0, (mr[:, None] * a["n_train"] + idx.to(mk.device)[None, :]).flatten(),
+                                      mk.flatten())
+        a["masked"].update(mrows)
+    if env.world == 1 and (not cuda or (step + 1) % env.nan_check_every == 0):
+        bad = a["bad"].tolist()
+        for i, m in live:
+            if bad[i] > 0:
+                m.failed = f"non-finite loss at epoch {epoch + 1}, step {step + 1}"
+
+
+def _account(m: Member, loss, z, y, idx, parts: dict, mask, epoch: int, step: int, env: Env, cuda: bool) -> None:
     a = m.acc
     b = y.shape[0]
     lo = loss.detach()
@@ -564,11 +780,13 @@ def _student_step(m: Member, x, y, idx, touts, epoch, step, steps, autocast, env
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, split, device, env: Env, chl: bool, autocast, batch: int = 512) -> dict:
-    """Top-1/top-5 (%) and mean CE on a split; the split is sharded across ranks, sums reduced."""
+def evaluate(model: torch.nn.Module, split, device, env: Env, chl: bool, autocast, batch: int = 512):
+    """Top-1/top-5 (%) and mean CE on a split; the split is sharded across ranks, sums reduced.
+    A FusedStudents model gives one such dict per student, from one pass over the split."""
     model.eval()
     idx_all = torch.arange(len(split))[env.rank::env.world]
-    sums = torch.zeros(4, device=device)  # loss, top1, top5, n
+    k = model.k if isinstance(model, FusedStudents) else 1
+    sums = torch.zeros(k, 4, device=device)  # per student: loss, top1, top5, n
     if getattr(split, "in_memory", False):
         labels = split.labels.to(device)
         it = ((split.get_batch(i, None, device), labels[i.to(device)])
@@ -585,16 +803,19 @@ def evaluate(model: torch.nn.Module, split, device, env: Env, chl: bool, autocas
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast():
             z = model(x).float()
-        k = min(5, z.shape[1])
-        top = z.topk(k, 1).indices
-        sums += torch.stack([F.cross_entropy(z, y, reduction="sum"), (top[:, 0] == y).sum().float(),
-                             (top == y[:, None]).any(1).sum().float(), torch.tensor(float(len(y)), device=device)])
-    sums = _reduce(sums, env).tolist()
-    n = max(sums[3], 1.0)
-    return {"test_loss": sums[0] / n, "test_top1": 100 * sums[1] / n, "test_top5": 100 * sums[2] / n}
+        z = z.view(k, -1, z.shape[-1])  # (K, B, N)
+        top = z.topk(min(5, z.shape[-1]), -1).indices
+        ce = F.cross_entropy(z.transpose(1, 2), y.expand(k, -1), reduction="none").sum(1)
+        sums += torch.stack([ce, (top[..., 0] == y).sum(1).float(), (top == y[:, None]).any(-1).sum(1).float(),
+                             torch.full((k,), float(len(y)), device=device)], 1)
+    out = []
+    for s in _reduce(sums, env).tolist():
+        n = max(s[3], 1.0)
+        out.append({"test_loss": s[0] / n, "test_top1": 100 * s[1] / n, "test_top5": 100 * s[2] / n})
+    return out if isinstance(model, FusedStudents) else out[0]
 
 
-def _end_epoch(m: Member, data, epoch, share_s, device, env: Env, chl, autocast) -> None:
+def _end_epoch(m: Member, data, epoch, share_s, device, env: Env, chl, autocast, ev: dict | None = None) -> None:
     t0 = time.time()
     a = m.acc
     keys = sorted(a["parts"])
@@ -610,7 +831,7 @@ def _end_epoch(m: Member, data, epoch, share_s, device, env: Env, chl, autocast)
         hits = _reduce(a["hits"], env).cpu()
         m.hits = hits if m.hits is None else m.hits + hits
         m.mask_epochs += 1
-    ev = evaluate(m.model, data.test, device, env, chl, autocast)
+    ev = ev or evaluate(m.model, data.test, device, env, chl, autocast)
     epoch_s = share_s + time.time() - t0
     m.epoch = epoch + 1
     m.wall_s += epoch_s

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from . import io as fio
 from .errors import EffdstlError
+from .fused import FUSE_MODES
 from .studies import Job, Plan, run_state
 
 EXECUTORS = ("debug", "local", "slurm")
@@ -46,6 +47,7 @@ class LaunchOptions:
     compile: bool = False
     workers: int = 4
     decode: str = "auto"              # folder data: device (nvJPEG) | workers (PIL) | mixed:F | auto (device on CUDA)
+    fuse: str = "auto"                # students of one architecture as one fused model: auto | on | off
     wait: bool = True
     poll_s: float = 1.0
     extra: dict = field(default_factory=dict)
@@ -56,6 +58,10 @@ class LaunchOptions:
 
             raise unknown("executor", self.executor, EXECUTORS)
         decode_share(self.decode)
+        if self.fuse not in FUSE_MODES:
+            from .errors import unknown
+
+            raise unknown("--fuse mode", self.fuse, FUSE_MODES)
         for k in ("tasks", "timeout_min", "array_parallelism", "workers"):
             if int(getattr(self, k)) < (0 if k == "workers" else 1):
                 raise EffdstlError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
@@ -189,7 +195,7 @@ def decode_share(mode: str) -> tuple[bool | None, float]:
 def _env_kw(opts: LaunchOptions) -> dict:
     gpu_decode, share = decode_share(opts.decode)
     return {"device": opts.device, "compile": opts.compile, "workers": opts.workers,
-            "gpu_decode": gpu_decode, "cpu_share": share}
+            "gpu_decode": gpu_decode, "cpu_share": share, "fuse": opts.fuse}
 
 
 def _callable(job: Job, opts: LaunchOptions):
@@ -491,6 +497,10 @@ def dry_run_lines(plan: Plan, opts: LaunchOptions) -> list[str]:
                "decoded on the device (nvJPEG on a GPU)" if not share else
                f"{share:.0%} of each batch decoded by PIL in the workers, the rest on the device")
         lines.append(f"images: {opts.workers} DataLoader workers per process read the files, {how} (--decode {opts.decode})")
+    from .engine import fusion_plan
+
+    job_device = "cuda" if (gpus or opts.device.startswith("cuda")
+                            or (opts.device == "auto" and opts.executor != "slurm" and _local_gpus())) else "cpu"
     tl = []
     for name, t in (plan.study.get("teachers") or {}).items():
         src = "pretrained" if t.get("pretrained") else (f"ckpt {t['ckpt']}" if t.get("ckpt") else f"trained here, {t.get('epochs', '?')} ep")
@@ -510,6 +520,9 @@ def dry_run_lines(plan: Plan, opts: LaunchOptions) -> list[str]:
         procs, jg = _job_resources(opts, j.kind)
         lines.append(f"  {j.name:<18} {j.kind:<6} runs={len(j.runs):<3} gpus={jg} procs={procs} "
                      f"deps={','.join(j.deps) or '-':<28} [{state}{' -> skip' if state == 'done' else ''}]")
+        if j.kind == "train":
+            for ln in fusion_plan([c for c, _ in j.runs], job_device, opts.fuse):
+                lines.append(f"      fuse --{opts.fuse}: {ln}")
         for c, d in j.runs[:3] if j.kind == "train" else []:
             st = c["stages"]
             hp = "; ".join(f"{s['epochs']} ep {s['distiller']['name']}"

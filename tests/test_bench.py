@@ -8,7 +8,8 @@ from conftest import run_cli
 
 TINY = ["--student", "mlp:16", "--teacher", "cnn:small", "--strong", "cnn:small", "--image-size", "16",
         "--batch", "16", "--classes", "4", "--steps", "2", "--repeats", "1", "--naive-steps", "2",
-        "--k", "4", "--jpegs", "48", "--jpeg-px", "24", "--workers", "1"]
+        "--k", "4", "--jpegs", "48", "--jpeg-px", "24", "--workers", "1",
+        "--fuse-models", "mlp:16@8x1,resnet8@8", "--fuse-k", "3", "--fuse-batch", "8"]
 
 
 def test_bench_cpu_prints_every_ratio_and_writes_json(tmp_path):
@@ -22,6 +23,11 @@ def test_bench_cpu_prints_every_ratio_and_writes_json(tmp_path):
     sections = [r["section"] for r in res["rows"]]
     assert sections.count("a") == 1 and sections.count("b") == 1
     assert sections.count("c") == 2 and sections.count("d") == 10
+    assert sections.count("f") == 5                          # 2 models x (loop, fused) + 1 projection
+    fused = [r for r in res["rows"] if r["section"] == "f" and r["what"].endswith(": fused")]
+    assert len(fused) == 2 and all(r["vs"] == "loop" and r["memory_mb"] > 0 for r in fused)
+    proj = [r for r in res["rows"] if "projection" in r["what"]][0]
+    assert proj["projected_hours"] > 0 and proj["projected_hours_loop"] > 0
     for r in res["rows"]:
         assert r["img_s"] > 0 and r["ratio"] > 0, r
         assert f"{r['ratio']:.2f}x" in text                        # printed in the table

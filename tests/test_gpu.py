@@ -126,3 +126,53 @@ def test_teacher_cache_under_bf16_autocast(tmp_path):
     tc.put(idx, var, z)
     hit, back = tc.get(idx, var)
     assert bool(hit.all()) and torch.equal(back, z)                  # bf16 rows kept bit for bit
+
+
+# -- fused student groups on the GPU (fused.py) -------------------------------------------------
+
+def test_fused_step_on_the_gpu_equals_the_loop():
+    """Grouped cuDNN convolutions, BatchNorm over K*C and baddbmm give the students' own logits and
+    gradients (fp32, TF32 off: the comparison is of the algorithms, not of TF32's rounding)."""
+    import torch.nn.functional as F
+
+    from effdstl_cli.fused import fuse
+    from effdstl_cli.models import build_model
+
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        ms = []
+        for i in range(5):
+            torch.manual_seed(0)
+            m = build_model("resnet20", 10, image_size=32).cuda().train()
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(0.05 * (i + 1) * torch.randn_like(p))
+            ms.append(m)
+        x = torch.rand(64, 3, 32, 32, device="cuda")
+        y = torch.randint(0, 10, (64,), device="cuda")
+        fz = fuse(ms, x[:2]).train()
+        z = fz(x)
+        sum(F.cross_entropy(z[i], y) for i in range(5)).backward()
+        for i, m in enumerate(ms):
+            zi = m(x)
+            F.cross_entropy(zi, y).backward()
+            assert (z[i] - zi).abs().max() <= 1e-4 * zi.abs().max()
+        for j, p in enumerate(fz.parameters()):
+            g = torch.cat([list(m.parameters())[j].grad for m in ms])
+            assert (p.grad - g).abs().max() <= 1e-3 * g.abs().max() + 1e-7
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def test_engine_fuses_on_the_gpu_and_matches_the_loop(tmp_path):
+    """A group of 4 CIFAR ResNets through the engine (bf16 autocast, channels_last): fused by
+    default on CUDA, every run done, accuracies within the rounding drift of the loop."""
+    cfgs = [_cfg("synthetic", "resnet8", 2, dist={"name": "none", "ls": ls}, batch=64) for ls in (0.0, 0.05, 0.1, 0.2)]
+    logs: list = []
+    fused = train_group([(c, tmp_path / "f" / config_hash(c)) for c in cfgs], Env(device="cuda", log=logs.append))
+    assert any("4 students of resnet8 fused" in m for m in logs), logs
+    loop = train_group([(c, tmp_path / "l" / config_hash(c)) for c in cfgs], Env(device="cuda", fuse="off", log=print))
+    for a, b in zip(fused, loop):
+        assert a["status"] == b["status"] == "done"
+        assert abs(a["last_top1"] - b["last_top1"]) <= 3.0, (a, b)
