@@ -328,6 +328,10 @@ def _single_plan(name: str, dataset: str, data_root, image_size, model: str, see
     from .studies import DEFAULT_SCHEDULE, Job, Plan, _stage, study_dir
 
     validate_schedule("command line", {k: v for k, v in sched.items() if v is not None})
+    if image_size is not None and image_size < 1:
+        raise EffdstlError(f"--image-size must be a positive number of pixels, got {image_size}")
+    if seed < 0:
+        raise EffdstlError(f"--seed must be an integer >= 0, got {seed}")
     sdir = study_dir(results, name)
     from .distillers import build_distiller  # imports torch: after the cheap checks
     runs = []

@@ -59,6 +59,14 @@ class LaunchOptions:
 
             raise unknown("executor", self.executor, EXECUTORS)
         decode_share(self.decode)
+        import re
+
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            from .errors import unknown
+
+            raise unknown("--device", self.device, ("auto", "cpu", "cuda", "cuda:N"))
+        if self.max_parallel is not None and int(self.max_parallel) < 1:
+            raise EffdstlError(f"--max-parallel must be >= 1 (jobs at once), got {self.max_parallel}")
         for k in ("tasks", "timeout_min", "array_parallelism", "workers"):
             if int(getattr(self, k)) < (0 if k == "workers" else 1):
                 raise EffdstlError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
@@ -249,7 +257,11 @@ def _record(job: Job, job_id: str, executor: str) -> None:
     """job.json of each run this job will train: never over a finished run or one another live
     process trains (that run keeps the id of the job that really trains it)."""
     for _, d in job.runs:
-        if RunDir(d).state() in ("done", "damaged", "failed", "running"):
+        run = RunDir(d)
+        deadline = time.time() + 3.0  # a holder killed a moment ago (kill -9, then the same command) is gone by then
+        while run.state() == "running" and time.time() < deadline:
+            time.sleep(0.1)
+        if run.state() in ("done", "damaged", "failed", "running"):
             continue
         Path(d).mkdir(parents=True, exist_ok=True)
         fio.write_json(Path(d) / "job.json", {"job_id": job_id, "executor": executor, "job": job.name,

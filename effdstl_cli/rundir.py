@@ -12,10 +12,9 @@ finished run or loads a teacher. A state is one of
   pending  nothing yet
 
 The seal: ``final.json`` is written last and holds ``files`` ({name: {sha256, bytes}} of
-model.pt, subset.pt and metrics.jsonl, computed at write time) and ``checksum`` (sha256 over the
+model.pt, subset.pt, metrics.jsonl and config.yaml, computed at write time) and ``checksum`` (sha256 over the
 rest of final.json itself). A run written before seals existed has neither: it is accepted as
-"done (unverified)" when its final.json parses, its model.pt exists and metrics.jsonl holds every
-epoch. Files up to ``DEEP_MAX`` bytes are hashed whenever a state is asked for; larger weight
+"done (unverified)" when its final.json parses and metrics.jsonl holds every epoch. Files up to ``DEEP_MAX`` bytes are hashed whenever a state is asked for; larger weight
 files only have their size checked there, and are hashed in full whenever they are loaded
 (``verify``), so a damaged teacher is never used. No torch import: status and results stay fast.
 """
@@ -34,7 +33,7 @@ from . import io as fio
 from .errors import EffdstlError
 
 STATES = ("done", "damaged", "failed", "running", "partial", "pending")
-SEALED = ("model.pt", "subset.pt", "metrics.jsonl")
+SEALED = ("model.pt", "subset.pt", "metrics.jsonl", "config.yaml")
 DEEP_MAX = 64 << 20   # files up to this size are hashed on every state(); larger ones when loaded
 
 _checked: dict[tuple, str | None] = {}   # (what was looked at, stat of each file) -> problem
@@ -179,14 +178,6 @@ class RunDir:
         rec, why = self._read_final()
         if why:
             return why
-        if self.file("config.yaml").exists():
-            try:
-                from .config import config_hash
-
-                if config_hash(self.config) != self.name:
-                    return "config.yaml does not match the run's hash (altered?)"
-            except DamagedRun:
-                return "config.yaml is unreadable (truncated or altered?)"
         files = rec.get("files")
         if isinstance(files, dict):
             for name, info in sorted(files.items()):
@@ -194,9 +185,7 @@ class RunDir:
                 if why:
                     return why
             return None
-        # written before seals existed: accept when complete ("done, unverified")
-        if not self.file("model.pt").exists():
-            return "model.pt is missing"
+        # written before seals existed: accepted unverified, unless epochs are visibly missing
         want = rec.get("epochs")
         have = len(self.metrics)
         if isinstance(want, int) and have < want:

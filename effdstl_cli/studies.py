@@ -357,6 +357,15 @@ def validate_runs(p: Plan) -> None:
     from .distillers import build_distiller
     from .models import check_model_spec
 
+    where: dict[Path, str] = {}
+    for j in p.jobs:
+        for cfg, d in j.runs:
+            label = f"{j.name} ({cfg.get('meta', {}).get('label', '')})"
+            if d in where:  # two runs with one config would wait on (or fail at) their own lock
+                raise EffdstlError(f"study {p.study.get('name')}: {where[d]} and {label} are the same run {d.name} "
+                                   "(identical configs: a duplicated teacher, grid value or seed); make them differ "
+                                   "or list it once")
+            where[d] = label
     seen: set[str] = set()
     for j in p.jobs:
         for cfg, _ in j.runs:
