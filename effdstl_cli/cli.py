@@ -62,7 +62,8 @@ class LaunchArgs:
         self.opts = LaunchOptions(executor=executor, device=device, tasks=tasks, gpus_per_job=gpus_per_job,
                                   partition=partition, account=account, qos=qos, timeout_min=timeout_min,
                                   array_parallelism=array_parallelism, max_parallel=max_parallel,
-                                  compile=compile_, workers=workers, decode=decode, wait=wait)
+                                  compile=compile_, workers=workers, decode=decode, wait=wait,
+                                  skip_bad_images=skip_bad_images)
 
 
 def launch_options(
@@ -85,9 +86,12 @@ def launch_options(
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for the jobs and show progress."),
     rerun: Optional[List[str]] = typer.Option(None, "--rerun", help="Forget run RUN (its hash, as `effdstl status` "
                                               "shows it) and train it again: the cure for a damaged or failed run. Repeat for several."),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Image folders: decode every file before "
+                                         "training and leave out the ones that cannot be decoded (counted in each "
+                                         "run's final.json); without it the first bad file stops the run, named."),
 ) -> LaunchArgs:
     return LaunchArgs(executor, device, tasks, gpus_per_job, partition, account, qos, timeout_min,
-                      array_parallelism, max_parallel, compile_, workers, decode, wait, rerun)
+                      array_parallelism, max_parallel, compile_, workers, decode, wait, rerun, skip_bad_images)
 
 
 def _progress_poller(plan):

@@ -112,7 +112,16 @@ def write_final(path: str | Path, rec: dict) -> None:
     """Write a run's final.json sealed with the checksums of its files (rundir.RunDir.write_final)."""
     from .rundir import RunDir
 
-    RunDir(Path(path).parent).write_final(rec)
+    run = RunDir(Path(path).parent)
+    try:  # --skip-bad-images: the files this process left out of the run's dataset are counted here
+        from .data import skipped_images
+
+        skipped = skipped_images(str(run.config.get("dataset")))
+    except Exception:  # noqa: BLE001 - a record without the count beats no record
+        skipped = []
+    if skipped:
+        rec = {**rec, "bad_images_skipped": len(skipped), "bad_images": skipped[:20]}
+    run.write_final(rec)
 
 
 def read_record(path: str | Path) -> dict:

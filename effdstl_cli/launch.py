@@ -50,6 +50,7 @@ class LaunchOptions:
     workers: int = 4
     decode: str = "auto"              # folder data: device (nvJPEG) | workers (PIL) | mixed:F | auto (device on CUDA)
     wait: bool = True
+    skip_bad_images: bool = False     # folder data: leave undecodable files out (counted in final.json)
     poll_s: float = 1.0
     extra: dict = field(default_factory=dict)
 
@@ -111,12 +112,17 @@ def slurm_available() -> bool:
 class TrainJob:
     """A group of runs, trained by ``engine.train_group``; resumable, hence requeue-safe."""
 
-    def __init__(self, runs: list[tuple[dict, str]], env_kw: dict, world: int, backend: str):
+    def __init__(self, runs: list[tuple[dict, str]], env_kw: dict, world: int, backend: str,
+                 skip_bad_images: bool = False):
         self.runs, self.env_kw, self.world, self.backend = runs, env_kw, world, backend
+        self.skip_bad_images = skip_bad_images
         self.progress = None  # in-process (debug) runs report each epoch through this
 
     def __call__(self) -> list[dict]:
+        from . import data
         from .engine import Env, train_group
+
+        data.SKIP_BAD_IMAGES = bool(getattr(self, "skip_bad_images", False))
 
         env = Env(**self.env_kw, progress=self.progress)
         rank, world = _init_distributed(self.world, self.backend)
@@ -226,7 +232,7 @@ def _callable(job: Job, opts: LaunchOptions):
     if job.kind == "probe":
         return ProbeJob(job.probe, opts.device)
     runs = [(c, str(d)) for c, d in job.runs]
-    return TrainJob(runs, _env_kw(opts), opts.world(), opts.backend())
+    return TrainJob(runs, _env_kw(opts), opts.world(), opts.backend(), opts.skip_bad_images)
 
 
 def _queued_elsewhere(job: Job) -> str | None:
@@ -283,10 +289,10 @@ def job_error(exc: BaseException) -> str:
     if not lines:
         return type(exc).__name__
     last = lines[-1] if len(parts) >= 3 else lines[0]
-    for prefix in ("effdstl_cli.errors.EffdstlError: ", "EffdstlError: "):
-        if last.startswith(prefix):
-            return last[len(prefix):]
-    return last
+    import re
+
+    m = re.match(r"(effdstl_cli\.\w+\.)?(EffdstlError|BadImage|DamagedRun|LockBusy): (.*)", last)
+    return m.group(3) if m else last
 
 
 def todo(plan: Plan) -> list[Job]:
