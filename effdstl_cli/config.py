@@ -49,10 +49,8 @@ SCHEMA: dict[str, tuple | str | None] = {
     "triplets": ("weak", "strong", "student"),
     "distill": ("tau", "lam"),
     "grid": ("scheme", "subset", "kind", "params"),
-    "grid.params": ("label_smoothing", "teacher_amp", "student_amp"),
-    "grid.params.label_smoothing": ("t",),
-    "grid.params.teacher_amp": ("delta",),
-    "grid.params.student_amp": ("delta",),
+    "grid.params": NAMES,         # manipulation names: checked against the registry (targets.py)
+    "grid.params.*": ("t", "delta"),
     "recipe": ("student", "teacher1", "teacher2", "stage1", "stage2"),
     "recipe.stage1": _STAGE_SCHED + ("T", "ls", "w_ce", "w_wsl"),
     "recipe.stage2": _STAGE2,
