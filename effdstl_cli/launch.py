@@ -264,7 +264,7 @@ def _record(job: Job, job_id: str, executor: str) -> None:
     process trains (that run keeps the id of the job that really trains it)."""
     for _, d in job.runs:
         run = RunDir(d)
-        deadline = time.time() + 3.0  # a holder killed a moment ago (kill -9, then the same command) is gone by then
+        deadline = time.time() + 0.5  # a holder killed a moment ago (kill -9, then the same command) is gone by then
         while run.state() == "running" and time.time() < deadline:
             time.sleep(0.1)
         if run.state() in ("done", "damaged", "failed", "running"):
