@@ -13,7 +13,10 @@ batch-shape rounding (none seen on the CPU for batches of 17+ rows; bf16 roundin
 
 Key: sha256 of the teacher's weights (state_dict bytes) + model spec + dataset + image size +
 variant count + output dtype. New weights give a new key, so a cache never serves a changed
-teacher; with a cache folder, files of other keys are simply not read.
+teacher; with a cache folder, files of other keys are simply not read. A cache file carries the
+sha256 of its contents (the checkpoint layout, ``io.checked_blob``) and is verified when read: a
+damaged one is said in one line on stderr and never served (its rows are recomputed and rewritten,
+as the cache is derived data).
 
 Lookups happen on the host (sample index and variant id are CPU tensors the data stream already
 has), so neither hits nor stores cost a host-device sync; only the values live on the device.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -65,6 +69,7 @@ class TeacherCache:
         self.count = 0
         self.dirty = False
         self.hits = self.misses = 0
+        self.note: str | None = None  # why a cache file on disk was not used
         if self.path is not None and self.path.is_file():
             self._load()
 
@@ -166,14 +171,20 @@ class TeacherCache:
         buf = _io.BytesIO()
         torch.save({"key": self.key, "n": self.n, "variants": self.variants,
                     "slot": self.slot.clone(), "values": self.values[:self.count].cpu()}, buf)
-        fio.atomic_write_bytes(self.path, buf.getvalue())
+        fio.atomic_write_bytes(self.path, fio.checked_blob(buf.getvalue()))  # checksummed like a checkpoint
         self.dirty = False
 
     def _load(self, merge: bool = False) -> None:
-        try:
-            obj = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception:
-            return  # a damaged cache file is no error: it is recomputed and rewritten
+        import io as _io
+
+        try:  # verified against the checksum written with it: a damaged row is never served
+            obj = torch.load(_io.BytesIO(fio.checked_payload(self.path.read_bytes())), map_location="cpu",
+                             weights_only=True)
+        except Exception as exc:  # damaged (or an older unchecked file): said once, recomputed, rewritten
+            if not merge and self.note is None:
+                self.note = f"teacher cache {self.path} is damaged ({exc}); its rows are recomputed"
+                print(self.note, file=sys.stderr, flush=True)
+            return
         if obj.get("key") != self.key or obj.get("n") != self.n or obj.get("variants") != self.variants:
             return
         slot, values = obj["slot"], obj["values"]

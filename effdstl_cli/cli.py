@@ -53,13 +53,17 @@ class LaunchArgs:
     """The options every launching command shares."""
 
     def __init__(self, executor, device, tasks, gpus_per_job, partition, account, qos, timeout_min,
-                 array_parallelism, max_parallel, compile_, workers, decode, wait, fuse="auto"):
+                 array_parallelism, max_parallel, compile_, workers, decode, wait, rerun=None,
+                 skip_bad_images=False, fuse="auto"):
         from .launch import LaunchOptions
+
+        self.rerun = list(rerun or [])
 
         self.opts = LaunchOptions(executor=executor, device=device, tasks=tasks, gpus_per_job=gpus_per_job,
                                   partition=partition, account=account, qos=qos, timeout_min=timeout_min,
                                   array_parallelism=array_parallelism, max_parallel=max_parallel,
-                                  compile=compile_, workers=workers, decode=decode, wait=wait, fuse=fuse)
+                                  compile=compile_, workers=workers, decode=decode, wait=wait,
+                                  skip_bad_images=skip_bad_images, fuse=fuse)
 
 
 def launch_options(
@@ -80,20 +84,24 @@ def launch_options(
                                "of each batch, the GPU the rest) | auto (device on a GPU). "
                                "`effdstl bench --device cuda --only d` measures them and suggests F."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for the jobs and show progress."),
+    rerun: Optional[List[str]] = typer.Option(None, "--rerun", help="Forget run RUN (its hash, as `effdstl status` "
+                                              "shows it) and train it again: the cure for a damaged or failed run. Repeat for several."),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Image folders: decode every file before "
+                                         "training and leave out the ones that cannot be decoded (counted in each "
+                                         "run's final.json); without it the first bad file stops the run, named."),
     fuse: str = typer.Option("auto", "--fuse", help="Students of one architecture and schedule as one horizontally "
-                             "fused model: auto (on a GPU always, on a CPU for MLPs: what `effdstl bench` measures) "
-                             "| on | off (one after another). --dry-run shows the choice."),
+                             "fused model: auto (MLPs always; convolutional students on a GPU at <= 64 px; what "
+                             "`effdstl bench` measures) | on | off (one after another). --dry-run shows the choice."),
 ) -> LaunchArgs:
     return LaunchArgs(executor, device, tasks, gpus_per_job, partition, account, qos, timeout_min,
-                      array_parallelism, max_parallel, compile_, workers, decode, wait, fuse)
+                      array_parallelism, max_parallel, compile_, workers, decode, wait, rerun, skip_bad_images, fuse)
 
 
 def _progress_poller(plan):
     """Progress bars from the run directories alone: the same for every executor."""
-    from .io import read_jsonl
-    from .studies import run_state
+    from .rundir import RunDir
 
-    runs = [(c, d) for j in plan.jobs if j.kind == "train" for c, d in j.runs]
+    runs = [(c, RunDir(d)) for j in plan.jobs if j.kind == "train" for c, d in j.runs]
     total_ep = sum(int(c["epochs"]) for c, _ in runs)
     prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=console, transient=False)
@@ -106,9 +114,9 @@ def _progress_poller(plan):
         if not force and time.time() - last[0] < 0.5:  # debug runs call this every epoch
             return
         last[0] = time.time()
-        done = sum(run_state(d) == "done" for _, d in runs)
-        eps = sum(int(c["epochs"]) if (d / "final.json").exists() else len(read_jsonl(d / "metrics.jsonl"))
-                  for c, d in runs)
+        states = [(c, r, r.state()) for c, r in runs]
+        done = sum(st == "done" for _, _, st in states)
+        eps = sum(int(c["epochs"]) if st == "done" else r.epochs_done() for c, r, st in states)
         prog.update(t_runs, completed=done)
         prog.update(t_ep, completed=eps)
 
@@ -116,7 +124,7 @@ def _progress_poller(plan):
 
 
 def _run_plan(plan, la: LaunchArgs, dry_run: bool) -> None:
-    from .launch import apply_study_defaults, dry_run_lines, launch, preflight
+    from .launch import apply_study_defaults, dry_run_lines, launch, preflight, refuse_damaged
     from .studies import validate_runs
 
     apply_study_defaults(plan, la.opts)
@@ -126,16 +134,28 @@ def _run_plan(plan, la: LaunchArgs, dry_run: bool) -> None:
         for line in dry_run_lines(plan, la.opts):
             out.print(line, highlight=False, markup=False, soft_wrap=True)
         return
+    reruns = _reruns(plan, la.rerun)
     preflight(plan, la.opts)  # e.g. --executor slurm without a cluster: one line, before any progress
     _check_writable(plan.study_dir)
+    for run in reruns:
+        run.clear()
+        console.print(f"--rerun {run.name}: its old files are gone; it trains again", highlight=False, markup=False)
+    refuse_damaged(plan)  # before any progress: one line
     prog, poll = _progress_poller(plan)
     poll_fn = poll if la.opts.wait else None
     t0 = time.time()
-    with prog:
-        poll()
-        outcome = launch(plan, la.opts, report=lambda m: prog.console.print(m, highlight=False, markup=False),
-                         on_poll=poll_fn)
-        poll(force=True)
+    try:
+        with prog:
+            poll()
+            outcome = launch(plan, la.opts, report=lambda m: prog.console.print(m, highlight=False, markup=False),
+                             on_poll=poll_fn)
+            poll(force=True)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or `kill` (SIGTERM, see main): the contract of RELIABILITY.md
+        jobs = getattr(exc, "jobs", None)
+        stopped = (f"stopped {len(jobs)} local job(s) ({', '.join(jobs)}); " if jobs else
+                   "no local job was running; " if jobs is not None else "")
+        raise Interrupted(f"{stopped}finished epochs are saved; run the same command again to resume",
+                          getattr(exc, "signum", 2)) from None
     bad = {k: v for k, v in outcome.items() if isinstance(v, str) and (v.startswith("failed") or v.startswith("skipped"))}
     if outcome and la.opts.wait:
         console.print(f"study '{plan.study['name']}': {len(outcome)} job(s) ran in {time.time() - t0:.0f} s; "
@@ -144,6 +164,25 @@ def _run_plan(plan, la: LaunchArgs, dry_run: bool) -> None:
         raise EffdstlError(f"{len(bad)} job(s) did not finish: " + "; ".join(f"{k}: {v}" for k, v in bad.items()))
     if la.opts.wait:
         _raise_failed_runs(plan)
+
+
+def _reruns(plan, names: list[str]) -> list:
+    """The runs of ``--rerun``: hashes of this plan's training runs (a misspelt one: did-you-mean)."""
+    from .errors import unknown
+    from .rundir import RunDir
+
+    have = {d.name: d for j in plan.jobs if j.kind == "train" for _, d in j.runs}
+    out = []
+    for name in names:
+        if name not in have:
+            raise unknown(f"run of study '{plan.study['name']}' for --rerun", name, have)
+        run = RunDir(have[name])
+        if run.running():
+            info = run.lock.holder() or {}
+            raise EffdstlError(f"--rerun {name}: the run is being trained now by pid {info.get('pid')} on "
+                               f"{info.get('host')}; stop that process first")
+        out.append(run)
+    return out
 
 
 def _check_writable(d: Path) -> None:
@@ -160,17 +199,15 @@ def _check_writable(d: Path) -> None:
 
 def _raise_failed_runs(plan) -> None:
     """Runs stopped on an error (failed.json: NaN loss, ...) make the command fail, every time it runs."""
-    from .io import read_json
-    from .studies import run_state
+    from .rundir import RunDir
 
-    failed = [(c, d) for j in plan.jobs if j.kind == "train" for c, d in j.runs if run_state(d) == "failed"]
+    failed = [(c, d) for j in plan.jobs if j.kind == "train" for c, d in j.runs if RunDir(d).state() == "failed"]
     if not failed:
         return
+
     def why(d):
-        try:
-            return read_json(d / "failed.json").get("reason", "?")
-        except (OSError, ValueError):
-            return "?"
+        return (RunDir(d).failed or {}).get("reason", "?")
+
     shown = "; ".join(f"{d.name} ({c.get('meta', {}).get('label', '')}): {why(d)}" for c, d in failed[:5])
     raise EffdstlError(f"{len(failed)} run(s) of study '{plan.study['name']}' failed and are kept as failed "
                        f"(the others finished; `effdstl status` lists them; delete a run's failed.json to "
@@ -298,6 +335,10 @@ def _single_plan(name: str, dataset: str, data_root, image_size, model: str, see
     from .studies import DEFAULT_SCHEDULE, Job, Plan, _stage, study_dir
 
     validate_schedule("command line", {k: v for k, v in sched.items() if v is not None})
+    if image_size is not None and image_size < 1:
+        raise EffdstlError(f"--image-size must be a positive number of pixels, got {image_size}")
+    if seed < 0:
+        raise EffdstlError(f"--seed must be an integer >= 0, got {seed}")
     sdir = study_dir(results, name)
     from .distillers import build_distiller  # imports torch: after the cheap checks
     runs = []
@@ -323,15 +364,14 @@ def _single_plan(name: str, dataset: str, data_root, image_size, model: str, see
 
 
 def _print_runs(plan) -> None:
-    from .io import read_json
+    from .rundir import RunDir
 
     t = Table(title=f"{plan.study['name']}  ({plan.study_dir})", title_justify="left")
     for col in ("run", "model", "distiller", "best top-1", "last top-1", "epochs", "wall s"):
         t.add_column(col, no_wrap=True)
     for j in plan.jobs:
         for c, d in j.runs:
-            f = d / "final.json"
-            r = read_json(f) if f.exists() else {}
+            r = RunDir(d).final if RunDir(d).state() == "done" else {}
             t.add_row(d.name, c["model"], c["meta"]["label"], f"{r.get('best_top1', float('nan')):.2f}",
                       f"{r.get('last_top1', float('nan')):.2f}", str(r.get("epochs", "-")), str(r.get("wall_s", "-")))
     out.print(t)
@@ -463,9 +503,8 @@ def _study_dir(study: str, results: str) -> Path:
 
 @app.command("status")
 def status(study: str = typer.Argument(..., help="Study name, folder, or YAML file."), results: str = RESULTS):
-    """A table of every run: state, epoch, accuracy, job id."""
-    from .io import read_json, read_jsonl
-    from .studies import run_state
+    """A table of every run: state, epoch, accuracy, job id (a damaged run: what is wrong)."""
+    from .rundir import RunDir
 
     d = _study_dir(study, results)
     t = Table(title=f"{d.name}")
@@ -473,22 +512,30 @@ def status(study: str = typer.Argument(..., help="Study name, folder, or YAML fi
         t.add_column(col)
     counts: dict[str, int] = {}
     rows = []
+    damaged = []
     for rd in (d / "runs").glob("*/"):
         if (rd / "config.yaml").exists():
-            cfg = yaml.safe_load((rd / "config.yaml").read_text())
-            rows.append((cfg.get("role") != "teacher", cfg.get("meta", {}).get("label", ""), cfg.get("seed", 0), rd, cfg))
-    for *_, rd, cfg in sorted(rows, key=lambda r: r[:3]):
-        st = run_state(rd)
+            run = RunDir(rd)
+            cfg = run.config
+            rows.append((cfg.get("role") != "teacher", str(cfg.get("meta", {}).get("label", "")),
+                         cfg.get("seed", 0), rd.name, run, cfg))
+    for *_, run, cfg in sorted(rows, key=lambda r: r[:4]):
+        st = run.state()
         counts[st] = counts.get(st, 0) + 1
-        hist = read_jsonl(rd / "metrics.jsonl")
-        fin = read_json(rd / "final.json") if (rd / "final.json").exists() else {}
-        job = read_json(rd / "job.json").get("job_id", "") if (rd / "job.json").exists() else ""
-        best = fin.get("best_top1", max((h["test_top1"] for h in hist), default=float("nan")))
-        color = {"done": "green", "failed": "red", "running": "yellow"}.get(st, "white")
-        t.add_row(rd.name, cfg.get("meta", {}).get("label", ""), cfg["model"], str(cfg["seed"]),
-                  f"[{color}]{st}[/]", f"{len(hist)}/{cfg['epochs']}", f"{best:.2f}", str(job))
+        hist = run.metrics
+        fin = run.final if st == "done" else {}
+        if st == "damaged":
+            damaged.append(f"{run.name}: {run.problem()}")
+        best = fin.get("best_top1", max((h.get("test_top1", float("nan")) for h in hist), default=float("nan")))
+        color = {"done": "green", "failed": "red", "damaged": "red", "running": "yellow"}.get(st, "white")
+        t.add_row(run.name, cfg.get("meta", {}).get("label", ""), str(cfg.get("model", "?")), str(cfg.get("seed", "?")),
+                  f"[{color}]{st}[/]", f"{len(hist)}/{cfg.get('epochs', '?')}", f"{best:.2f}",
+                  str(run.job.get("job_id", "")))
     out.print(t)
     out.print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no runs yet")
+    for line in damaged:
+        out.print(f"damaged {line}; retrain it with --rerun {line.split(':')[0]} (or delete its folder)",
+                  highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command("results")
@@ -581,9 +628,32 @@ def bench(device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
     bench_main(device=device, argv=args or [])
 
 
+class Interrupted(EffdstlError):
+    """The command was interrupted (Ctrl-C: exit 130; SIGTERM: 143); printed as ``interrupted: ...``."""
+
+    def __init__(self, message: str, signum: int = 2):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
+class _Terminated(KeyboardInterrupt):
+    signum = 15
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main() -> None:
+    import signal
+
+    # `kill PID` stops the command as Ctrl-C does: local jobs are cancelled, locks given back.
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
+    except Interrupted as exc:
+        console.print(f"interrupted: {exc}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
     except EffdstlError as exc:
         from rich.markup import escape
 

@@ -27,8 +27,64 @@ STUDY_KEYS = {
     "recipe": dict, "baselines": list, "ablations": list, "fgsm": dict, "probe": dict,
     "slurm": dict, "paper": dict,
 }
-SCHEDULE_KEYS = ("epochs", "lr", "momentum", "weight_decay", "nesterov", "warmup_epochs", "min_lr", "batch_size", "seed")
+SCHEDULE_KEYS = ("epochs", "lr", "momentum", "weight_decay", "nesterov", "warmup_epochs", "min_lr", "batch_size", "seed",
+                 "kind", "milestones", "gamma")
 TEACHER_KEYS = ("model", "pretrained", "ckpt") + SCHEDULE_KEYS
+SCHEDULE_KINDS = ("cosine", "step")
+_STAGE_SCHED = ("epochs", "lr", "momentum", "weight_decay", "nesterov", "warmup_epochs", "min_lr",
+                "kind", "milestones", "gamma")
+_STAGE2 = _STAGE_SCHED + ("tau_t", "tau_s", "smooth", "subset", "teacher")
+
+# The schema: every key allowed at every depth of a study, in ONE table. A section maps to the
+# tuple of its keys; ``NAMES`` = its keys are names the user picks (teachers); ``None`` = free-form
+# (checked where it is used). A list section (triplets, ablations) holds mappings of those keys.
+# A child section is "<parent>.<key>" ("<parent>.*" under NAMES). New keys are one-line additions.
+NAMES = "names"
+SCHEMA: dict[str, tuple | str | None] = {
+    "": tuple(STUDY_KEYS),
+    "schedule": SCHEDULE_KEYS,
+    "teacher_schedule": SCHEDULE_KEYS,
+    "teachers": NAMES,
+    "teachers.*": TEACHER_KEYS,
+    "triplets": ("weak", "strong", "student"),
+    "distill": ("tau", "lam"),
+    "grid": ("scheme", "subset", "kind", "params"),
+    "grid.params": NAMES,         # manipulation names: checked against the registry (targets.py)
+    "grid.params.*": ("t", "delta"),
+    "recipe": ("student", "teacher1", "teacher2", "stage1", "stage2"),
+    "recipe.stage1": _STAGE_SCHED + ("T", "ls", "w_ce", "w_wsl"),
+    "recipe.stage2": _STAGE2,
+    "ablations": ("label", "stage2"),
+    "ablations.stage2": _STAGE2,
+    "probe": ("distiller",),
+    "probe.distiller": None,      # a distiller spec: checked by distillers.build_distiller (validate_runs)
+    "fgsm": (),                   # no keys yet
+    "slurm": ("gpus_per_job", "partition"),
+    "paper": None,                # the paper's numbers, for reference
+}
+
+
+def check_keys(study: dict, where: str) -> None:
+    """Every key at every depth against ``SCHEMA``: an unknown one is one line with did-you-mean."""
+    def walk(node: Any, section: str, shown: str) -> None:
+        allowed = SCHEMA.get(section)
+        if allowed is None:
+            return
+        if isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, section, f"{shown}[{i}]")
+            return
+        if not isinstance(node, dict):
+            return
+        for k, v in node.items():
+            if allowed != NAMES and k not in allowed:
+                if not section:
+                    raise unknown(f"key in study {where}", k, allowed)
+                raise unknown(f"key of {shown} in study {where}", k, allowed)
+            child = f"{section}.*" if allowed == NAMES else (f"{section}.{k}" if section else str(k))
+            walk(v, child, f"{shown}.{k}" if shown else str(k))
+
+    walk(study, "", "")
 
 
 def config_hash(cfg: dict) -> str:
@@ -75,8 +131,18 @@ def load_study(path: str | Path, sets: list[str] | None = None) -> dict:
         near = sorted(p.name for p in Path("studies").glob("*.yaml")) if Path("studies").is_dir() else []
         hint = f" (studies here: {', '.join(near)})" if near else ""
         raise EffdstlError(f"study file {path} does not exist{hint}")
+    if path.is_dir():
+        raise EffdstlError(f"study file {path} is a directory; pass a YAML file (e.g. studies/figure5-digits.yaml)")
     try:
-        study = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EffdstlError(f"study file {path} is not a UTF-8 text file (byte 0x{exc.object[exc.start]:02x} at "
+                           f"offset {exc.start}); a study is YAML text, e.g. studies/figure5-digits.yaml") from None
+    if "\x00" in text:
+        raise EffdstlError(f"study file {path} is a binary file (it holds NUL bytes); a study is YAML text, "
+                           "e.g. studies/figure5-digits.yaml")
+    try:
+        study = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -110,8 +176,23 @@ def validate_schedule(where: str, sched: dict) -> None:
         _positive(where, "lr", sched["lr"])
     for k in ("weight_decay", "min_lr", "warmup_epochs", "momentum"):
         v = sched.get(k)
-        if v is not None and (not isinstance(v, (int, float)) or v < 0):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v != v):
             raise EffdstlError(f"{where}: {k} must be a number >= 0, got {v!r}")
+    if "momentum" in sched and sched["momentum"] >= 1:
+        raise EffdstlError(f"{where}: momentum must be in [0, 1), got {sched['momentum']!r}")
+    if "nesterov" in sched and not isinstance(sched["nesterov"], bool):
+        raise EffdstlError(f"{where}: nesterov must be true or false, got {sched['nesterov']!r}")
+    if "seed" in sched and (isinstance(sched["seed"], bool) or not isinstance(sched["seed"], int) or sched["seed"] < 0):
+        raise EffdstlError(f"{where}: seed must be an integer >= 0, got {sched['seed']!r}")
+    if "kind" in sched and sched["kind"] not in SCHEDULE_KINDS:
+        raise unknown(f"schedule kind in {where}", sched["kind"], SCHEDULE_KINDS)
+    ms = sched.get("milestones")
+    if ms is not None and not (isinstance(ms, list) and all(isinstance(m, int) and not isinstance(m, bool) and m > 0
+                                                             for m in ms) and ms == sorted(set(ms))):
+        raise EffdstlError(f"{where}: milestones must be a rising list of epochs > 0, got {ms!r}")
+    g = sched.get("gamma")
+    if g is not None and not (isinstance(g, (int, float)) and not isinstance(g, bool) and 0 < g <= 1):
+        raise EffdstlError(f"{where}: gamma must be a number in (0, 1], got {g!r}")
 
 
 def validate_study(study: dict, where: str) -> None:
@@ -134,8 +215,12 @@ def validate_study(study: dict, where: str) -> None:
     seeds = study.get("seeds", [0])
     if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise EffdstlError(f"{where}: seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise EffdstlError(f"{where}: seeds lists a seed twice ({_dups(seeds)}); each seed is one set of runs")
     if "batch_size" in study:
         _positive(where, "batch_size", study["batch_size"], integer=True)
+    if study.get("image_size") is not None:
+        _positive(where, "image_size", study["image_size"], integer=True)
     validate_schedule(f"{where} schedule", study.get("schedule", {}))
     validate_schedule(f"{where} teacher_schedule", study.get("teacher_schedule", {}))
     for tname, t in (study.get("teachers") or {}).items():
@@ -170,6 +255,59 @@ def validate_study(study: dict, where: str) -> None:
     lam = dist.get("lam", 1.0)
     if not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and 0 <= lam <= 1):
         raise EffdstlError(f"{where}: distill.lam must be a number in [0, 1], got {lam!r}")
+    check_keys(study, where)   # every key at every depth (SCHEMA)
+    _check_values(study, where)
+
+
+def _dups(values: list) -> str:
+    seen, dup = set(), []
+    for v in values:
+        key = repr(v)
+        if key in seen and v not in dup:
+            dup.append(v)
+        seen.add(key)
+    return ", ".join(map(str, dup))
+
+
+def _check_values(study: dict, where: str) -> None:
+    """Numbers and lists of the nested sections against their domains (the rest of validate_study)."""
+    grid = study.get("grid") or {}
+    for k in ("scheme", "subset", "kind"):
+        vals = grid.get(k) or []
+        if len(set(map(repr, vals))) != len(vals):
+            raise EffdstlError(f"{where}: grid.{k} lists {_dups(vals)} twice; each value is one run")
+    for kind, prm in (grid.get("params") or {}).items():
+        for pk, pv in (prm or {}).items():
+            vals = pv if isinstance(pv, list) else [pv]
+            if len(set(map(repr, vals))) != len(vals):
+                raise EffdstlError(f"{where}: grid.params.{kind}.{pk} lists {_dups(vals)} twice; each value is one run")
+    base = study.get("baselines") or []
+    if len(set(base)) != len(base):
+        raise EffdstlError(f"{where}: baselines lists {_dups(base)} twice")
+    trs = [repr(sorted(t.items())) for t in study.get("triplets") or [] if isinstance(t, dict)]
+    if len(set(trs)) != len(trs):
+        raise EffdstlError(f"{where}: triplets lists the same triplet twice")
+    recipe = study.get("recipe") or {}
+    stages = [("recipe.stage1", recipe.get("stage1") or {}), ("recipe.stage2", recipe.get("stage2") or {})]
+    stages += [(f"ablation {i} stage2", a.get("stage2") or {}) for i, a in enumerate(study.get("ablations") or [])
+               if isinstance(a, dict)]
+    for name, st in stages:
+        if isinstance(st, dict):
+            validate_schedule(f"{where} {name}", {k: v for k, v in st.items() if k in _STAGE_SCHED})
+            for k in ("T", "tau_t", "tau_s"):
+                if k in st:
+                    _positive(f"{where} {name}", k, st[k])
+            for k in ("ls", "smooth"):
+                v = st.get(k)
+                if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1):
+                    raise EffdstlError(f"{where} {name}: {k} must be a number in [0, 1], got {v!r}")
+            for k in ("w_ce", "w_wsl"):
+                v = st.get(k)
+                if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0):
+                    raise EffdstlError(f"{where} {name}: {k} must be a number >= 0, got {v!r}")
+    labels = [a.get("label") for a in study.get("ablations") or [] if isinstance(a, dict)]
+    if len(set(map(repr, labels))) != len(labels):
+        raise EffdstlError(f"{where}: ablations lists the label {_dups(labels)} twice")
 
 
 def _check_shapes(study: dict, where: str) -> None:

@@ -183,6 +183,45 @@ class TensorSplit(Dataset):
         return self.get_batch(torch.tensor([i]))[0], int(self.labels[i]), i
 
 
+class BadImage(EffdstlError):
+    """An image file of a folder dataset that cannot be decoded."""
+
+
+SKIP_BAD_IMAGES = False                    # --skip-bad-images (set by launch.TrainJob in the job's process)
+_SKIPPED: dict[str, list[str]] = {}        # dataset spec -> the files left out in this process
+
+
+def skipped_images(spec: str) -> list[str]:
+    """The undecodable files ``--skip-bad-images`` left out of dataset ``spec`` in this process."""
+    return list(_SKIPPED.get(str(spec), []))
+
+
+def _bad_image(path: str, exc: BaseException) -> BadImage:
+    why = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    return BadImage(f"image {path} cannot be decoded ({type(exc).__name__}: {why}); replace or delete it, "
+                    "or pass --skip-bad-images to leave such files out (they are counted in final.json)")
+
+
+class _Probe(Dataset):
+    """Decodes one file fully (PIL) in a worker: '' when fine, else why not."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> str:
+        from PIL import Image
+
+        try:
+            with Image.open(self.samples[i][0]) as im:
+                im.convert("RGB")
+            return ""
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file
+            return str(_bad_image(self.samples[i][0], exc))
+
+
 class FolderSplit(Dataset):
     """An ImageFolder split: PIL per sample, or batches decoded on the device (ImageNet-style transforms, no jitter)."""
 
@@ -204,8 +243,25 @@ class FolderSplit(Dataset):
     def _open(self, i: int):
         from PIL import Image
 
-        with Image.open(self.samples[i][0]) as im:
-            return im.convert("RGB")
+        try:
+            with Image.open(self.samples[i][0]) as im:
+                return im.convert("RGB")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise _bad_image(self.samples[i][0], exc) from None
+
+    def check(self, workers: int | None = None) -> list[tuple[int, str]]:
+        """Decode every file once (PIL, in parallel workers): [(index, one-line reason)] of the bad ones."""
+        n = workers if workers is not None else min(os.cpu_count() or 1, 8)
+        loader = torch.utils.data.DataLoader(_Probe(self.samples), batch_size=64, num_workers=n if len(self) > 256 else 0,
+                                             collate_fn=list)
+        out, base = [], 0
+        for batch in loader:
+            out += [(base + k, why) for k, why in enumerate(batch) if why]
+            base += len(batch)
+        return out
+
+    def without(self, drop: set[int]) -> "FolderSplit":
+        return FolderSplit([smp for k, smp in enumerate(self.samples) if k not in drop], self.train, self.image_size)
 
     def _pil(self, im, crop, flip: bool, uint8: bool = False) -> torch.Tensor:
         import torchvision.transforms.functional as TF
@@ -259,7 +315,16 @@ class FolderSplit(Dataset):
         step needs (the side thread of ``engine._decoded`` runs this while the step runs). Output
         is rounded to 8-bit levels, like PIL's.
         """
-        imgs = decode_images(datas, device)
+        try:
+            imgs = decode_images(datas, device)
+        except RuntimeError as exc:  # name the file (one by one on the CPU to find it)
+            for k, d in enumerate(datas):
+                try:
+                    decode_images([d], "cpu")
+                except RuntimeError as one:
+                    where = self.samples[int(idx[k])][0] if idx is not None else f"image {k} of the batch"
+                    raise _bad_image(where, one) from None
+            raise exc
         crops = flips = None
         if self.train if augment is None else augment:
             keys = None if epoch_key is None else sample_keys(epoch_key, idx)
@@ -813,14 +878,43 @@ def _npz(spec: str, path: Path) -> Data:
             raise EffdstlError(f"npz file {path}: y_{s} has {len(y)} labels but x_{s} has {n} images")
         if n == 0:
             raise EffdstlError(f"npz file {path}: x_{s} is empty")
-    n_cls = int(max(arr["y_train"].max(), arr["y_test"].max())) + 1
-    classes = [str(c) for c in arr["classes"]] if "classes" in arr else [str(c) for c in range(n_cls)]
+    classes = _npz_classes(path, arr)
     xtr = torch.from_numpy(arr["x_train"]).permute(0, 3, 1, 2).contiguous()
     xte = torch.from_numpy(arr["x_test"]).permute(0, 3, 1, 2).contiguous()
     c = xtr.shape[1]
     return _in_memory(spec, "cifar" if c == 3 else "mnist", classes, _channel_stats(xtr),
                       xtr, torch.from_numpy(arr["y_train"]).long(), xte, torch.from_numpy(arr["y_test"]).long(),
                       augment="crop_flip" if c == 3 else "none")
+
+
+def _npz_classes(path: Path, arr: dict) -> list[str]:
+    """The class names: the file's ``classes`` (then N = its length and labels must lie in 0..N-1),
+    else 0..N-1 from the labels, which must then be exactly 0..N-1 with every class in the train
+    split (a stray label 255 would build a 256-class model; a class only in the test split cannot be
+    learned)."""
+    ytr, yte = arr["y_train"], arr["y_test"]
+    lo = int(min(ytr.min(), yte.min()))
+    if "classes" in arr:
+        classes = [str(c) for c in np.asarray(arr["classes"]).reshape(-1)]
+        hi = int(max(ytr.max(), yte.max()))
+        if lo < 0 or hi >= len(classes):
+            raise EffdstlError(f"npz file {path}: labels run from {lo} to {hi} but 'classes' names {len(classes)} "
+                               f"classes (labels must be 0..{len(classes) - 1})")
+        return classes
+    present = np.unique(ytr)
+    n = int(present.max()) + 1
+    if lo < 0 or len(present) != n:
+        gaps = sorted(set(range(max(n, 0))) - set(int(v) for v in present))
+        raise EffdstlError(f"npz file {path}: train labels are not 0..N-1 with every class present (labels "
+                           f"{int(present.min())}..{int(present.max())}, {len(present)} distinct"
+                           + (f", missing {', '.join(map(str, gaps[:5]))}{' ...' if len(gaps) > 5 else ''}" if gaps else "")
+                           + "); relabel them, or add a 'classes' array naming all N classes")
+    extra = sorted(set(int(v) for v in np.unique(yte)) - set(range(n)))
+    if extra:
+        raise EffdstlError(f"npz file {path}: test labels {', '.join(map(str, extra[:5]))} never occur in the "
+                           f"train split ({n} classes: 0..{n - 1}); a class only in the test split cannot be "
+                           "learned (add a 'classes' array to say N if that is meant)")
+    return [str(c) for c in range(n)]
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -849,9 +943,21 @@ def _folder(spec: str, root: Path, image_size: int) -> Data:
         raise EffdstlError(f"dataset folder {root} has no val/ or test/ subfolder; {layout}")
     classes, train = _scan(root / "train", None)
     _, test = _scan(held, classes)
+    tr, te = FolderSplit(train, True, image_size), FolderSplit(test, False, image_size)
+    # The test split is small and read after every epoch: decode it all now, so a bad file is named
+    # before any training (not after a whole epoch, on every retry). With --skip-bad-images the
+    # train split is checked too and bad files of both are left out (counted in final.json).
+    bad_te = te.check()
+    if bad_te and not SKIP_BAD_IMAGES:
+        raise BadImage(bad_te[0][1] + (f" ({len(bad_te)} bad files in {held.name}/)" if len(bad_te) > 1 else ""))
+    if SKIP_BAD_IMAGES:
+        bad_tr = tr.check()
+        _SKIPPED[str(spec)] = [tr.samples[k][0] for k, _ in bad_tr] + [te.samples[k][0] for k, _ in bad_te]
+        tr, te = tr.without({k for k, _ in bad_tr}), te.without({k for k, _ in bad_te})
+        if not len(tr) or not len(te):
+            raise EffdstlError(f"dataset folder {root}: no decodable image left in {'train' if not len(tr) else held.name}/")
     return Data(name=spec, family="imagenet", num_classes=len(classes), classes=classes, in_chans=3,
-                image_size=image_size, mean=_STATS["imagenet"][0], std=_STATS["imagenet"][1],
-                train=FolderSplit(train, True, image_size), test=FolderSplit(test, False, image_size))
+                image_size=image_size, mean=_STATS["imagenet"][0], std=_STATS["imagenet"][1], train=tr, test=te)
 
 
 def _scan(d: Path, classes: list[str] | None) -> tuple[list[str], list[tuple[str, int]]]:

@@ -125,6 +125,8 @@ def load_teacher(name: str, tcfg: dict, data) -> torch.nn.Module:
     ckpt = tcfg.get("ckpt")
     if ckpt is None and not tcfg.get("pretrained"):
         raise EffdstlError(f"teacher '{name}' has neither a checkpoint nor pretrained: true")
+    if ckpt is not None:
+        fio.check_teacher_file(name, tcfg)  # its run failed or is damaged, or the file changed: one line
     if ckpt is not None and not Path(ckpt).exists():
         raise EffdstlError(f"teacher '{name}': checkpoint {ckpt} does not exist (train the teacher first)")
     net = build_model(tcfg["model"], data.num_classes, in_chans=data.in_chans, image_size=data.image_size,
@@ -324,10 +326,10 @@ def train_group(members_in: list[tuple[dict, Path]], env: Env | None = None) -> 
         run_dir = Path(run_dir)
         h = config_hash(cfg)
         if (run_dir / "final.json").exists():
-            out.append(fio.read_json(run_dir / "final.json"))
+            out.append(fio.read_record(run_dir / "final.json"))
             continue
         if (run_dir / "failed.json").exists():
-            out.append(fio.read_json(run_dir / "failed.json"))
+            out.append(fio.read_record(run_dir / "failed.json"))
             continue
         m = Member(cfg=cfg, run_dir=run_dir, hash=h)
         if env.rank == 0:
@@ -344,7 +346,7 @@ def train_group(members_in: list[tuple[dict, Path]], env: Env | None = None) -> 
             done = next((run_dir / f for f in ("final.json", "failed.json") if (run_dir / f).exists()), None)
             if done is not None and env.world == 1:  # finished by another process meanwhile
                 m.lock.release()
-                out.append(fio.read_json(done))
+                out.append(fio.read_record(done))
                 continue
             for f in ("ckpt", "metrics.jsonl", "model.pt", "final.json", "failed.json"):
                 for tmp in run_dir.glob(f".{f}.*.tmp"):  # a killed writer's temp files (only the lock holder writes these)
@@ -887,5 +889,5 @@ def _finish(m: Member, env: Env, device) -> dict:
         if m.hits is not None:
             fio.atomic_write_bytes(m.run_dir / "subset.pt", _tensor_bytes(
                 {"hits": m.hits, "epochs": torch.tensor(m.mask_epochs)}))
-        fio.write_json(m.run_dir / "final.json", rec)  # written last: the run is done
+        fio.write_final(m.run_dir / "final.json", rec)  # written last, sealed: the run is done
     return rec

@@ -15,6 +15,14 @@ class EffdstlError(Exception):
 
     exit_code = 2
 
+    def __str__(self) -> str:
+        text = super().__str__()
+        if "\nOriginal Traceback" in text:  # re-raised by a DataLoader worker: its own one line
+            last = text.strip().splitlines()[-1]
+            head, sep, rest = last.partition(": ")
+            return rest if sep and head.rsplit(".", 1)[-1] == type(self).__name__ else last
+        return text
+
 
 def unknown(kind: str, name: str, choices: Iterable[str]) -> EffdstlError:
     """``unknown model 'resnet81' (did you mean 'resnet18'?; choices: ...)``."""

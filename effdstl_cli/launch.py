@@ -16,7 +16,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +26,7 @@ from typing import Any, Callable
 from . import io as fio
 from .errors import EffdstlError
 from .fused import FUSE_MODES
+from .rundir import RunDir
 from .studies import Job, Plan, run_state
 
 EXECUTORS = ("debug", "local", "slurm")
@@ -49,6 +52,7 @@ class LaunchOptions:
     decode: str = "auto"              # folder data: device (nvJPEG) | workers (PIL) | mixed:F | auto (device on CUDA)
     fuse: str = "auto"                # students of one architecture as one fused model: auto | on | off
     wait: bool = True
+    skip_bad_images: bool = False     # folder data: leave undecodable files out (counted in final.json)
     poll_s: float = 1.0
     extra: dict = field(default_factory=dict)
 
@@ -62,6 +66,14 @@ class LaunchOptions:
             from .errors import unknown
 
             raise unknown("--fuse mode", self.fuse, FUSE_MODES)
+        import re
+
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            from .errors import unknown
+
+            raise unknown("--device", self.device, ("auto", "cpu", "cuda", "cuda:N"))
+        if self.max_parallel is not None and int(self.max_parallel) < 1:
+            raise EffdstlError(f"--max-parallel must be >= 1 (jobs at once), got {self.max_parallel}")
         for k in ("tasks", "timeout_min", "array_parallelism", "workers"):
             if int(getattr(self, k)) < (0 if k == "workers" else 1):
                 raise EffdstlError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
@@ -106,12 +118,17 @@ def slurm_available() -> bool:
 class TrainJob:
     """A group of runs, trained by ``engine.train_group``; resumable, hence requeue-safe."""
 
-    def __init__(self, runs: list[tuple[dict, str]], env_kw: dict, world: int, backend: str):
+    def __init__(self, runs: list[tuple[dict, str]], env_kw: dict, world: int, backend: str,
+                 skip_bad_images: bool = False):
         self.runs, self.env_kw, self.world, self.backend = runs, env_kw, world, backend
+        self.skip_bad_images = skip_bad_images
         self.progress = None  # in-process (debug) runs report each epoch through this
 
     def __call__(self) -> list[dict]:
+        from . import data
         from .engine import Env, train_group
+
+        data.SKIP_BAD_IMAGES = bool(getattr(self, "skip_bad_images", False))
 
         env = Env(**self.env_kw, progress=self.progress)
         rank, world = _init_distributed(self.world, self.backend)
@@ -123,7 +140,16 @@ class TrainJob:
         if world > 1 and self.backend == "nccl":
             env.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         try:
-            return train_group([(c, Path(d)) for c, d in self.runs], env)
+            while True:
+                try:
+                    return train_group([(c, Path(d)) for c, d in self.runs], env)
+                except fio.LockBusy as busy:
+                    if world > 1:  # every rank would have to agree to wait: fail as before
+                        raise
+                    # Another process (a second sweep of the same study) trains this run: wait for it,
+                    # then go again. train_group holds no lock while we wait, and skips what the other
+                    # process finished, so every run is trained once and both commands succeed.
+                    wait_for_lock(busy, env.log)
         finally:
             if world > 1:
                 import torch.distributed as dist
@@ -135,6 +161,16 @@ class TrainJob:
 
         # State lives in the run directories (a checkpoint every epoch): resubmitting is enough.
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def wait_for_lock(busy: "fio.LockBusy", log: Callable[[str], None], poll_s: float = 1.0) -> None:
+    """Block until the process named by ``busy`` no longer holds that run's lock."""
+    h = busy.holder
+    log(f"run {busy.path.parent.name} is being trained by pid {h.get('pid')} on {h.get('host')}: "
+        "waiting for it (it is not trained twice)")
+    lock = fio.RunLock(busy.path.parent)
+    while lock.alive():
+        time.sleep(poll_s)
 
 
 class ProbeJob:
@@ -202,7 +238,7 @@ def _callable(job: Job, opts: LaunchOptions):
     if job.kind == "probe":
         return ProbeJob(job.probe, opts.device)
     runs = [(c, str(d)) for c, d in job.runs]
-    return TrainJob(runs, _env_kw(opts), opts.world(), opts.backend())
+    return TrainJob(runs, _env_kw(opts), opts.world(), opts.backend(), opts.skip_bad_images)
 
 
 def _queued_elsewhere(job: Job) -> str | None:
@@ -230,7 +266,15 @@ def _queued_elsewhere(job: Job) -> str | None:
 
 
 def _record(job: Job, job_id: str, executor: str) -> None:
+    """job.json of each run this job will train: never over a finished run or one another live
+    process trains (that run keeps the id of the job that really trains it)."""
     for _, d in job.runs:
+        run = RunDir(d)
+        deadline = time.time() + 0.5  # a holder killed a moment ago (kill -9, then the same command) is gone by then
+        while run.state() == "running" and time.time() < deadline:
+            time.sleep(0.1)
+        if run.state() in ("done", "damaged", "failed", "running"):
+            continue
         Path(d).mkdir(parents=True, exist_ok=True)
         fio.write_json(Path(d) / "job.json", {"job_id": job_id, "executor": executor, "job": job.name,
                                               "submitted_at": time.time()})
@@ -251,10 +295,10 @@ def job_error(exc: BaseException) -> str:
     if not lines:
         return type(exc).__name__
     last = lines[-1] if len(parts) >= 3 else lines[0]
-    for prefix in ("effdstl_cli.errors.EffdstlError: ", "EffdstlError: "):
-        if last.startswith(prefix):
-            return last[len(prefix):]
-    return last
+    import re
+
+    m = re.match(r"(effdstl_cli\.\w+\.)?(EffdstlError|BadImage|DamagedRun|LockBusy): (.*)", last)
+    return m.group(3) if m else last
 
 
 def todo(plan: Plan) -> list[Job]:
@@ -283,6 +327,18 @@ def preflight(plan: Plan, opts: LaunchOptions) -> None:
                            "--executor local, or start a local one with scripts/local-slurm.sh start")
 
 
+def refuse_damaged(plan: Plan) -> None:
+    """A damaged run (rundir: final.json or a file it seals is unreadable, missing or altered) is
+    never used and never silently retrained: one line naming it and the file, and the cure."""
+    damaged = [RunDir(d) for j in plan.jobs for _, d in j.runs if run_state(d) == "damaged"]
+    if damaged:
+        first = damaged[0]
+        more = (f" (and {len(damaged) - 1} more: {', '.join(r.name for r in damaged[1:6])})"
+                if len(damaged) > 1 else "")
+        raise EffdstlError(f"run {first.name} of study '{plan.study['name']}' is damaged: {first.problem()}{more}; "
+                           f"retrain it: add `--rerun {first.name}` to this command (or delete {first.path})")
+
+
 def launch(plan: Plan, opts: LaunchOptions, report: Report = print,
            on_poll: Callable[[], None] | None = None) -> dict:
     """Run or submit every job of the plan that is not done. Returns {job name: outcome}."""
@@ -291,6 +347,7 @@ def launch(plan: Plan, opts: LaunchOptions, report: Report = print,
     if not pending:
         report(f"nothing to do: all {len(plan.jobs)} jobs of study '{plan.study['name']}' are done")
         return {}
+    refuse_damaged(plan)
     failed_runs = [d for j in pending for _, d in j.runs if run_state(d) == "failed"]
     if failed_runs:
         report(f"{len(failed_runs)} run(s) failed earlier and are kept as failed (see failed.json; "
@@ -343,12 +400,55 @@ def _local_slots(opts: LaunchOptions) -> list[list[int] | None]:
 
 
 def _run_local(plan: Plan, pending: list[Job], opts: LaunchOptions, report: Report, on_poll) -> dict:
-    """A bounded queue over submitit's LocalExecutor (which has none of its own)."""
+    """A bounded queue over submitit's LocalExecutor (which has none of its own).
+
+    Interrupted (Ctrl-C, or SIGTERM turned into KeyboardInterrupt by the CLI), it cancels the jobs it
+    started and waits for them to stop before the interrupt goes on: no training job outlives the
+    command (docs/RELIABILITY.md, "Ctrl-C and kill")."""
+    running: dict[str, tuple[Any, Any]] = {}
+    try:
+        return _local_queue(plan, pending, opts, report, on_poll, running)
+    except KeyboardInterrupt as exc:
+        raise Interrupted(_cancel_local(running), getattr(exc, "signum", 2)) from None
+
+
+class Interrupted(KeyboardInterrupt):
+    """The local queue was interrupted (``signum``); ``jobs``: the local jobs it cancelled and saw stop."""
+
+    def __init__(self, jobs: list[str], signum: int = 2):
+        super().__init__(jobs)
+        self.jobs, self.signum = jobs, signum
+
+
+def _cancel_local(running: dict[str, tuple[Any, Any]], grace_s: float = 2.0, stop_s: float = 30.0) -> list[str]:
+    """Stop every started local job: a Ctrl-C in a terminal has already reached them (one process
+    group), so first a short grace; then SIGINT to the job's controller (submitit's cancel: it
+    interrupts the task, whose engine releases its locks), and SIGKILL past ``stop_s``."""
+    import signal
+
+    procs = {name: sj._process for name, (sj, _) in running.items() if getattr(sj, "_process", None) is not None}
+    deadline = time.time() + grace_s
+    while any(p.poll() is None for p in procs.values()) and time.time() < deadline:
+        time.sleep(0.05)
+    for p in procs.values():
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    deadline = time.time() + stop_s
+    while any(p.poll() is None for p in procs.values()) and time.time() < deadline:
+        time.sleep(0.05)
+    for p in procs.values():
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return [f"{name} (job {sj.job_id})" for name, (sj, _) in running.items()]
+
+
+def _local_queue(plan: Plan, pending: list[Job], opts: LaunchOptions, report: Report, on_poll,
+                 running: dict[str, tuple[Any, Any]]) -> dict:
     import submitit
 
     free = _local_slots(opts)
     waiting = list(pending)
-    running: dict[str, tuple[Any, Any]] = {}
     done_ok = {j.name for j in plan.jobs if j.state() == "done"}
     out: dict[str, Any] = {}
     while waiting or running:
@@ -377,7 +477,8 @@ def _run_local(plan: Plan, pending: list[Job], opts: LaunchOptions, report: Repo
             if slot is not None:
                 params.update(visible_gpus=slot, gpus_per_node=len(slot))
             ex.update_parameters(**params)
-            sj = ex.submit(_callable(job, opts))
+            with _quiet_controller(plan):
+                sj = ex.submit(_callable(job, opts))
             _tidy_logs(plan)
             _record(job, str(sj.job_id), "local")
             running[job.name] = (sj, slot)
@@ -392,6 +493,25 @@ def _run_local(plan: Plan, pending: list[Job], opts: LaunchOptions, report: Repo
     if on_poll:
         on_poll()
     return out
+
+
+@contextmanager
+def _quiet_controller(plan: Plan):
+    """submitit's local controller inherits the CLI's stderr, so an interrupt there printed its
+    KeyboardInterrupt traceback into the user's terminal: it writes to logs/controller.err instead
+    (the jobs' own output goes to their log folders as before)."""
+    log = plan.study_dir / "logs" / "controller.err"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(fd, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
 
 
 def _job_resources(opts: LaunchOptions, kind: str = "train") -> tuple[int, int]:

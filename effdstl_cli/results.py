@@ -7,71 +7,29 @@ No torch import: reading results must stay fast and work without a GPU stack.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import socket
-import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from .errors import EffdstlError
-from .io import atomic_write, read_jsonl as read_metrics
+from .io import atomic_write
+from .rundir import RunDir
 
 META_KEYS = ("study", "study_kind", "dataset", "student", "weak", "strong", "triplet", "distiller",
              "scheme", "subset", "param", "baseline", "label", "seed")
 FINAL_KEYS = ("best_top1", "last_top1", "best_top5", "last_top5", "best_epoch", "epochs", "wall_s",
               "gpu_hours", "device", "gpu_name", "world_size")
 COLUMNS = ("run", "state", "role", *META_KEYS, *FINAL_KEYS, "epochs_done", "fail_reason", "run_dir")
-LOCK_STALE_S = 6 * 3600  # same rule as io.RunLock: another host's lock untouched this long is dead
 
 
 # -- reading run directories ---------------------------------------------------------------
 
-def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EffdstlError(f"cannot read {path} ({type(exc).__name__}: {exc}); delete it and re-run the study")
-    return obj if isinstance(obj, dict) else {}
-
-
-def _lock_alive(lock: Path) -> bool:
-    """True when ``lock`` looks held by a live trainer (mirrors io.RunLock's staleness rule)."""
-    try:
-        info = json.loads(lock.read_text())
-    except (OSError, json.JSONDecodeError):
-        info = None
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return False
-    if not isinstance(info, dict):
-        return age <= 5
-    if info.get("host") == socket.gethostname():
-        try:
-            os.kill(int(info.get("pid", -1)), 0)
-        except ProcessLookupError:
-            return False
-        except (PermissionError, ValueError, OverflowError):
-            return True
-        return True
-    return age <= LOCK_STALE_S
-
-
 def _run_row(rd: Path) -> dict[str, Any]:
-    cfg_path = rd / "config.yaml"
-    try:
-        cfg = yaml.safe_load(cfg_path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise EffdstlError(f"cannot read {cfg_path} ({type(exc).__name__}); delete the run directory "
-                           f"{rd} and re-run the study")
-    if not isinstance(cfg, dict):
-        raise EffdstlError(f"{cfg_path} is not a run config (expected a mapping); delete {rd}")
+    run = RunDir(rd)
+    cfg = run.config   # unreadable: one line naming the file and the cure
     meta = cfg.get("meta") or {}
     row: dict[str, Any] = {k: None for k in COLUMNS}
     row.update(run=rd.name, role=cfg.get("role", ""), run_dir=str(rd))
@@ -82,33 +40,28 @@ def _run_row(rd: Path) -> dict[str, Any]:
         row[k] = "" if row[k] is None else str(row[k])
     if row["seed"] is None:
         row["seed"] = cfg.get("seed")
-    metrics = read_metrics(rd / "metrics.jsonl")
-    row["epochs_done"] = len(metrics)
+    row["epochs_done"] = run.epochs_done()
     row["epochs"] = cfg.get("epochs")
-    if (rd / "final.json").exists():
-        fin = _read_json(rd / "final.json")
-        row["state"] = "done"
+    row["state"] = run.state()   # the same verdict as `effdstl status` and the launcher
+    if row["state"] == "done":
+        fin = run.final
         for k in FINAL_KEYS:
             if k in fin:
                 row[k] = fin[k]
-    elif (rd / "failed.json").exists():
-        row["state"] = "failed"
-        row["fail_reason"] = str(_read_json(rd / "failed.json").get("reason", ""))
-    elif (rd / "lock").exists() and _lock_alive(rd / "lock"):
-        row["state"] = "running"
-    elif metrics or (rd / "ckpt-last.pt").exists() or (rd / "ckpt-prev.pt").exists():
-        row["state"] = "partial"
-    else:
-        row["state"] = "pending"
+    elif row["state"] == "damaged":
+        row["fail_reason"] = run.problem()   # never its numbers: a damaged run is not a result
+    elif row["state"] == "failed":
+        row["fail_reason"] = str((run.failed or {}).get("reason", "failed.json is unreadable"))
     return row
 
 
 def collect(study_dir: str | Path) -> pd.DataFrame:
     """One row per run directory ``study_dir/runs/*/`` holding a config.yaml.
 
-    Columns: run (the hash), state (done | failed | running | partial | pending), role, every
+    Columns: run (the hash), state (done | damaged | failed | running | partial | pending: the
+    one verdict of ``rundir.RunDir.state``), role, every
     ``meta`` key, final.json's numbers (NaN until done; ``epochs`` falls back to the planned
-    epochs), epochs_done (valid metrics.jsonl lines), fail_reason, run_dir.
+    epochs), epochs_done (valid metrics.jsonl lines), fail_reason (a damaged run: what is wrong), run_dir.
     ``running`` = a live lock; ``partial`` = epochs written but nobody training it now.
     """
     study_dir = Path(study_dir)

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from .config import config_hash
 from .errors import EffdstlError, unknown
+from .rundir import run_state  # noqa: F401 - the one definition of a run's state; re-exported
 
 DEFAULT_SCHEDULE = {"epochs": 10, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False,
                     "warmup_epochs": 0, "min_lr": 0.0}
@@ -31,30 +32,15 @@ class Job:
     probe: dict | None = None                   # for probe jobs: what to attack
 
     def state(self) -> str:
-        """done | failed | running | partial | pending, from the run directories alone."""
+        """damaged | running | partial | pending | failed | done, from the run directories alone
+        (each run's verdict is ``rundir.RunDir.state``)."""
         if self.kind == "probe":
             return "done" if Path(self.probe["out"]).exists() else "pending"
         states = [run_state(d) for _, d in self.runs]
-        for s in ("running", "partial", "pending"):
+        for s in ("damaged", "running", "partial", "pending"):
             if s in states:
                 return s
         return "failed" if "failed" in states else "done"
-
-
-def run_state(run_dir: Path) -> str:
-    if (run_dir / "final.json").exists():
-        return "done"
-    if (run_dir / "failed.json").exists():
-        return "failed"
-    if (run_dir / "lock").exists():
-        from .io import RunLock
-
-        lock = RunLock(run_dir)
-        if not lock._stale(lock.holder()):
-            return "running"
-    if (run_dir / "ckpt-last.pt").exists() or (run_dir / "ckpt-prev.pt").exists():
-        return "partial"
-    return "pending"
 
 
 @dataclass
@@ -371,6 +357,15 @@ def validate_runs(p: Plan) -> None:
     from .distillers import build_distiller
     from .models import check_model_spec
 
+    where: dict[Path, str] = {}
+    for j in p.jobs:
+        for cfg, d in j.runs:
+            label = f"{j.name} ({cfg.get('meta', {}).get('label', '')})"
+            if d in where:  # two runs with one config would wait on (or fail at) their own lock
+                raise EffdstlError(f"study {p.study.get('name')}: {where[d]} and {label} are the same run {d.name} "
+                                   "(identical configs: a duplicated teacher, grid value or seed); make them differ "
+                                   "or list it once")
+            where[d] = label
     seen: set[str] = set()
     for j in p.jobs:
         for cfg, _ in j.runs:

@@ -304,7 +304,97 @@ CASES: list[Case] = [
          ("does not fit mlp:64",), phase="job"),
     Case("ckpt-wrong-arch-local", "`--teacher` whose weights do not fit its model spec (local executor)",
          lambda c: c.student_cmd(_relabelled(c), "-x", "local"), ("does not fit mlp:64",), phase="job"),
+    # -- issue 14: nested keys, every option's domain, binary study files, labels, bad images ---------
+    Case("nested-set-key", "`--set grid.sceme=[full]`", lambda c: c.run(tiny(), "--set", "grid.sceme=[full]"),
+         ("unknown key of grid", "'sceme'"), near="scheme"),
+    Case("nested-stage-key", "`--set recipe.stage1.epoch=2` (a recipe study)",
+         lambda c: c.run(_recipe_study("r2"), "--set", "recipe.stage1.epoch=2"),
+         ("unknown key of recipe.stage1", "'epoch'"), near="epochs"),
+    Case("nested-file-key", "`ablations: [{label: x, stage2: {tau: 0.8}}]` in a file",
+         lambda c: c.run({**_recipe_study("r3"), "kind": "ablation", "ablations": [{"label": "x", "stage2": {"tau": 0.8}}]}),
+         ("unknown key of ablations[0].stage2", "'tau'"), near="tau_t"),
+    Case("nested-params-key", "`grid.params: {label_smoothing: {tt: 0.9}}`", lambda c: c.run(manip("w5", tt=0.9)),
+         ("unknown key of grid.params.label_smoothing", "'tt'")),
+    Case("schedule-kind", "`schedule.kind: cosin`", lambda c: c.run(tiny("n6", **{"schedule.kind": "cosin"})),
+         ("unknown schedule kind", "'cosin'"), near="cosine"),
+    Case("max-parallel-negative", "`--max-parallel -2 --executor local`",
+         lambda c: c.run(tiny(), "--max-parallel", "-2", executor="local"), ("--max-parallel must be >= 1", "got -2")),
+    Case("image-size-negative", "`train teacher --image-size -5`",
+         lambda c: c.teacher_cmd("synthetic", "--image-size", "-5", "-x", "debug"), ("--image-size must be a positive",)),
+    Case("image-size-study", "`image_size: 0` in a study", lambda c: c.run(tiny("n7", image_size=0)),
+         ("image_size must be a positive integer, got 0",)),
+    Case("device-unknown", "`--device gpu`", lambda c: c.run(tiny(), "--device", "gpu"), ("unknown --device 'gpu'",),
+         near="cpu"),
+    Case("seed-negative-cli", "`train teacher --seed -1`", lambda c: c.teacher_cmd("synthetic", "--seed", "-1", "-x", "debug"),
+         ("--seed must be an integer >= 0, got -1",)),
+    Case("momentum-above-1", "`schedule.momentum: 1.5`", lambda c: c.run(tiny("n8", **{"schedule.momentum": 1.5})),
+         ("momentum must be in [0, 1), got 1.5",)),
+    Case("seeds-duplicated", "`seeds: [0, 0]`", lambda c: c.run(tiny("n9", seeds=[0, 0])), ("seeds lists a seed twice (0)",)),
+    Case("grid-duplicated", "`grid.subset: [reg_cor, reg_cor]`", lambda c: c.run(tiny("n10", **{"grid.subset": ["reg_cor", "reg_cor"]})),
+         ("grid.subset lists reg_cor twice",)),
+    Case("teachers-identical", "two study teachers with one config (`strong` = `weak`)",
+         lambda c: c.run(tiny("n11", **{"teachers.strong": {"model": "mlp:8", "epochs": 1}})),
+         ("are the same run", "identical configs")),
+    Case("study-file-binary", "a binary (non-UTF-8) study file", lambda c: ["run", "-s", _binary(c), "--results", c.results],
+         ("is not a UTF-8 text file",)),
+    Case("rerun-unknown", "`--rerun` a hash that is no run of the study", lambda c: c.run(tiny(), "--rerun", "0123456789ab"),
+         ("unknown run of study 'tiny' for --rerun '0123456789ab'",)),
+    Case("npz-stray-label", "an npz without `classes` whose labels are 0, 1, 2 and a stray 255",
+         lambda c: c.teacher_cmd(_labels_npz(c, "stray.npz", [0, 1, 2] * 10 + [255], [0, 1, 2]), "-x", "debug"),
+         ("train labels are not 0..N-1", "missing 3, 4, 5"), phase="job"),
+    Case("npz-test-only-class", "an npz without `classes` whose test split has a label the train split lacks",
+         lambda c: c.teacher_cmd(_labels_npz(c, "testonly.npz", [0, 1] * 10, [0, 1, 2]), "-x", "debug"),
+         ("test labels 2 never occur in the train split",), phase="job"),
+    Case("npz-label-beyond-classes", "an npz whose `classes` names 3 classes and a label is 5",
+         lambda c: c.teacher_cmd(_labels_npz(c, "beyond.npz", [0, 1, 2, 5] * 5, [0, 1], classes=np.array(["a", "b", "c"])),
+                                 "-x", "debug"), ("labels run from 0 to 5 but 'classes' names 3",), phase="job"),
+    Case("jpeg-corrupt-test", "a truncated JPEG in the test (val/) split: named before any training",
+         lambda c: c.teacher_cmd(_jpeg_folder(c, "val"), "--image-size", "16", "--workers", "1", "-x", "debug"),
+         ("val/a/1.jpg cannot be decoded", "--skip-bad-images"), phase="job"),
+    Case("jpeg-corrupt-train", "a truncated JPEG in train/ (PIL in DataLoader workers)",
+         lambda c: c.teacher_cmd(_jpeg_folder(c, "train"), "--image-size", "16", "--workers", "1", "--decode", "workers",
+                                 "-x", "debug"), ("train/a/1.jpg cannot be decoded",), phase="job"),
+    Case("jpeg-corrupt-device", "a truncated JPEG in train/ with `--decode device`",
+         lambda c: c.teacher_cmd(_jpeg_folder(c, "train"), "--image-size", "16", "--workers", "1", "--decode", "device",
+                                 "--device", "cpu", "-x", "debug"), ("train/a/1.jpg cannot be decoded",), phase="job"),
+    Case("jpeg-corrupt-local", "a truncated JPEG in train/ (local executor)",
+         lambda c: c.teacher_cmd(_jpeg_folder(c, "train"), "--image-size", "16", "--workers", "1", "-x", "local"),
+         ("train/a/1.jpg cannot be decoded",), phase="job"),
 ]
+
+
+def _recipe_study(name: str) -> dict:
+    return {**tiny(name, kind="recipe"), "triplets": [], "grid": {}, "baselines": ["none"],
+            "recipe": {"student": "mlp:8", "stage1": {"epochs": 1}, "stage2": {"epochs": 1}}}
+
+
+def _binary(ctx: Ctx) -> Path:
+    p = ctx.tmp / "binary.yaml"
+    p.write_bytes(b"name: x\n\xff\xfe\x00\x01 kind: replacement\n")
+    return p
+
+
+def _labels_npz(ctx: Ctx, name: str, y_train, y_test, **extra) -> str:
+    rng = np.random.default_rng(0)
+    ytr, yte = np.asarray(y_train, np.int64), np.asarray(y_test, np.int64)
+    return "npz:" + str(ctx.npz(name, x_train=rng.integers(0, 256, (len(ytr), 8, 8), dtype=np.uint8), y_train=ytr,
+                                x_test=rng.integers(0, 256, (len(yte), 8, 8), dtype=np.uint8), y_test=yte, **extra))
+
+
+def _jpeg_folder(ctx: Ctx, bad_split: str) -> str:
+    """A 2-class JPEG folder whose <bad_split>/a/1.jpg is truncated."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = ctx.tmp / f"jpegs-{bad_split}"
+    for split, n in (("train", 4), ("val", 2)):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / split / c / f"{i}.jpg")
+    bad = root / bad_split / "a" / "1.jpg"
+    bad.write_bytes(bad.read_bytes()[:40])
+    return f"folder:{root}"
 
 
 def _gpu_count() -> int:

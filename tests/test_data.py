@@ -201,7 +201,7 @@ def test_bad_npz_contents(tmp_path):
     _err(r"y_test has shape \(4, 1\)", _npz_file(tmp_path / "e.npz", x_train=x, y_train=y, x_test=x, y_test=y[:, None]))
     _err(r"x_train images are \(8, 8, 3\) but x_test's are \(9, 9, 3\)",
          _npz_file(tmp_path / "f.npz", x_train=x, y_train=y, x_test=np.zeros((4, 9, 9, 3), np.uint8), y_test=y))
-    _err(r"labels span 0..3 but there are 2 classes",
+    _err(r"labels run from 0 to 3 but 'classes' names 2 classes",
          _npz_file(tmp_path / "g.npz", x_train=x, y_train=y, x_test=x, y_test=y, classes=np.array(["a", "b"])))
     ok = build_data(_npz_file(tmp_path / "h.npz", x_train=x[..., 0], y_train=y, x_test=x[..., 0], y_test=y))
     assert (ok.in_chans, ok.family, ok.num_classes) == (1, "mnist", 4)  # (N,H,W) grey is accepted

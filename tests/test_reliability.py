@@ -1,0 +1,345 @@
+"""Issue 14, "Reliability, round two", through the real CLI in subprocesses (real files, real jobs).
+
+* every file a later run trusts is checksummed when written and verified when read: a damaged
+  final.json, metrics.jsonl, model.pt, subset.pt or config.yaml makes its run ``damaged`` in
+  ``status``, ``results`` and ``run`` alike; nothing is trained from it, the table never shows its
+  numbers, and ``--rerun RUN`` is the cure; run folders written before checksums still load;
+* written files get the mode the umask gives (0644 at umask 022), not 0600;
+* a failed (NaN) teacher is named by its students' job, not reported as "missing";
+* a half-written lock is waited for, then taken over; a live holder is named;
+* two identical sweeps started together on the local executor both succeed, every run trained once;
+* Ctrl-C / ``kill`` of the CLI with the local executor stops the training job (no orphan);
+* ``--skip-bad-images`` leaves undecodable images out and counts them in final.json.
+
+The one-line messages of the bad inputs (nested keys, option domains, npz labels, corrupt JPEGs)
+live in the catalogue, tests/test_bad_inputs.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import cli_env, metrics_epochs, run_dirs, write_study
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "effdstl_cli.cli"]
+
+
+def cli(args: list, cwd: Path, timeout: float = 300, umask: int | None = None, **env) -> subprocess.CompletedProcess:
+    pre = (lambda: os.umask(umask)) if umask is not None else None
+    return subprocess.run(CLI + [str(a) for a in args], cwd=cwd, env=cli_env(**env), capture_output=True,
+                          text=True, timeout=timeout, preexec_fn=pre)
+
+
+def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert p.returncode == 0, f"exit {p.returncode}\n--- stdout:\n{p.stdout}\n--- stderr:\n{p.stderr}"
+    assert "Traceback" not in p.stderr + p.stdout
+    return p
+
+
+def one_error(p: subprocess.CompletedProcess) -> str:
+    assert p.returncode == 2, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+    assert "Traceback" not in p.stderr + p.stdout, p.stderr
+    errs = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errs) == 1, p.stderr
+    return errs[0]
+
+
+def flip(path: Path, n: int = 64) -> None:
+    b = bytearray(path.read_bytes())
+    mid = len(b) // 2
+    b[mid:mid + n] = bytes(x ^ 0xFF for x in b[mid:mid + n])
+    path.write_bytes(bytes(b))
+
+
+def by_label(study_dir: Path) -> dict[str, Path]:
+    return {yaml.safe_load((d / "config.yaml").read_text())["meta"]["label"]: d for d in run_dirs(study_dir)}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished tiny study (2 teachers, a group of 3 students), trained once with the real CLI."""
+    base = tmp_path_factory.mktemp("finished")
+    f = write_study(base / "tiny.yaml")
+    ok(cli(["run", "-s", f, "--results", base / "results", "-x", "debug"], base))
+    assert len(run_dirs(base / "results" / "tiny")) == 5
+    return base
+
+
+def _copy(finished: Path, tmp_path: Path) -> tuple[Path, Path]:
+    shutil.copytree(finished / "results", tmp_path / "results")
+    shutil.copy(finished / "tiny.yaml", tmp_path / "tiny.yaml")
+    return tmp_path / "results", tmp_path / "tiny.yaml"
+
+
+# -- item 1 + 2: checksums, one verdict, --rerun ------------------------------------------------
+
+def test_damaged_files_are_never_used_and_rerun_cures_them(finished, tmp_path):
+    res, f = _copy(finished, tmp_path)
+    sd = res / "tiny"
+    runs = by_label(sd)
+    damage = {  # one run per kind of file a finished run leaves
+        "teacher weak": ("model.pt", lambda d: flip(d / "model.pt")),
+        "teacher strong": ("metrics.jsonl", lambda d: (d / "metrics.jsonl").unlink()),
+        "weak teacher only": ("final.json", lambda d: (d / "final.json").write_bytes((d / "final.json").read_bytes()[:50])),
+        "full / reg_cor": ("subset.pt", lambda d: flip(d / "subset.pt", 8)),
+        "strong teacher only": ("config.yaml", lambda d: (d / "config.yaml").write_text(
+            (d / "config.yaml").read_text().replace("seed: 0", "seed: 1", 1))),
+    }
+    assert set(damage) == set(runs), runs.keys()
+    assert (runs["full / reg_cor"] / "subset.pt").exists()
+    for label, (_, hurt) in damage.items():
+        hurt(runs[label])
+    finals_before = {d.name for d in run_dirs(sd) if (d / "final.json").exists()}
+
+    st = ok(cli(["status", "tiny", "--results", res], tmp_path))          # one verdict: damaged, never a traceback
+    assert "5 damaged" in st.stdout, st.stdout
+    for label, (name, _) in damage.items():
+        line = next(ln for ln in st.stdout.splitlines() if ln.startswith(f"damaged {runs[label].name}"))
+        assert name in line and f"--rerun {runs[label].name}" in line, line
+
+    ok(cli(["results", "tiny", "--results", res, "--format", "csv"], tmp_path))
+    df = pd.read_csv(sd / "tables" / "results.csv").set_index("run")
+    assert set(df["state"]) == {"damaged"} and df["best_top1"].isna().all()  # never a damaged run's numbers
+
+    widened = ["run", "-s", f, "--results", res, "-x", "debug", "--set", "grid.subset=[reg_cor,all]"]
+    err = one_error(cli(widened, tmp_path))                               # nothing trains from a damaged run
+    assert "is damaged" in err and "--rerun" in err, err
+    assert {d.name for d in run_dirs(sd) if (d / "final.json").exists()} == finals_before
+    assert len(run_dirs(sd)) == 5                                          # not one new run started
+
+    ok(cli(widened + sum((["--rerun", d.name] for d in runs.values()), []), tmp_path))  # the cure
+    st = ok(cli(["status", "tiny", "--results", res], tmp_path))
+    assert "6 done" in st.stdout and "damaged" not in st.stdout, st.stdout
+    ok(cli(["results", "tiny", "--results", res, "--format", "csv"], tmp_path))
+    df = pd.read_csv(sd / "tables" / "results.csv")
+    assert len(df) == 6 and set(df["state"]) == {"done"} and df["run"].is_unique
+    for d in run_dirs(sd):
+        fin = json.loads((d / "final.json").read_text())
+        assert {"model.pt", "metrics.jsonl", "config.yaml"} <= set(fin["files"]) and "checksum" in fin
+
+
+def test_damaged_teacher_model_is_refused_where_it_is_loaded(finished, tmp_path):
+    """Past the launcher too: a job handed a damaged teacher stops with the file and the cure."""
+    from effdstl_cli.engine import Env, train_group
+
+    res, _ = _copy(finished, tmp_path)
+    runs = by_label(res / "tiny")
+    flip(runs["teacher weak"] / "model.pt")
+    d = runs["full / reg_cor"]
+    cfg = yaml.safe_load((d / "config.yaml").read_text())
+    cfg["seed"] = 7                                                          # a new run of the same teachers
+    for t in cfg["teachers"].values():                                       # ... in this copy of the results
+        t["ckpt"] = str(res / "tiny" / "runs" / t["run"] / "model.pt")
+    from effdstl_cli.errors import EffdstlError
+
+    with pytest.raises(EffdstlError, match=r"model.pt does not match its checksum.*--rerun"):
+        train_group([(cfg, res / "tiny" / "runs" / "new")], Env(device="cpu", log=lambda m: None))
+    assert not (res / "tiny" / "runs" / "new" / "final.json").exists()
+
+
+def test_runs_written_before_checksums_still_load(finished, tmp_path):
+    res, f = _copy(finished, tmp_path)
+    for d in run_dirs(res / "tiny"):
+        fin = json.loads((d / "final.json").read_text())
+        (d / "final.json").write_text(json.dumps({k: v for k, v in fin.items() if k not in ("files", "checksum")}))
+    st = ok(cli(["status", "tiny", "--results", res], tmp_path))
+    assert "5 done" in st.stdout
+    p = ok(cli(["run", "-s", f, "--results", res, "-x", "debug"], tmp_path))
+    assert "nothing to do" in p.stdout + p.stderr
+
+
+def test_teacher_cache_file_is_verified(tmp_path):
+    import torch
+
+    from effdstl_cli.cache import TeacherCache
+
+    path = tmp_path / "teacher-k.pt"
+    c = TeacherCache("k", 8, 1, "cpu", path=path)
+    c.put(torch.arange(8), torch.zeros(8, dtype=torch.long), torch.randn(8, 3))
+    c.save()
+    assert TeacherCache("k", 8, 1, "cpu", path=path).count == 8               # intact: served
+    flip(path, 16)
+    again = TeacherCache("k", 8, 1, "cpu", path=path)
+    assert again.count == 0 and "damaged" in again.note                       # damaged: said, never served
+
+
+# -- item 3: the umask's mode -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_written_files_get_the_umask_mode(tmp_path, umask, mode):
+    f = write_study(tmp_path / "m.yaml", name="m", teacher_epochs=1, epochs=1)
+    ok(cli(["run", "-s", f, "--results", tmp_path / "r", "-x", "debug"], tmp_path, umask=umask))
+    ok(cli(["results", "m", "--results", tmp_path / "r", "--format", "csv"], tmp_path, umask=umask))
+    files = [p for p in (tmp_path / "r" / "m").rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"model.pt", "final.json", "metrics.jsonl", "ckpt-last.pt", "config.yaml", "study.yaml", "results.csv"} <= names
+    wrong = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o777 != mode}
+    assert not wrong, wrong
+
+
+# -- item 8: a NaN teacher is named downstream ------------------------------------------------------
+
+def test_nan_teacher_is_named_by_its_students(tmp_path):
+    f = write_study(tmp_path / "nt.yaml", name="nt", teachers={"weak": {"model": "mlp:16", "epochs": 1, "lr": 1.0e30},
+                                                               "strong": {"model": "mlp:32", "epochs": 1}})
+    err = one_error(cli(["run", "-s", f, "--results", tmp_path / "r", "-x", "debug"], tmp_path))
+    assert "teacher 'weak'" in err and "failed: non-finite loss" in err, err
+    assert "does not exist" not in err and "train the teacher first" not in err, err
+
+
+# -- item 9: locks ------------------------------------------------------------------------------------
+
+def test_half_written_lock_is_waited_for_then_taken_over(tmp_path):
+    from effdstl_cli.io import LockBusy, RunLock
+
+    (tmp_path / "lock").write_text('{"pid": 12')                  # caught between creation and write
+    t0 = time.time()
+    lock = RunLock(tmp_path).acquire()                             # was: AttributeError on None
+    assert 4.0 <= time.time() - t0 < 15 and lock.held
+    assert json.loads((tmp_path / "lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    holder = subprocess.Popen(["sleep", "30"])
+    try:
+        (tmp_path / "lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": 0}))
+        with pytest.raises(LockBusy, match=f"being trained by pid {holder.pid}"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_two_identical_sweeps_at_once_on_the_local_executor_both_succeed(tmp_path):
+    study = ROOT / "studies" / "figure5-digits.yaml"
+    sets = ["seeds=[0]", "teachers.weak.epochs=2", "teachers.strong.epochs=3", "schedule.epochs=2",
+            "grid.scheme=[full]", "grid.subset=[reg_cor,all]"]
+    cmd = CLI + ["sweep", "replacement", "-s", str(study), "--results", str(tmp_path / "r"), "-x", "local",
+                 "--device", "cpu"] + [a for s in sets for a in ("--set", s)]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=500) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, f"exit {p.returncode}\n{o}\n{e}"
+        assert "Traceback" not in o + e
+    sd = tmp_path / "r" / "figure5-digits"
+    runs = run_dirs(sd)
+    assert len(runs) == 6                                          # 2 teachers + 2 baselines + 2 grid runs
+    logs = "".join(p.read_text() for p in sd.glob("logs/*/*_log.out"))
+    for d in runs:
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        assert metrics_epochs(d) == list(range(1, cfg["epochs"] + 1)), d   # each epoch once
+        assert json.loads((d / "final.json").read_text())["status"] == "done"
+        assert not (d / "lock").exists()
+        assert f"run {d.name}: resumed" not in logs                # trained in one go, by one process
+        jid = json.loads((d / "job.json").read_text())["job_id"]   # the job that really trained it
+        assert (sd / "logs" / jid).is_dir(), jid
+    waited = sum(ln.count("waiting for it") for ln in logs.splitlines())
+    assert waited >= 1, logs[-3000:]                               # the second sweep waited, not failed
+    ok(cli(["results", "figure5-digits", "--results", tmp_path / "r", "--format", "csv"], tmp_path))
+    df = pd.read_csv(sd / "tables" / "results.csv")
+    assert len(df) == 6 and df["run"].is_unique and set(df["state"]) == {"done"}
+
+
+# -- item 10: Ctrl-C and kill with the local executor ------------------------------------------------
+
+def _alive(pid: int) -> bool:
+    from effdstl_cli.io import _alive as alive
+
+    return alive(pid)
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "kill"])
+def test_interrupting_the_cli_stops_its_local_jobs(tmp_path, how):
+    args = ["train", "teacher", "-d", "digits", "-m", "mlp:256-256", "--epochs", "60", "--batch-size", "16",
+            "--name", "c", "--results", tmp_path / "r", "-x", "local", "--device", "cpu"]
+    proc = subprocess.Popen(CLI + [str(a) for a in args], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    sd = tmp_path / "r" / "c"
+    try:
+        t0 = time.time()
+        while proc.poll() is None and time.time() - t0 < 120:
+            rds = run_dirs(sd) if sd.exists() else []
+            if rds and (rds[0] / "lock").exists() and metrics_epochs(rds[0]):
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()
+        (rd,) = run_dirs(sd)
+        trainer = json.loads((rd / "lock").read_text())["pid"]     # the training job's process
+        assert trainer != proc.pid and _alive(trainer)
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)                     # what a terminal sends: the whole group
+        else:
+            os.kill(proc.pid, signal.SIGTERM)                      # `kill <cli pid>`: the CLI alone
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == (130 if how == "ctrl-c" else 143), (proc.returncode, out, err)
+    assert "Traceback" not in out + err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("interrupted: stopped 1 local job(s)") and "run the same command again" in line, err
+    t0 = time.time()
+    while _alive(trainer) and time.time() - t0 < 10:
+        time.sleep(0.1)
+    assert not _alive(trainer), "the training job outlived the command"
+    assert not (rd / "lock").exists() or not _alive(json.loads((rd / "lock").read_text() or "{}").get("pid", -1))
+    killed_job = json.loads((rd / "job.json").read_text())["job_id"]
+    assert not (rd / "final.json").exists()
+    if how == "kill":  # the same command again resumes and finishes; job.json names the job that did
+        args[args.index("--epochs") + 1] = "60"
+        p = ok(cli(args, tmp_path, timeout=400))
+        jid = json.loads((rd / "job.json").read_text())["job_id"]
+        assert jid != killed_job and f"as local job {jid}" in p.stdout + p.stderr
+        assert metrics_epochs(rd) == list(range(1, 61))
+
+
+# -- item 11: --skip-bad-images ----------------------------------------------------------------------
+
+def test_skip_bad_images_leaves_them_out_and_counts_them(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    for split, n in (("train", 4), ("val", 2)):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / split / c / f"{i}.jpg")
+    for bad in (root / "train" / "b" / "2.jpg", root / "val" / "a" / "1.jpg"):
+        bad.write_bytes(bad.read_bytes()[:40])
+    base = ["train", "teacher", "-d", f"folder:{root}", "-m", "mlp:8", "--image-size", "16", "--epochs", "1",
+            "--workers", "1", "--name", "s", "--results", tmp_path / "r", "-x", "debug"]
+    err = one_error(cli(base, tmp_path))
+    assert "val/a/1.jpg cannot be decoded" in err and not list((tmp_path / "r").rglob("metrics.jsonl"))
+    ok(cli(base + ["--skip-bad-images"], tmp_path))
+    (rd,) = run_dirs(tmp_path / "r" / "s")
+    fin = json.loads((rd / "final.json").read_text())
+    assert fin["bad_images_skipped"] == 2 and sorted(Path(p).name for p in fin["bad_images"]) == ["1.jpg", "2.jpg"]
+
+
+# -- item 5: the schema accepts every shipped study ------------------------------------------------
+
+def test_every_shipped_study_passes_the_schema():
+    from effdstl_cli.config import SCHEMA, load_study
+
+    files = sorted((ROOT / "studies").glob("*.yaml"))
+    assert len(files) >= 10
+    for f in files:
+        load_study(f)
+    for key in ("schedule.kind", "schedule.milestones", "schedule.gamma"):   # issue 11's keys: one place
+        sec, k = key.split(".")
+        assert k in SCHEMA[sec]
