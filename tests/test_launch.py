@@ -96,8 +96,10 @@ def _check_dry_run(study_file: Path, tmp_path: Path) -> None:
     sch = study["schedule"]
     hp = (f"bs {study['batch_size']}", f"{sch['epochs']} ep", f"lr {float(sch['lr']):g}->{float(sch['min_lr']):g}",
           f"wd {float(sch['weight_decay']):g}", f"warmup {float(sch['warmup_epochs']):g}")
-    runs = [ln for ln in lines if ln.startswith("      ") and "..." not in ln]
+    runs = [ln for ln in lines if ln.startswith("      ") and "..." not in ln and "fuse --" not in ln]
     assert runs, text
+    # 224 px students on GPUs stay in the loop unless --fuse on (fused.policy; the dry run says so)
+    assert "students of tv:resnet18: stepped in a loop (auto: 224 px" in text, text
     for ln in runs:
         for h in hp:
             assert h in ln, f"{h!r} missing from dry-run line: {ln}"
