@@ -36,8 +36,8 @@ def ls_ce(z: Tensor, labels: Tensor, smoothing: float = 0.1) -> Tensor:
 def wsl_weight(z_s: Tensor, z_t: Tensor, labels: Tensor, T: float = 2.0) -> Tensor:
     """WSL's per-sample weight ``w = 1 - exp(-max(CE_s / CE_t, 0))`` (detached; METHOD.md 'WSL').
 
-    ``CE_s = CE(z_s / T, y)``, ``CE_t = CE(z_t / T, y)`` as METHOD.md writes them. (The official
-    code computes both at T = 1; METHOD.md is this project's contract.)
+    ``CE_s = CE(z_s / T, y)``, ``CE_t = CE(z_t / T, y)``: both cross entropies at the temperature T,
+    as the official ``wsl_loss.py`` computes them (docs/METHOD.md 'WSL').
     """
     with torch.no_grad():
         ce_s = F.cross_entropy(z_s.detach() / T, labels, reduction="none")
@@ -68,18 +68,26 @@ def ckm_mask(z_s: Tensor, z_t: Tensor, labels: Tensor, tau_t: float = 0.7, tau_s
     return subset_mask(subset, p_t, p_s, labels)
 
 
+def ckm_target(labels: Tensor, n: int, smooth: float = 0.99, dtype: torch.dtype = torch.float32) -> Tensor:
+    """CKM's target for a mined row: ``smooth * onehot + (1 - smooth) / N`` (rows sum to 1)."""
+    b = labels.shape[0]
+    q = torch.full((b, n), (1.0 - float(smooth)) / n, device=labels.device, dtype=dtype)
+    return q.scatter_add_(1, labels.view(-1, 1), torch.full((b, 1), float(smooth), device=labels.device, dtype=dtype))
+
+
 def ckm_loss(z_s: Tensor, z_t: Tensor, labels: Tensor, tau_t: float = 0.7, tau_s: float = 1.0,
              smooth: float = 0.99, subset: str | None = "reg_cor") -> Tensor:
     """Consistent knowledge mining, EffDstl's stage-2 loss (Sec. 5.1; METHOD.md 'CKM').
 
-    Mined rows: CE of ``p_s(tau_s)`` against a one-hot smoothed to ``smooth`` on the true class,
-    the rest spread evenly over the other N - 1 classes (the official code hard-codes 1000 classes;
-    we use N). Other rows: ``-sum p_t(tau_t) * log p_s(tau_s)`` with no tau^2 factor. Mean over all.
+    Mined rows: CE of ``p_s(tau_s)`` against ``smooth * onehot + (1 - smooth) / N`` — the official
+    ``wsl_loss.py`` writes ``onehot * 0.99 + 0.01 / 1000`` for its 1000 classes (true class 0.99001,
+    every other 1e-5); we use N (docs/METHOD.md 'CKM', Eq. 6). Other rows:
+    ``-sum p_t(tau_t) * log p_s(tau_s)`` with no tau^2 factor. Mean over all rows.
     """
     n = z_s.shape[1]
     mined = ckm_mask(z_s, z_t, labels, tau_t, tau_s, subset)
     p_t = F.softmax(z_t.detach() / tau_t, dim=1)
-    hard = torch.full_like(p_t, (1.0 - smooth) / max(n - 1, 1)).scatter_(1, labels.view(-1, 1), smooth)
+    hard = ckm_target(labels, n, smooth, p_t.dtype)
     q = torch.where(mined.view(-1, 1), hard, p_t)
     return -(q * F.log_softmax(z_s / tau_s, dim=1)).sum(1).mean()
 
@@ -120,5 +128,5 @@ def rkd_loss(f_s: Tensor, f_t: Tensor, w_dist: float = 25.0, w_angle: float = 50
     return w_dist * loss_d + w_angle * loss_a
 
 
-__all__ = ["soft_ce", "kd_loss", "ls_ce", "wsl_weight", "wsl_loss", "ckm_mask", "ckm_loss",
+__all__ = ["soft_ce", "kd_loss", "ls_ce", "wsl_weight", "wsl_loss", "ckm_mask", "ckm_target", "ckm_loss",
            "rkd_loss", "true_prob"]
