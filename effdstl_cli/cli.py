@@ -32,6 +32,8 @@ app.add_typer(sweep_app, name="sweep")
 app.add_typer(attack_app, name="attack")
 
 RESULTS = typer.Option("results", "--results", help="Results root (one folder per study).")
+VERBOSE = typer.Option(False, "--verbose", "-v", help="With --dry-run: list every run of every job "
+                       "(default: the first three per job).")
 SETS = typer.Option(None, "--set", help="Override a study key, e.g. --set schedule.epochs=5 --set seeds=[0,1].")
 
 
@@ -112,7 +114,7 @@ def _progress_poller(plan):
     return prog, poll
 
 
-def _run_plan(plan, la: LaunchArgs, dry_run: bool) -> None:
+def _run_plan(plan, la: LaunchArgs, dry_run: bool, verbose: bool = False) -> None:
     from .launch import apply_study_defaults, dry_run_lines, launch, preflight
     from .studies import validate_runs
 
@@ -120,7 +122,7 @@ def _run_plan(plan, la: LaunchArgs, dry_run: bool) -> None:
     la.opts.validate()
     validate_runs(plan)  # a misspelt name fails here, before any teacher trains
     if dry_run:
-        for line in dry_run_lines(plan, la.opts):
+        for line in dry_run_lines(plan, la.opts, verbose):
             out.print(line, highlight=False, markup=False, soft_wrap=True)
         return
     preflight(plan, la.opts)  # e.g. --executor slurm without a cluster: one line, before any progress
@@ -210,9 +212,10 @@ def _with_launch(fn):
 def sweep_replacement(study: Path = typer.Option(..., "--study", "-s", help="A study file, e.g. studies/figure5-digits.yaml."),
                       sets: Optional[List[str]] = SETS, results: str = RESULTS,
                       dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG and the jobs; submit nothing."),
+                      verbose: bool = VERBOSE,
                       la: LaunchArgs = None):
     """Fig. 5: replace the weak teacher's targets with the strong one's on a subset (full / partial / confidence)."""
-    _run_plan(_load_plan(study, sets, results, ("replacement",)), la, dry_run)
+    _run_plan(_load_plan(study, sets, results, ("replacement",)), la, dry_run, verbose)
 
 
 @sweep_app.command("manipulation")
@@ -220,9 +223,10 @@ def sweep_replacement(study: Path = typer.Option(..., "--study", "-s", help="A s
 def sweep_manipulation(study: Path = typer.Option(..., "--study", "-s", help="A study file, e.g. studies/figure6-digits.yaml."),
                        sets: Optional[List[str]] = SETS, results: str = RESULTS,
                        dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG and the jobs; submit nothing."),
+                       verbose: bool = VERBOSE,
                        la: LaunchArgs = None):
     """Fig. 6: label smoothing / teacher amplification / student amplification on a subset."""
-    _run_plan(_load_plan(study, sets, results, ("manipulation",)), la, dry_run)
+    _run_plan(_load_plan(study, sets, results, ("manipulation",)), la, dry_run, verbose)
 
 
 @app.command("run")
@@ -230,9 +234,10 @@ def sweep_manipulation(study: Path = typer.Option(..., "--study", "-s", help="A 
 def run_study(study: Path = typer.Option(..., "--study", "-s", help="Any study file in studies/."),
               sets: Optional[List[str]] = SETS, results: str = RESULTS,
               dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG and the jobs; submit nothing."),
+              verbose: bool = VERBOSE,
               la: LaunchArgs = None):
     """Run any study (replacement, manipulation, recipe, ablation, fig8, fgsm) to the end."""
-    _run_plan(_load_plan(study, sets, results), la, dry_run)
+    _run_plan(_load_plan(study, sets, results), la, dry_run, verbose)
 
 
 @train_app.command("recipe")
@@ -240,10 +245,11 @@ def run_study(study: Path = typer.Option(..., "--study", "-s", help="Any study f
 def train_recipe(study: Path = typer.Option(..., "--study", "-s", help="e.g. studies/table1-digits.yaml."),
                  sets: Optional[List[str]] = SETS, results: str = RESULTS,
                  dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG and the jobs; submit nothing."),
+                 verbose: bool = VERBOSE,
                  la: LaunchArgs = None):
     """EffDstl (Table 1): stage 1 WSL from the weak teacher, stage 2 CKM from a stronger one, in one
     resumable run, with the no-distill / KD / RKD / WSL baselines under the same schedule."""
-    _run_plan(_load_plan(study, sets, results, ("recipe", "ablation", "fig8")), la, dry_run)
+    _run_plan(_load_plan(study, sets, results, ("recipe", "ablation", "fig8")), la, dry_run, verbose)
 
 
 # -- single runs ------------------------------------------------------------------------------
@@ -358,12 +364,13 @@ def train_teacher(dataset: str = typer.Option("digits", "--dataset", "-d", help=
                   epochs: int = SCHED_OPTS["epochs"], lr: float = SCHED_OPTS["lr"],
                   weight_decay: float = SCHED_OPTS["weight_decay"], warmup_epochs: float = SCHED_OPTS["warmup_epochs"],
                   batch_size: int = SCHED_OPTS["batch_size"], results: str = RESULTS,
-                  dry_run: bool = typer.Option(False, "--dry-run", help="Print the job(s); train nothing."), la: LaunchArgs = None):
+                  dry_run: bool = typer.Option(False, "--dry-run", help="Print the job(s); train nothing."),
+                  verbose: bool = VERBOSE, la: LaunchArgs = None):
     """Train one teacher on labels; prints where its model.pt is (pass it to --teacher)."""
     sched = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
     plan = _single_plan(name or f"teacher-{dataset.split(':')[0]}", dataset, data_root, image_size, model, seed,
                         batch_size, sched, [{"name": "none"}], {}, "teacher", results)
-    _run_plan(plan, la, dry_run)
+    _run_plan(plan, la, dry_run, verbose)
     if not dry_run:
         _print_runs(plan)
 
@@ -382,7 +389,8 @@ def train_student(dataset: str = typer.Option("digits", "--dataset", "-d", help=
                   epochs: int = SCHED_OPTS["epochs"], lr: float = SCHED_OPTS["lr"],
                   weight_decay: float = SCHED_OPTS["weight_decay"], warmup_epochs: float = SCHED_OPTS["warmup_epochs"],
                   batch_size: int = SCHED_OPTS["batch_size"], results: str = RESULTS,
-                  dry_run: bool = typer.Option(False, "--dry-run", help="Print the job(s); train nothing."), la: LaunchArgs = None):
+                  dry_run: bool = typer.Option(False, "--dry-run", help="Print the job(s); train nothing."),
+                  verbose: bool = VERBOSE, la: LaunchArgs = None):
     """Train one student, or a group of students (one per --distiller) that share every batch."""
     teachers = {}
     if teacher:
@@ -396,7 +404,7 @@ def train_student(dataset: str = typer.Option("digits", "--dataset", "-d", help=
     sched = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
     plan = _single_plan(name or f"students-{dataset.split(':')[0]}", dataset, data_root, image_size, model, seed,
                         batch_size, sched, specs, teachers, "student", results)
-    _run_plan(plan, la, dry_run)
+    _run_plan(plan, la, dry_run, verbose)
     if not dry_run:
         _print_runs(plan)
 
@@ -409,7 +417,8 @@ def attack_fgsm(study: Path = typer.Option(..., "--study", "-s", help="A study w
                 sets: Optional[List[str]] = SETS, results: str = RESULTS,
                 n: int = typer.Option(1000, "--n", help="Samples drawn from each of kept and manipulated."),
                 eps: Optional[List[float]] = typer.Option(None, "--eps", help="FGSM step(s) in pixel units [0,1]; repeat. Default 0.5/255 .. 8/255."),
-                dry_run: bool = typer.Option(False, "--dry-run", help="Print the job(s); train nothing."), la: LaunchArgs = None):
+                dry_run: bool = typer.Option(False, "--dry-run", help="Print the job(s); train nothing."),
+                verbose: bool = VERBOSE, la: LaunchArgs = None):
     """Fig. 7: FGSM on kept vs manipulated samples; saves the per-sample confidence change table.
 
     Trains whatever the study still needs first (skipping finished runs)."""
@@ -430,7 +439,7 @@ def attack_fgsm(study: Path = typer.Option(..., "--study", "-s", help="A study w
                    out=str(plan.study_dir / "fgsm" / tgt["run"].name / "fgsm.parquet"))
         job_of = next(j.name for j in train_jobs if any(d == tgt["run"] for _, d in j.runs))
         plan.jobs.append(Job(f"probe-{tgt['run'].name}", "probe", [], [job_of], tgt))
-    _run_plan(plan, la, dry_run)
+    _run_plan(plan, la, dry_run, verbose)
     if not dry_run:
         for tgt in targets:
             out.print(f"FGSM table: {tgt['out']}")

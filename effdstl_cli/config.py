@@ -24,11 +24,17 @@ STUDY_KEYS = {
     "name": str, "kind": str, "description": str, "dataset": str, "data_root": (str, type(None)),
     "image_size": (int, type(None)), "seeds": list, "batch_size": int, "teachers": dict,
     "teacher_schedule": dict, "triplets": list, "schedule": dict, "distill": dict, "grid": dict,
-    "recipe": dict, "baselines": list, "ablations": list, "fgsm": dict, "probe": dict,
+    "recipe": dict, "pairs": list, "settings": list, "baselines": list, "ablations": list, "fgsm": dict, "probe": dict,
     "slurm": dict, "paper": dict,
 }
-SCHEDULE_KEYS = ("epochs", "lr", "momentum", "weight_decay", "nesterov", "warmup_epochs", "min_lr", "batch_size", "seed")
+SCHEDULE_KEYS = ("epochs", "lr", "momentum", "weight_decay", "nesterov", "warmup_epochs", "min_lr", "batch_size", "seed",
+                 "kind", "milestones", "gamma")
+SCHEDULE_KINDS = ("cosine", "step")
 TEACHER_KEYS = ("model", "pretrained", "ckpt") + SCHEDULE_KEYS
+PAIR_KEYS = ("name", "student", "teacher1", "teacher2")
+SETTING_KEYS = ("name", "stage1", "stage2", "single")
+ABLATION_KEYS = ("label", "part", "student", "teacher1", "teacher2", "stage1", "stage2")
+PROBE_KEYS = ("distiller", "undistilled")
 
 
 def config_hash(cfg: dict) -> str:
@@ -112,6 +118,18 @@ def validate_schedule(where: str, sched: dict) -> None:
         v = sched.get(k)
         if v is not None and (not isinstance(v, (int, float)) or v < 0):
             raise EffdstlError(f"{where}: {k} must be a number >= 0, got {v!r}")
+    kind = sched.get("kind", "cosine")
+    if kind not in SCHEDULE_KINDS:
+        raise unknown(f"schedule kind in {where}", kind, SCHEDULE_KINDS)
+    if kind != "step" and ("milestones" in sched or "gamma" in sched):
+        raise EffdstlError(f"{where}: milestones and gamma need kind: step (the default kind is cosine)")
+    ms = sched.get("milestones", [])
+    if not (isinstance(ms, list) and all(isinstance(m, (int, float)) and not isinstance(m, bool) and m > 0 for m in ms)
+            and ms == sorted(ms)):
+        raise EffdstlError(f"{where}: milestones must be an ascending list of epochs > 0, got {ms!r}")
+    g = sched.get("gamma", 0.1)
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 < g <= 1:
+        raise EffdstlError(f"{where}: gamma must be a number in (0, 1], got {g!r}")
 
 
 def validate_study(study: dict, where: str) -> None:
@@ -196,3 +214,21 @@ def _check_shapes(study: dict, where: str) -> None:
     for i, a in enumerate(study.get("ablations") or []):
         need(isinstance(a, dict) and isinstance(a.get("stage2") or {}, dict),
              f"ablation {i} must be a mapping {{label, stage2: {{...}}}}, got {a!r}")
+    teachers = study.get("teachers") or {}
+    for what, items, keys in (("pair", study.get("pairs"), PAIR_KEYS), ("setting", study.get("settings"), SETTING_KEYS),
+                              ("ablation", study.get("ablations"), ABLATION_KEYS)):
+        for i, it in enumerate(items or []):
+            need(isinstance(it, dict), f"{what} {i} must be a mapping of {', '.join(keys)}, got {it!r}")
+            for k, v in it.items():
+                if k not in keys:
+                    raise unknown(f"key of {what} {i}", k, keys)
+                if k in ("stage1", "stage2", "single"):
+                    need(isinstance(v, dict), f"{what} {i}: {k} must be a mapping, got {v!r}")
+                if k in ("teacher1", "teacher2") and v not in teachers:
+                    raise unknown(f"teacher in {what} {i}", v, teachers)
+    for k, v in (study.get("probe") or {}).items():
+        if k not in PROBE_KEYS:
+            raise unknown("key of probe", k, PROBE_KEYS)
+        need(k != "distiller" or isinstance(v, dict), f"probe.distiller must be a mapping, got {v!r}")
+        need(k != "undistilled" or isinstance(v, str) or (isinstance(v, dict) and "model" in v),
+             f"probe.undistilled must be a model spec (e.g. mlp:64) or {{model, pretrained: true}}, got {v!r}")
