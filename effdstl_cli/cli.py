@@ -467,6 +467,22 @@ def _study_dir(study: str, results: str) -> Path:
     return d
 
 
+def _declared_kind(study: str, results: str) -> str | None:
+    """The kind a study says it is: its YAML file, its results folder's study.yaml, or
+    studies/<name>.yaml; None when none of them can be read."""
+    p = Path(study)
+    cands = [p] if p.suffix in (".yaml", ".yml") else [p / "study.yaml", Path(results) / study / "study.yaml",
+                                                       Path("studies") / f"{study}.yaml"]
+    for c in cands:
+        try:
+            kind = (yaml.safe_load(c.read_text()) or {}).get("kind")
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        if isinstance(kind, str):
+            return kind
+    return None
+
+
 @app.command("status")
 def status(study: str = typer.Argument(..., help="Study name, folder, or YAML file."), results: str = RESULTS):
     """A table of every run: state, epoch, accuracy, job id."""
@@ -546,6 +562,9 @@ def table(which: str = typer.Argument(..., help="table1 | table3 | table4"),
         from .errors import unknown
 
         raise unknown("table", which, kinds)
+    declared = _declared_kind(study, results)  # refuse the wrong kind of study before reading runs
+    if declared:
+        tables.require_kind(Path(study), which, {declared})
     res = getattr(tables, which)(_study_dir(study, results))
     df, paths = res if isinstance(res, tuple) else (res, [])
     md = next((p for p in paths if str(p).endswith(".md")), None)

@@ -23,7 +23,7 @@ from .errors import EffdstlError
 from .io import atomic_write, read_jsonl as read_metrics
 
 META_KEYS = ("study", "study_kind", "dataset", "student", "weak", "strong", "triplet", "distiller",
-             "scheme", "subset", "param", "baseline", "label", "seed")
+             "scheme", "subset", "param", "baseline", "label", "seed", "pair", "setting", "part", "group")
 FINAL_KEYS = ("best_top1", "last_top1", "best_top5", "last_top5", "best_epoch", "epochs", "wall_s",
               "gpu_hours", "device", "gpu_name", "world_size")
 COLUMNS = ("run", "state", "role", *META_KEYS, *FINAL_KEYS, "epochs_done", "fail_reason", "run_dir")
@@ -78,7 +78,7 @@ def _run_row(rd: Path) -> dict[str, Any]:
     for k in META_KEYS:
         row[k] = meta.get(k)
     for k in ("study", "study_kind", "dataset", "student", "weak", "strong", "triplet", "distiller",
-              "scheme", "subset", "baseline", "label"):
+              "scheme", "subset", "baseline", "label", "pair", "setting", "part", "group"):
         row[k] = "" if row[k] is None else str(row[k])
     if row["seed"] is None:
         row["seed"] = cfg.get("seed")
