@@ -411,12 +411,28 @@ def train_student(dataset: str = typer.Option("digits", "--dataset", "-d", help=
 
 # -- probes -----------------------------------------------------------------------------------
 
+def _drop_stale_probe(out_path: Path, n: int, eps: list, dry_run: bool) -> None:
+    """A probe table made with another n or eps is redone (not skipped as 'done')."""
+    from .io import read_json
+
+    info = out_path.with_suffix(".json")
+    if dry_run or not out_path.exists():
+        return
+    try:
+        j = read_json(info)
+        same = int(j.get("n", -1)) == n and [round(float(e), 12) for e in j.get("eps", [])] == [round(float(e), 12) for e in eps]
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        out_path.unlink()
+
+
 @attack_app.command("fgsm")
 @_with_launch
 def attack_fgsm(study: Path = typer.Option(..., "--study", "-s", help="A study whose distilled runs to probe (figure7-*, table1-*)."),
                 sets: Optional[List[str]] = SETS, results: str = RESULTS,
-                n: int = typer.Option(1000, "--n", help="Samples drawn from each of kept and manipulated."),
-                eps: Optional[List[float]] = typer.Option(None, "--eps", help="FGSM step(s) in pixel units [0,1]; repeat. Default 0.5/255 .. 8/255."),
+                n: Optional[int] = typer.Option(None, "--n", help="Samples drawn at random (seeded) from each of kept and manipulated (default: the study's probe.n, else 1000)."),
+                eps: Optional[List[float]] = typer.Option(None, "--eps", help="FGSM step(s) in pixel units [0,1]; repeat. Default: the study's probe.eps, else 0.5/255 .. 8/255."),
                 dry_run: bool = typer.Option(False, "--dry-run", help="Print the job(s); train nothing."),
                 verbose: bool = VERBOSE, la: LaunchArgs = None):
     """Fig. 7: FGSM on kept vs manipulated samples; saves the per-sample confidence change table.
@@ -425,24 +441,39 @@ def attack_fgsm(study: Path = typer.Option(..., "--study", "-s", help="A study w
     from .attack import DEFAULT_EPS
     from .studies import Job, probe_targets
 
-    if n < 1:
+    if n is not None and n < 1:
         raise EffdstlError(f"--n must be >= 1, got {n}")
     if eps and any(e <= 0 or e > 1 for e in eps):
         raise EffdstlError(f"--eps values must be in (0, 1] (pixel units), got {eps}")
     plan = _load_plan(study, sets, results)
+    pcfg = plan.study.get("probe") or {}
+    n = n if n is not None else int(pcfg.get("n", 1000))
+    eps = list(eps or pcfg.get("eps") or DEFAULT_EPS)
     targets = probe_targets(plan)
     if not targets:
         raise EffdstlError(f"study {study} has no distilled run with an altered subset to probe")
     train_jobs = list(plan.jobs)
     for i, tgt in enumerate(targets):
-        tgt.update(n=n, eps=list(eps or DEFAULT_EPS), seed=tgt["cfg"]["seed"],
+        tgt.update(n=n, eps=eps, seed=tgt["cfg"]["seed"],
                    out=str(plan.study_dir / "fgsm" / tgt["run"].name / "fgsm.parquet"))
+        _drop_stale_probe(Path(tgt["out"]), n, eps, dry_run)
         job_of = next(j.name for j in train_jobs if any(d == tgt["run"] for _, d in j.runs))
         plan.jobs.append(Job(f"probe-{tgt['run'].name}", "probe", [], [job_of], tgt))
     _run_plan(plan, la, dry_run, verbose)
     if not dry_run:
+        from .io import read_json
+
         for tgt in targets:
+            info = Path(tgt["out"]).with_suffix(".json")
+            if info.exists():
+                j = read_json(info)
+                out.print(", ".join(f"{k}: {j['drawn'][k]} drawn of {j['existed'][k]}" for k in j["existed"])
+                          + f" ({j['manipulated_means']}; seed {j['seed']})", highlight=False)
             out.print(f"FGSM table: {tgt['out']}")
+        from . import plots
+
+        for p in plots.figure7(plan.study_dir):
+            out.print(f"wrote {p}")
 
 
 # -- status, results, figures, tables ------------------------------------------------------

@@ -34,7 +34,7 @@ TEACHER_KEYS = ("model", "pretrained", "ckpt") + SCHEDULE_KEYS
 PAIR_KEYS = ("name", "student", "teacher1", "teacher2")
 SETTING_KEYS = ("name", "stage1", "stage2", "single")
 ABLATION_KEYS = ("label", "part", "student", "teacher1", "teacher2", "stage1", "stage2")
-PROBE_KEYS = ("distiller", "undistilled")
+PROBE_KEYS = ("distiller", "undistilled", "n", "eps")
 
 
 def config_hash(cfg: dict) -> str:
@@ -230,5 +230,9 @@ def _check_shapes(study: dict, where: str) -> None:
         if k not in PROBE_KEYS:
             raise unknown("key of probe", k, PROBE_KEYS)
         need(k != "distiller" or isinstance(v, dict), f"probe.distiller must be a mapping, got {v!r}")
+        need(k != "n" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1), f"probe.n must be an integer >= 1, got {v!r}")
+        need(k != "eps" or (isinstance(v, list) and v and all(isinstance(e, (int, float)) and not isinstance(e, bool)
+                                                               and 0 < e <= 1 for e in v)),
+             f"probe.eps must be a list of FGSM steps in (0, 1] (pixel units), got {v!r}")
         need(k != "undistilled" or isinstance(v, str) or (isinstance(v, dict) and "model" in v),
              f"probe.undistilled must be a model spec (e.g. mlp:64) or {{model, pretrained: true}}, got {v!r}")
