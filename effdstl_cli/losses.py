@@ -81,7 +81,7 @@ def ckm_loss(z_s: Tensor, z_t: Tensor, labels: Tensor, tau_t: float = 0.7, tau_s
 
     Mined rows: CE of ``p_s(tau_s)`` against ``smooth * onehot + (1 - smooth) / N`` — the official
     ``wsl_loss.py`` writes ``onehot * 0.99 + 0.01 / 1000`` for its 1000 classes (true class 0.99001,
-    every other 1e-5); we use N (docs/METHOD.md 'CKM', Eq. 6). Other rows:
+    every other 1e-5); we use N (docs/METHOD.md 'CKM'). Other rows:
     ``-sum p_t(tau_t) * log p_s(tau_s)`` with no tau^2 factor. Mean over all rows.
     """
     n = z_s.shape[1]

@@ -208,7 +208,20 @@ def _row_order(g: pd.DataFrame) -> list[str]:
 
 
 def _paper_col(setting: str) -> str:
-    return "100ep" if "100" in str(setting) else "advanced"
+    """Which of the paper's Table 1 columns a setting stands beside: a setting named for steps or
+    100 epochs the "100 epochs, step decay" one, any other the advanced schedule."""
+    return "100ep" if re.search(r"100|step", str(setting)) else "advanced"
+
+
+def _settings_order(study_dir: Path, present: list[str]) -> list[str]:
+    """The study's settings in the order its file lists them (then any others)."""
+    try:
+        study = yaml.safe_load((study_dir / "study.yaml").read_text()) or {}
+        names = [str(x.get("name", "")) for x in study.get("settings") or [] if isinstance(x, dict)]
+    except (OSError, yaml.YAMLError, AttributeError):
+        names = []
+    present = list(dict.fromkeys(present))
+    return [n for n in names if n in present] + [n for n in present if n not in names]
 
 
 # -- Table 1 -------------------------------------------------------------------------------
@@ -226,6 +239,8 @@ def table1(study_dir: str | Path, out_dir: str | Path | None = None) -> tuple[pd
     st = st.assign(_t1=[w if w else "" for w in st["weak"]])
     # no-distill runs have no teacher: they belong to the block of their (pair, setting, student)
     key_cols = ["dataset", "student", "pair", "setting"]
+    order = {n: i for i, n in enumerate(_settings_order(study_dir, st["setting"].tolist()))}
+    st = st.assign(_order=st["setting"].map(order)).sort_values(["_order"], kind="stable")
     rows: list[dict[str, Any]] = []
     for (dataset, student, pair, setting), g in st.groupby(key_cols, sort=False):
         teacher = _joined([w for w in g["weak"].tolist() if w])
@@ -299,7 +314,10 @@ def table3(study_dir: str | Path, out_dir: str | Path | None = None) -> tuple[pd
     done = done.assign(_method=np.where(done["role"] == "teacher", "teacher training", done["distiller"]),
                        _label=np.where(done["role"] == "teacher", "teacher training", done["label"]))
     rows = []
-    blocks = [(s, g) for s, g in done[done["role"] != "teacher"].groupby(["student", "setting"], sort=False)]
+    order = {n: i for i, n in enumerate(_settings_order(study_dir, done["setting"].tolist()))}
+    st = done[done["role"] != "teacher"]
+    st = st.assign(_order=st["setting"].map(order)).sort_values(["_order"], kind="stable")
+    blocks = [(s, g) for s, g in st.groupby(["student", "setting"], sort=False)]
     if (done["role"] == "teacher").any():
         blocks.append((("(teachers)", ""), done[done["role"] == "teacher"]))
     for (student, setting), gb in blocks:
@@ -327,16 +345,16 @@ def table3(study_dir: str | Path, out_dir: str | Path | None = None) -> tuple[pd
                          "paper_device": PAPER_TABLE3["device"] if paper else "",
                          "note": f"paper: EffDstl {paper[1]} on ImageNet (300 epochs)" if paper else ""})
     out = pd.DataFrame(rows)
-    header = ["student", "method", "runs", "seeds", "GPU-h / seed (share)", "GPU-h / seed (whole job)",
-              "wall s / seed (share)", "wall s / seed (whole job)", "device", "GPU", "paper GPU-h"]
+    header = ["student", "method", "runs", "seeds", "GPU-h/seed share", "GPU-h/seed job",
+              "wall s/seed share", "wall s/seed job", "device", "GPU", "paper GPU-h"]
     body = [[r["student"] + (f" [{r['setting']}]" if r["setting"] else ""), r["method_name"], r["runs"], r["n"],
              _num(r["gpu_hours_per_seed"], 3), _num(r["job_gpu_hours_per_seed"], 3), _num(r["wall_s_per_seed"], 1),
              _num(r["job_wall_s_per_seed"], 1), r["device"], r["gpu_name"],
              (f"{r['paper_gpu_hours']:g} ({r['paper_device']})" if r["paper_device"] else "-")]
             for _, r in out.iterrows()]
-    note = ("Shown: each run's share of its group job (the job's shared data stream and teacher forwards "
-            "split between its runs, plus the run's own evaluation; a job's runs add up to the job), and "
-            "beside it the whole group job that trained it. GPU-hours = wall hours × GPUs (0 on CPU); per "
+    note = ("'share': each run's share of its group job (the job's shared data stream and teacher forwards "
+            "split between its runs, plus the run's own evaluation; a job's runs add up to the job); "
+            "'job': the whole group job that trained it. GPU-hours = wall hours × GPUs (0 on CPU); per "
             "seed = total / seeds. Paper: EffDstl's training cost per student on ImageNet, RTX 3090 GPU-hours "
             "(ResNet18 97.7, MobileNet V1 111.5, MobileNet V3-Small 0.75 93.0, MobileNet V2 130.1, ResNet18d "
             "114.0, SKResNet18 127.3, ResNet34 160.8, ResNet34d 173.4; the official README); the paper gives "
