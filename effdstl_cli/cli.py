@@ -248,7 +248,8 @@ def train_recipe(study: Path = typer.Option(..., "--study", "-s", help="e.g. stu
                  verbose: bool = VERBOSE,
                  la: LaunchArgs = None):
     """EffDstl (Table 1): stage 1 WSL from the weak teacher, stage 2 CKM from a stronger one, in one
-    resumable run, with the no-distill / KD / RKD / WSL baselines under the same schedule."""
+    resumable run, with the baselines (no distill: one run; KD / RKD / WSL: the same two stages and
+    teacher switch, their own loss). Also runs Table 4 (ablation) and Fig. 8 studies (docs/METHOD.md)."""
     _run_plan(_load_plan(study, sets, results, ("recipe", "ablation", "fig8")), la, dry_run, verbose)
 
 

@@ -41,7 +41,7 @@ DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")  # apt-get install da
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 # Per-channel statistics the models normalize with. digits/synthetic keep raw pixels (identity):
-# the measured digits triplets in METHOD.md feed the MLPs pixel/16 unnormalized.
+# the measured digits triplets in docs/METHOD.md feed the MLPs pixel/16 unnormalized.
 _STATS = {
     "identity": ((0.0,), (1.0,)),
     "mnist": ((0.1307,), (0.3081,)),
@@ -213,7 +213,7 @@ class FolderSplit(Dataset):
         s = self.image_size
         if crop is None:  # evaluation: resize the shorter side to s*256/224, centre crop s
             im = TF.center_crop(TF.resize(im, round(s * 256 / 224), antialias=True), [s, s])
-        else:  # RandomResizedCrop(s) + RandomHorizontalFlip only (METHOD.md: no colour jitter)
+        else:  # RandomResizedCrop(s) + RandomHorizontalFlip only (docs/METHOD.md: no colour jitter)
             top, left, h, w = crop
             im = TF.resized_crop(im, top, left, h, w, [s, s], antialias=True)
             im = TF.hflip(im) if flip else im

@@ -141,14 +141,14 @@ def write_table(df: pd.DataFrame, out_dir: str | Path, stem: str = "results") ->
     return [csv, pq]
 
 
-# -- normalized accuracy (METHOD.md "Normalized accuracy") ---------------------------------
+# -- normalized accuracy (docs/METHOD.md 'Normalized accuracy') ---------------------------------
 
 def _is_done(df: pd.DataFrame) -> pd.Series:
     return df["state"] == "done"
 
 
 def normalized(df: pd.DataFrame, metric: str = "best_top1") -> pd.DataFrame:
-    """Altered runs with ``norm = (acc - acc-) / (acc+ - acc-)`` (METHOD.md, Fig. 5/6).
+    """Altered runs with ``norm = (acc - acc-) / (acc+ - acc-)`` (docs/METHOD.md, Fig. 5/6).
 
     Per (study, triplet): acc- / acc+ are the MEAN over seeds of the finished baseline runs
     (meta.baseline 'weak' / 'strong'). Altered runs are finished student runs with baseline ''.
