@@ -1,9 +1,10 @@
-"""The FGSM boundary probe (Sec. 4.3, Fig. 7; METHOD.md 'FGSM boundary probe').
+"""The FGSM boundary probe (Sec. 4.3, Fig. 7; docs/METHOD.md 'Fig. 7').
 
-From a distillation run, draw up to ``n`` training samples the run kept (not in its altered
-subset) and up to ``n`` it manipulated (in the subset), attack them with FGSM using the teacher's
-gradient, and record for the teacher, the distilled student and an undistilled network how much
-the true-class confidence drops: ``p(x)[y] - p(x_adv)[y]``. Images are in pixel space [0, 1]
+From a distillation run (label smoothing on reg AND correct samples, Sec. 4.2), draw up to ``n``
+training samples at random (seeded) from those the run kept (never in its altered subset) and up
+to ``n`` from those it manipulated, attack them with FGSM using the teacher's gradient, and
+record for the teacher, the distilled student and an undistilled network how much the true-class
+confidence drops: ``p(x)[y] - p(x_adv)[y]``. Images are in pixel space [0, 1]
 (normalization lives inside the models), so the step and the clip need no un-normalizing.
 """
 
@@ -58,6 +59,24 @@ def _clean_batch(split, idx: torch.Tensor, device) -> torch.Tensor:
     return split.get_batch(idx, None, device, augment=False)
 
 
+def select_probe_samples(manipulated: torch.Tensor, n: int, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Draw up to ``n`` training-sample indices at random from each subset, seeded.
+
+    ``manipulated`` is a bool mask over the training set: 'manipulated' = its True samples, 'kept'
+    = the others. Returns ({subset: sorted-in-draw-order indices}, {subset: how many existed}).
+    The same (mask, n, seed) always draws the same samples.
+    """
+    manipulated = manipulated.bool().cpu()
+    all_idx = torch.arange(len(manipulated))
+    g = torch.Generator().manual_seed(int(seed))
+    chosen, pools = {}, {}
+    for name, m in (("manipulated", manipulated), ("kept", ~manipulated)):
+        pool = all_idx[m]
+        pools[name] = int(len(pool))
+        chosen[name] = pool[torch.randperm(len(pool), generator=g)[:n]]
+    return chosen, pools
+
+
 def _manipulated(probe, teacher, student, split, all_idx, y_all, dev) -> tuple[torch.Tensor, str]:
     """Which training samples the run manipulated.
 
@@ -84,7 +103,12 @@ def run_probe(probe: dict, device: str = "auto") -> Path:
     split = data.train
     teacher = load_teacher(probe["teacher"], cfg["teachers"][probe["teacher"]], data).to(dev)
     nets = {"teacher": teacher, "student": _load_run_model(probe["run"], cfg, data).to(dev)}
-    if probe.get("undistilled"):
+    if probe.get("undistilled_hub"):  # e.g. the paper's MobileNet on ImageNet, with hub weights
+        hub = probe["undistilled_hub"]
+        nets["undistilled"] = build_model(hub["model"], data.num_classes, in_chans=data.in_chans,
+                                          image_size=data.image_size, mean=data.mean, std=data.std,
+                                          pretrained=True).eval().requires_grad_(False).to(dev)
+    elif probe.get("undistilled"):
         ucfg = yaml.safe_load((Path(probe["undistilled"]) / "config.yaml").read_text())
         nets["undistilled"] = _load_run_model(probe["undistilled"], ucfg, data).to(dev)
 
@@ -92,11 +116,7 @@ def run_probe(probe: dict, device: str = "auto") -> Path:
     y_all = split.labels.to(dev)
     mask, how = _manipulated(probe, teacher, nets["student"], split, all_idx, y_all, dev)
     n = int(probe.get("n", 1000))
-    g = torch.Generator().manual_seed(int(probe.get("seed", 0)))
-    chosen = {}
-    for name, m in (("manipulated", mask), ("kept", ~mask)):
-        pool = all_idx[m]
-        chosen[name] = pool[torch.randperm(len(pool), generator=g)[:n]]
+    chosen, pools = select_probe_samples(mask, n, int(probe.get("seed", 0)))
     if min(len(v) for v in chosen.values()) == 0:
         raise EffdstlError(f"run {Path(probe['run']).name}: {int(mask.sum())} of {len(mask)} training samples "
                            f"were manipulated ({how}), leaving no {'kept' if mask.all() else 'manipulated'} "
@@ -115,12 +135,18 @@ def run_probe(probe: dict, device: str = "auto") -> Path:
                         rows.append(pd.DataFrame({
                             "network": net_name, "subset": subset, "sample": i.numpy(), "eps": float(eps),
                             "conf_clean": c0.cpu().numpy(), "conf_adv": c1.cpu().numpy(),
-                            "drop": (c0 - c1).cpu().numpy(), "run": Path(probe["run"]).name}))
+                            "drop": (c0 - c1).cpu().numpy(), "run": Path(probe["run"]).name,
+                            "pool": pools[subset]}))
     df = pd.concat(rows, ignore_index=True)
     out = Path(probe["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
     buf = _io.BytesIO()
     df.to_parquet(buf, index=False)
     fio.atomic_write_text(out.with_suffix(".csv"), df.to_csv(index=False))
+    fio.write_json(out.with_suffix(".json"), {
+        "run": Path(probe["run"]).name, "subset_rule": probe["subset"], "manipulated_means": how,
+        "seed": int(probe.get("seed", 0)), "n": n, "eps": [float(e) for e in probe.get("eps", DEFAULT_EPS)],
+        "existed": pools, "drawn": {k: int(len(v)) for k, v in chosen.items()},
+        "networks": list(nets), "attack": f"FGSM from the {probe['teacher']} teacher"})
     fio.atomic_write_bytes(out, buf.getvalue())  # the parquet last: its presence means 'done'
     return out

@@ -32,6 +32,8 @@ app.add_typer(sweep_app, name="sweep")
 app.add_typer(attack_app, name="attack")
 
 RESULTS = typer.Option("results", "--results", help="Results root (one folder per study).")
+VERBOSE = typer.Option(False, "--verbose", "-v", help="With --dry-run: list every run of every job "
+                       "(default: the first three per job).")
 SETS = typer.Option(None, "--set", help="Override a study key, e.g. --set schedule.epochs=5 --set seeds=[0,1].")
 
 
@@ -123,7 +125,7 @@ def _progress_poller(plan):
     return prog, poll
 
 
-def _run_plan(plan, la: LaunchArgs, dry_run: bool) -> None:
+def _run_plan(plan, la: LaunchArgs, dry_run: bool, verbose: bool = False) -> None:
     from .launch import apply_study_defaults, dry_run_lines, launch, preflight, refuse_damaged
     from .studies import validate_runs
 
@@ -131,7 +133,7 @@ def _run_plan(plan, la: LaunchArgs, dry_run: bool) -> None:
     la.opts.validate()
     validate_runs(plan)  # a misspelt name fails here, before any teacher trains
     if dry_run:
-        for line in dry_run_lines(plan, la.opts):
+        for line in dry_run_lines(plan, la.opts, verbose):
             out.print(line, highlight=False, markup=False, soft_wrap=True)
         return
     reruns = _reruns(plan, la.rerun)
@@ -250,9 +252,10 @@ def _with_launch(fn):
 def sweep_replacement(study: Path = typer.Option(..., "--study", "-s", help="A study file, e.g. studies/figure5-digits.yaml."),
                       sets: Optional[List[str]] = SETS, results: str = RESULTS,
                       dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG and the jobs; submit nothing."),
+                      verbose: bool = VERBOSE,
                       la: LaunchArgs = None):
     """Fig. 5: replace the weak teacher's targets with the strong one's on a subset (full / partial / confidence)."""
-    _run_plan(_load_plan(study, sets, results, ("replacement",)), la, dry_run)
+    _run_plan(_load_plan(study, sets, results, ("replacement",)), la, dry_run, verbose)
 
 
 @sweep_app.command("manipulation")
@@ -260,9 +263,10 @@ def sweep_replacement(study: Path = typer.Option(..., "--study", "-s", help="A s
 def sweep_manipulation(study: Path = typer.Option(..., "--study", "-s", help="A study file, e.g. studies/figure6-digits.yaml."),
                        sets: Optional[List[str]] = SETS, results: str = RESULTS,
                        dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG and the jobs; submit nothing."),
+                       verbose: bool = VERBOSE,
                        la: LaunchArgs = None):
     """Fig. 6: label smoothing / teacher amplification / student amplification on a subset."""
-    _run_plan(_load_plan(study, sets, results, ("manipulation",)), la, dry_run)
+    _run_plan(_load_plan(study, sets, results, ("manipulation",)), la, dry_run, verbose)
 
 
 @app.command("run")
@@ -270,9 +274,10 @@ def sweep_manipulation(study: Path = typer.Option(..., "--study", "-s", help="A 
 def run_study(study: Path = typer.Option(..., "--study", "-s", help="Any study file in studies/."),
               sets: Optional[List[str]] = SETS, results: str = RESULTS,
               dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG and the jobs; submit nothing."),
+              verbose: bool = VERBOSE,
               la: LaunchArgs = None):
     """Run any study (replacement, manipulation, recipe, ablation, fig8, fgsm) to the end."""
-    _run_plan(_load_plan(study, sets, results), la, dry_run)
+    _run_plan(_load_plan(study, sets, results), la, dry_run, verbose)
 
 
 @train_app.command("recipe")
@@ -280,10 +285,12 @@ def run_study(study: Path = typer.Option(..., "--study", "-s", help="Any study f
 def train_recipe(study: Path = typer.Option(..., "--study", "-s", help="e.g. studies/table1-digits.yaml."),
                  sets: Optional[List[str]] = SETS, results: str = RESULTS,
                  dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG and the jobs; submit nothing."),
+                 verbose: bool = VERBOSE,
                  la: LaunchArgs = None):
     """EffDstl (Table 1): stage 1 WSL from the weak teacher, stage 2 CKM from a stronger one, in one
-    resumable run, with the no-distill / KD / RKD / WSL baselines under the same schedule."""
-    _run_plan(_load_plan(study, sets, results, ("recipe", "ablation", "fig8")), la, dry_run)
+    resumable run, with the baselines (no distill: one run; KD / RKD / WSL: the same two stages and
+    teacher switch, their own loss). Also runs Table 4 (ablation) and Fig. 8 studies (docs/METHOD.md)."""
+    _run_plan(_load_plan(study, sets, results, ("recipe", "ablation", "fig8")), la, dry_run, verbose)
 
 
 # -- single runs ------------------------------------------------------------------------------
@@ -401,12 +408,13 @@ def train_teacher(dataset: str = typer.Option("digits", "--dataset", "-d", help=
                   epochs: int = SCHED_OPTS["epochs"], lr: float = SCHED_OPTS["lr"],
                   weight_decay: float = SCHED_OPTS["weight_decay"], warmup_epochs: float = SCHED_OPTS["warmup_epochs"],
                   batch_size: int = SCHED_OPTS["batch_size"], results: str = RESULTS,
-                  dry_run: bool = typer.Option(False, "--dry-run", help="Print the job(s); train nothing."), la: LaunchArgs = None):
+                  dry_run: bool = typer.Option(False, "--dry-run", help="Print the job(s); train nothing."),
+                  verbose: bool = VERBOSE, la: LaunchArgs = None):
     """Train one teacher on labels; prints where its model.pt is (pass it to --teacher)."""
     sched = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
     plan = _single_plan(name or f"teacher-{dataset.split(':')[0]}", dataset, data_root, image_size, model, seed,
                         batch_size, sched, [{"name": "none"}], {}, "teacher", results)
-    _run_plan(plan, la, dry_run)
+    _run_plan(plan, la, dry_run, verbose)
     if not dry_run:
         _print_runs(plan)
 
@@ -425,7 +433,8 @@ def train_student(dataset: str = typer.Option("digits", "--dataset", "-d", help=
                   epochs: int = SCHED_OPTS["epochs"], lr: float = SCHED_OPTS["lr"],
                   weight_decay: float = SCHED_OPTS["weight_decay"], warmup_epochs: float = SCHED_OPTS["warmup_epochs"],
                   batch_size: int = SCHED_OPTS["batch_size"], results: str = RESULTS,
-                  dry_run: bool = typer.Option(False, "--dry-run", help="Print the job(s); train nothing."), la: LaunchArgs = None):
+                  dry_run: bool = typer.Option(False, "--dry-run", help="Print the job(s); train nothing."),
+                  verbose: bool = VERBOSE, la: LaunchArgs = None):
     """Train one student, or a group of students (one per --distiller) that share every batch."""
     teachers = {}
     if teacher:
@@ -439,44 +448,76 @@ def train_student(dataset: str = typer.Option("digits", "--dataset", "-d", help=
     sched = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
     plan = _single_plan(name or f"students-{dataset.split(':')[0]}", dataset, data_root, image_size, model, seed,
                         batch_size, sched, specs, teachers, "student", results)
-    _run_plan(plan, la, dry_run)
+    _run_plan(plan, la, dry_run, verbose)
     if not dry_run:
         _print_runs(plan)
 
 
 # -- probes -----------------------------------------------------------------------------------
 
+def _drop_stale_probe(out_path: Path, n: int, eps: list, dry_run: bool) -> None:
+    """A probe table made with another n or eps is redone (not skipped as 'done')."""
+    from .io import read_json
+
+    info = out_path.with_suffix(".json")
+    if dry_run or not out_path.exists():
+        return
+    try:
+        j = read_json(info)
+        same = int(j.get("n", -1)) == n and [round(float(e), 12) for e in j.get("eps", [])] == [round(float(e), 12) for e in eps]
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        out_path.unlink()
+
+
 @attack_app.command("fgsm")
 @_with_launch
 def attack_fgsm(study: Path = typer.Option(..., "--study", "-s", help="A study whose distilled runs to probe (figure7-*, table1-*)."),
                 sets: Optional[List[str]] = SETS, results: str = RESULTS,
-                n: int = typer.Option(1000, "--n", help="Samples drawn from each of kept and manipulated."),
-                eps: Optional[List[float]] = typer.Option(None, "--eps", help="FGSM step(s) in pixel units [0,1]; repeat. Default 0.5/255 .. 8/255."),
-                dry_run: bool = typer.Option(False, "--dry-run", help="Print the job(s); train nothing."), la: LaunchArgs = None):
+                n: Optional[int] = typer.Option(None, "--n", help="Samples drawn at random (seeded) from each of kept and manipulated (default: the study's probe.n, else 1000)."),
+                eps: Optional[List[float]] = typer.Option(None, "--eps", help="FGSM step(s) in pixel units [0,1]; repeat. Default: the study's probe.eps, else 0.5/255 .. 8/255."),
+                dry_run: bool = typer.Option(False, "--dry-run", help="Print the job(s); train nothing."),
+                verbose: bool = VERBOSE, la: LaunchArgs = None):
     """Fig. 7: FGSM on kept vs manipulated samples; saves the per-sample confidence change table.
 
     Trains whatever the study still needs first (skipping finished runs)."""
     from .attack import DEFAULT_EPS
     from .studies import Job, probe_targets
 
-    if n < 1:
+    if n is not None and n < 1:
         raise EffdstlError(f"--n must be >= 1, got {n}")
     if eps and any(e <= 0 or e > 1 for e in eps):
         raise EffdstlError(f"--eps values must be in (0, 1] (pixel units), got {eps}")
     plan = _load_plan(study, sets, results)
+    pcfg = plan.study.get("probe") or {}
+    n = n if n is not None else int(pcfg.get("n", 1000))
+    eps = list(eps or pcfg.get("eps") or DEFAULT_EPS)
     targets = probe_targets(plan)
     if not targets:
         raise EffdstlError(f"study {study} has no distilled run with an altered subset to probe")
     train_jobs = list(plan.jobs)
     for i, tgt in enumerate(targets):
-        tgt.update(n=n, eps=list(eps or DEFAULT_EPS), seed=tgt["cfg"]["seed"],
+        tgt.update(n=n, eps=eps, seed=tgt["cfg"]["seed"],
                    out=str(plan.study_dir / "fgsm" / tgt["run"].name / "fgsm.parquet"))
+        _drop_stale_probe(Path(tgt["out"]), n, eps, dry_run)
         job_of = next(j.name for j in train_jobs if any(d == tgt["run"] for _, d in j.runs))
         plan.jobs.append(Job(f"probe-{tgt['run'].name}", "probe", [], [job_of], tgt))
-    _run_plan(plan, la, dry_run)
+    _run_plan(plan, la, dry_run, verbose)
     if not dry_run:
+        from .io import read_json
+
         for tgt in targets:
+            info = Path(tgt["out"]).with_suffix(".json")
+            if info.exists():
+                j = read_json(info)
+                out.print(", ".join(f"{k}: {j['drawn'][k]} drawn of {j['existed'][k]}" for k in j["existed"])
+                          + f" ({j['manipulated_means']}; seed {j['seed']})", highlight=False)
             out.print(f"FGSM table: {tgt['out']}")
+        from . import plots
+
+        for p in plots.figure7(plan.study_dir):
+            out.print(f"wrote {p}")
 
 
 # -- status, results, figures, tables ------------------------------------------------------
@@ -499,6 +540,22 @@ def _study_dir(study: str, results: str) -> Path:
 
         raise unknown(f"study (no folder {d})", study, have) if have else EffdstlError(f"no study folder {d}")
     return d
+
+
+def _declared_kind(study: str, results: str) -> str | None:
+    """The kind a study says it is: its YAML file, its results folder's study.yaml, or
+    studies/<name>.yaml; None when none of them can be read."""
+    p = Path(study)
+    cands = [p] if p.suffix in (".yaml", ".yml") else [p / "study.yaml", Path(results) / study / "study.yaml",
+                                                       Path("studies") / f"{study}.yaml"]
+    for c in cands:
+        try:
+            kind = (yaml.safe_load(c.read_text()) or {}).get("kind")
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        if isinstance(kind, str):
+            return kind
+    return None
 
 
 @app.command("status")
@@ -587,6 +644,9 @@ def table(which: str = typer.Argument(..., help="table1 | table3 | table4"),
         from .errors import unknown
 
         raise unknown("table", which, kinds)
+    declared = _declared_kind(study, results)  # refuse the wrong kind of study before reading runs
+    if declared:
+        tables.require_kind(Path(study), which, {declared})
     res = getattr(tables, which)(_study_dir(study, results))
     df, paths = res if isinstance(res, tuple) else (res, [])
     md = next((p for p in paths if str(p).endswith(".md")), None)

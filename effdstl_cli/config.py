@@ -24,15 +24,20 @@ STUDY_KEYS = {
     "name": str, "kind": str, "description": str, "dataset": str, "data_root": (str, type(None)),
     "image_size": (int, type(None)), "seeds": list, "batch_size": int, "teachers": dict,
     "teacher_schedule": dict, "triplets": list, "schedule": dict, "distill": dict, "grid": dict,
-    "recipe": dict, "baselines": list, "ablations": list, "fgsm": dict, "probe": dict,
+    "recipe": dict, "pairs": list, "settings": list, "baselines": list, "ablations": list, "fgsm": dict, "probe": dict,
     "slurm": dict, "paper": dict,
 }
 SCHEDULE_KEYS = ("epochs", "lr", "momentum", "weight_decay", "nesterov", "warmup_epochs", "min_lr", "batch_size", "seed",
                  "kind", "milestones", "gamma")
 TEACHER_KEYS = ("model", "pretrained", "ckpt") + SCHEDULE_KEYS
 SCHEDULE_KINDS = ("cosine", "step")
+PAIR_KEYS = ("name", "student", "teacher1", "teacher2")
+SETTING_KEYS = ("name", "stage1", "stage2", "single")
+ABLATION_KEYS = ("label", "part", "student", "teacher1", "teacher2", "stage1", "stage2")
+PROBE_KEYS = ("distiller", "undistilled", "n", "eps")
 _STAGE_SCHED = ("epochs", "lr", "momentum", "weight_decay", "nesterov", "warmup_epochs", "min_lr",
                 "kind", "milestones", "gamma")
+_STAGE1 = _STAGE_SCHED + ("T", "ls", "w_ce", "w_wsl")
 _STAGE2 = _STAGE_SCHED + ("tau_t", "tau_s", "smooth", "subset", "teacher")
 
 # The schema: every key allowed at every depth of a study, in ONE table. A section maps to the
@@ -52,12 +57,20 @@ SCHEMA: dict[str, tuple | str | None] = {
     "grid.params": NAMES,         # manipulation names: checked against the registry (targets.py)
     "grid.params.*": ("t", "delta"),
     "recipe": ("student", "teacher1", "teacher2", "stage1", "stage2"),
-    "recipe.stage1": _STAGE_SCHED + ("T", "ls", "w_ce", "w_wsl"),
+    "recipe.stage1": _STAGE1,
     "recipe.stage2": _STAGE2,
-    "ablations": ("label", "stage2"),
+    "pairs": PAIR_KEYS,
+    "settings": SETTING_KEYS,
+    "settings.stage1": _STAGE1,
+    "settings.stage2": _STAGE2,
+    "settings.single": _STAGE_SCHED,
+    "ablations": ABLATION_KEYS,
+    "ablations.stage1": _STAGE1,
     "ablations.stage2": _STAGE2,
-    "probe": ("distiller",),
+    "probe": PROBE_KEYS,
     "probe.distiller": None,      # a distiller spec: checked by distillers.build_distiller (validate_runs)
+    "probe.undistilled": None,    # a model spec, or a mapping: checked where the probe is planned
+    "probe.eps": None,
     "fgsm": (),                   # no keys yet
     "slurm": ("gpus_per_job", "partition"),
     "paper": None,                # the paper's numbers, for reference
@@ -184,14 +197,17 @@ def validate_schedule(where: str, sched: dict) -> None:
         raise EffdstlError(f"{where}: nesterov must be true or false, got {sched['nesterov']!r}")
     if "seed" in sched and (isinstance(sched["seed"], bool) or not isinstance(sched["seed"], int) or sched["seed"] < 0):
         raise EffdstlError(f"{where}: seed must be an integer >= 0, got {sched['seed']!r}")
-    if "kind" in sched and sched["kind"] not in SCHEDULE_KINDS:
-        raise unknown(f"schedule kind in {where}", sched["kind"], SCHEDULE_KINDS)
-    ms = sched.get("milestones")
-    if ms is not None and not (isinstance(ms, list) and all(isinstance(m, int) and not isinstance(m, bool) and m > 0
-                                                             for m in ms) and ms == sorted(set(ms))):
-        raise EffdstlError(f"{where}: milestones must be a rising list of epochs > 0, got {ms!r}")
-    g = sched.get("gamma")
-    if g is not None and not (isinstance(g, (int, float)) and not isinstance(g, bool) and 0 < g <= 1):
+    kind = sched.get("kind", "cosine")
+    if kind not in SCHEDULE_KINDS:
+        raise unknown(f"schedule kind in {where}", kind, SCHEDULE_KINDS)
+    if kind != "step" and ("milestones" in sched or "gamma" in sched):
+        raise EffdstlError(f"{where}: milestones and gamma need kind: step (the default kind is cosine)")
+    ms = sched.get("milestones", [])
+    if not (isinstance(ms, list) and all(isinstance(m, (int, float)) and not isinstance(m, bool) and m > 0 for m in ms)
+            and ms == sorted(ms)):
+        raise EffdstlError(f"{where}: milestones must be an ascending list of epochs > 0, got {ms!r}")
+    g = sched.get("gamma", 0.1)
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 < g <= 1:
         raise EffdstlError(f"{where}: gamma must be a number in (0, 1], got {g!r}")
 
 
@@ -334,3 +350,21 @@ def _check_shapes(study: dict, where: str) -> None:
     for i, a in enumerate(study.get("ablations") or []):
         need(isinstance(a, dict) and isinstance(a.get("stage2") or {}, dict),
              f"ablation {i} must be a mapping {{label, stage2: {{...}}}}, got {a!r}")
+    teachers = study.get("teachers") or {}
+    for what, items, keys in (("pair", study.get("pairs"), PAIR_KEYS), ("setting", study.get("settings"), SETTING_KEYS),
+                              ("ablation", study.get("ablations"), ABLATION_KEYS)):
+        for i, it in enumerate(items or []):
+            need(isinstance(it, dict), f"{what} {i} must be a mapping of {', '.join(keys)}, got {it!r}")
+            for k, v in it.items():  # unknown keys: check_keys (SCHEMA)
+                if k in ("stage1", "stage2", "single"):
+                    need(isinstance(v, dict), f"{what} {i}: {k} must be a mapping, got {v!r}")
+                if k in ("teacher1", "teacher2") and v not in teachers:
+                    raise unknown(f"teacher in {what} {i}", v, teachers)
+    for k, v in (study.get("probe") or {}).items():
+        need(k != "distiller" or isinstance(v, dict), f"probe.distiller must be a mapping, got {v!r}")
+        need(k != "n" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1), f"probe.n must be an integer >= 1, got {v!r}")
+        need(k != "eps" or (isinstance(v, list) and v and all(isinstance(e, (int, float)) and not isinstance(e, bool)
+                                                               and 0 < e <= 1 for e in v)),
+             f"probe.eps must be a list of FGSM steps in (0, 1] (pixel units), got {v!r}")
+        need(k != "undistilled" or isinstance(v, str) or (isinstance(v, dict) and "model" in v),
+             f"probe.undistilled must be a model spec (e.g. mlp:64) or {{model, pretrained: true}}, got {v!r}")

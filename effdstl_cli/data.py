@@ -41,7 +41,7 @@ DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")  # apt-get install da
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 # Per-channel statistics the models normalize with. digits/synthetic keep raw pixels (identity):
-# the measured digits triplets in METHOD.md feed the MLPs pixel/16 unnormalized.
+# the measured digits triplets in docs/METHOD.md feed the MLPs pixel/16 unnormalized.
 _STATS = {
     "identity": ((0.0,), (1.0,)),
     "mnist": ((0.1307,), (0.3081,)),
@@ -269,7 +269,7 @@ class FolderSplit(Dataset):
         s = self.image_size
         if crop is None:  # evaluation: resize the shorter side to s*256/224, centre crop s
             im = TF.center_crop(TF.resize(im, round(s * 256 / 224), antialias=True), [s, s])
-        else:  # RandomResizedCrop(s) + RandomHorizontalFlip only (METHOD.md: no colour jitter)
+        else:  # RandomResizedCrop(s) + RandomHorizontalFlip only (docs/METHOD.md: no colour jitter)
             top, left, h, w = crop
             im = TF.resized_crop(im, top, left, h, w, [s, s], antialias=True)
             im = TF.hflip(im) if flip else im
@@ -795,8 +795,9 @@ def _cifar(kind: str, data_root: str | None) -> Data:
     import torchvision.datasets as tvd
 
     root = _default_root(data_root)
-    cure = (f"use npz:PATH made by /work/shared/data/unpack-cifar10 (CIFAR-10), "
-            f"or put the torchvision files under {root}")
+    cure = (f"run once online so torchvision downloads it into {root} (or copy torchvision's "
+            f"cifar-10-batches-py there), or use your own copy as npz:PATH (uint8 x_train/y_train/"
+            f"x_test/y_test) or folder:PATH (an ImageFolder with train/ and val/)")
     cls = tvd.CIFAR10 if kind == "cifar10" else tvd.CIFAR100
     tr, te = _torchvision(cls, kind, root, "www.cs.toronto.edu", cure)
     as_t = lambda a: torch.from_numpy(np.asarray(a)).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
@@ -842,8 +843,8 @@ def _read_idx(path: Path) -> np.ndarray:
 def _npz(spec: str, path: Path) -> Data:
     """uint8 x_train/x_test (N,H,W,C) or (N,H,W), integer y_train/y_test, optional classes."""
     if not path.is_file():
-        raise EffdstlError(f"npz file {path} does not exist (make one with /work/shared/data/unpack-cifar10 "
-                           f"{path} --per-class-train 1000 --per-class-test 200)")
+        raise EffdstlError(f"npz file {path} does not exist (an npz holds uint8 x_train, y_train, x_test, "
+                           f"y_test; for CIFAR-10 without one, use dataset cifar10: torchvision downloads it)")
     try:
         z = np.load(path, allow_pickle=False)
         keys = set(z.files)

@@ -63,7 +63,7 @@ class Distiller:
         raise NotImplementedError
 
     def _soft(self, z_s: Tensor, y: Tensor, q: Tensor) -> dict[str, Tensor]:
-        """``(1 - lam) * CE + lam * soft-CE(q, tau)`` (METHOD.md 'Losses'); zero terms omitted."""
+        """``(1 - lam) * CE + lam * soft-CE(q, tau)`` (docs/METHOD.md 'Losses'); zero terms omitted."""
         lam, tau = float(self.p["lam"]), float(self.p["tau"])
         out = {}
         if lam < 1.0:
@@ -95,7 +95,7 @@ class KD(Distiller):
 
 
 class WSL(Distiller):
-    """EffDstl stage 1: ``w_ce * CE_LS(ls) + w_wsl * L_WSL(T)`` (METHOD.md 'WSL')."""
+    """EffDstl stage 1: ``w_ce * CE_LS(ls) + w_wsl * L_WSL(T)`` (docs/METHOD.md 'WSL')."""
 
     name = "wsl"
     DEFAULTS = {"teacher": "weak", "T": 2.0, "ls": 0.1, "w_ce": 1.0, "w_wsl": 0.5}
@@ -158,7 +158,7 @@ class Replace(Distiller):
         p_w = F.softmax(t[self.p["teacher"]].logits.float() / tau, dim=1)
         p_p = F.softmax(t[self.p["strong"]].logits.float() / tau, dim=1)
         p_s = F.softmax(z_s.detach().float() / tau, dim=1)
-        # Subsets come from the teacher being altered (t-), recomputed every batch (METHOD.md).
+        # Subsets come from the teacher being altered (t-), recomputed every batch (docs/METHOD.md).
         mask = targets.subset_mask(self.p["subset"], p_w, p_s, y)
         q = targets.apply_on(mask, targets.replace(self.p["scheme"], p_w, p_p, y), p_w)
         return self._soft(z_s, y, q), mask

@@ -91,7 +91,9 @@ def _gen(*keys: int) -> torch.Generator:
 
 
 def lr_at(stage: dict, progress: float) -> float:
-    """Cosine from ``lr`` to ``min_lr`` over the stage, after an optional linear warm-up.
+    """Cosine from ``lr`` to ``min_lr`` over the stage (the default), or step decay
+    (``sched.kind: step``: ``lr * gamma^k`` after the k-th of ``milestones``, epochs since the stage
+    began; the paper's "100 epochs, step decay", docs/METHOD.md), after an optional linear warm-up.
 
     ``progress`` is in epochs since the stage began (fractional within an epoch).
     """
@@ -99,6 +101,9 @@ def lr_at(stage: dict, progress: float) -> float:
     lr, min_lr, warm = float(o["lr"]), float(s.get("min_lr", 0.0)), float(s.get("warmup_epochs", 0))
     if warm > 0 and progress < warm:
         return lr * (progress + 1e-9) / warm
+    if s.get("kind", "cosine") == "step":
+        passed = sum(1 for m in s.get("milestones") or [] if progress >= float(m))
+        return lr * float(s.get("gamma", 0.1)) ** passed
     span = max(float(stage["epochs"]) - warm, 1e-9)
     t = min(max((progress - warm) / span, 0.0), 1.0)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))

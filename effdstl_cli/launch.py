@@ -27,7 +27,7 @@ from . import io as fio
 from .errors import EffdstlError
 from .fused import FUSE_MODES
 from .rundir import RunDir
-from .studies import Job, Plan, run_state
+from .studies import Job, Plan, describe_run, run_state
 
 EXECUTORS = ("debug", "local", "slurm")
 DECODE = ("auto", "device", "workers", "mixed:F")
@@ -601,8 +601,9 @@ def _run_slurm(plan: Plan, pending: list[Job], opts: LaunchOptions, report: Repo
     return out
 
 
-def dry_run_lines(plan: Plan, opts: LaunchOptions) -> list[str]:
-    """What ``launch`` would do, without touching data or a cluster."""
+def dry_run_lines(plan: Plan, opts: LaunchOptions, verbose: bool = False) -> list[str]:
+    """What ``launch`` would do, without touching data or a cluster (``verbose``: every run of
+    every job, not the first three)."""
     world, gpus = opts.world(), int(opts.gpus_per_job or 0)
     lines = [f"study {plan.study['name']} ({plan.study['kind']}, dataset {plan.study['dataset']}): "
              f"{len(plan.jobs)} jobs, {sum(len(j.runs) for j in plan.jobs)} runs -> {plan.study_dir}",
@@ -643,14 +644,10 @@ def dry_run_lines(plan: Plan, opts: LaunchOptions) -> list[str]:
         if j.kind == "train":
             for ln in fusion_plan([c for c, _ in j.runs], job_device, opts.fuse):
                 lines.append(f"      fuse --{opts.fuse}: {ln}")
-        for c, d in j.runs[:3] if j.kind == "train" else []:
-            st = c["stages"]
-            hp = "; ".join(f"{s['epochs']} ep {s['distiller']['name']}"
-                           + (f"({s['distiller']['teacher']})" if s['distiller'].get('teacher') else "")
-                           + f" lr {s['optim']['lr']:g}->{s['sched']['min_lr']:g} wd {s['optim']['weight_decay']:g}"
-                           + (f" warmup {s['sched']['warmup_epochs']:g}" if s['sched'].get('warmup_epochs') else "")
-                           for s in st)
-            lines.append(f"      {d.name}  {c['model']:<18} bs {c['batch_size']}  {hp}  ({c['meta']['label']})")
-        if j.kind == "train" and len(j.runs) > 3:
-            lines.append(f"      ... and {len(j.runs) - 3} more runs")
+        shown = j.runs if verbose else j.runs[:3]
+        for c, d in shown if j.kind == "train" else []:
+            lines.append(f"      {d.name}  {c['model']:<18} bs {c['batch_size']}  ({c['meta']['label']})  "
+                         f"{describe_run(c)}")
+        if j.kind == "train" and len(j.runs) > len(shown):
+            lines.append(f"      ... and {len(j.runs) - len(shown)} more runs (--verbose lists every run)")
     return lines

@@ -1,4 +1,4 @@
-"""Losses of the paper, each a scalar batch mean exactly as METHOD.md defines it.
+"""Losses of the paper, each a scalar batch mean exactly as docs/METHOD.md defines it.
 
 ``z_*`` are logits (B, N); ``q`` a target distribution (B, N); ``labels`` (B,). Any N.
 """
@@ -13,13 +13,13 @@ from .targets import EPS, subset_mask, true_prob
 
 
 def soft_ce(z_s: Tensor, q: Tensor, tau: float = 1.0) -> Tensor:
-    """``-sum q * log p_s(tau)``, times ``tau^2`` when ``tau != 1`` (METHOD.md 'Losses')."""
+    """``-sum q * log p_s(tau)``, times ``tau^2`` when ``tau != 1`` (docs/METHOD.md 'Losses')."""
     loss = -(q * F.log_softmax(z_s / tau, dim=1)).sum(1).mean()
     return loss * tau**2 if tau != 1.0 else loss
 
 
 def kd_loss(z_s: Tensor, z_t: Tensor, tau: float) -> Tensor:
-    """Hinton KD: ``L_KD = -tau^2 * sum_k p_t,k(tau) log p_s,k(tau)`` (METHOD.md 'Losses').
+    """Hinton KD: ``L_KD = -tau^2 * sum_k p_t,k(tau) log p_s,k(tau)`` (docs/METHOD.md 'Losses').
 
     The cross-entropy form: it differs from KL(p_t || p_s) by the teacher's entropy, a constant,
     so gradients are identical. Always tau^2-scaled, including tau = 1 (where it is a no-op).
@@ -34,10 +34,10 @@ def ls_ce(z: Tensor, labels: Tensor, smoothing: float = 0.1) -> Tensor:
 
 
 def wsl_weight(z_s: Tensor, z_t: Tensor, labels: Tensor, T: float = 2.0) -> Tensor:
-    """WSL's per-sample weight ``w = 1 - exp(-max(CE_s / CE_t, 0))`` (detached; METHOD.md 'WSL').
+    """WSL's per-sample weight ``w = 1 - exp(-max(CE_s / CE_t, 0))`` (detached; docs/METHOD.md 'WSL').
 
-    ``CE_s = CE(z_s / T, y)``, ``CE_t = CE(z_t / T, y)`` as METHOD.md writes them. (The official
-    code computes both at T = 1; METHOD.md is this project's contract.)
+    ``CE_s = CE(z_s / T, y)``, ``CE_t = CE(z_t / T, y)``: both cross entropies at the temperature T,
+    as the official ``wsl_loss.py`` computes them (docs/METHOD.md 'WSL').
     """
     with torch.no_grad():
         ce_s = F.cross_entropy(z_s.detach() / T, labels, reduction="none")
@@ -47,7 +47,7 @@ def wsl_weight(z_s: Tensor, z_t: Tensor, labels: Tensor, T: float = 2.0) -> Tens
 
 def wsl_loss(z_s: Tensor, z_t: Tensor, labels: Tensor, T: float = 2.0) -> Tensor:
     """Weighted soft labels (Zhou et al. 2021, paper ref. [53]):
-    ``L_WSL = T^2 * mean(w * (-sum p_t(T) * log p_s(T)))`` (METHOD.md 'WSL')."""
+    ``L_WSL = T^2 * mean(w * (-sum p_t(T) * log p_s(T)))`` (docs/METHOD.md 'WSL')."""
     w = wsl_weight(z_s, z_t, labels, T)
     p_t = F.softmax(z_t.detach() / T, dim=1)
     per_row = -(p_t * F.log_softmax(z_s / T, dim=1)).sum(1)
@@ -68,18 +68,26 @@ def ckm_mask(z_s: Tensor, z_t: Tensor, labels: Tensor, tau_t: float = 0.7, tau_s
     return subset_mask(subset, p_t, p_s, labels)
 
 
+def ckm_target(labels: Tensor, n: int, smooth: float = 0.99, dtype: torch.dtype = torch.float32) -> Tensor:
+    """CKM's target for a mined row: ``smooth * onehot + (1 - smooth) / N`` (rows sum to 1)."""
+    b = labels.shape[0]
+    q = torch.full((b, n), (1.0 - float(smooth)) / n, device=labels.device, dtype=dtype)
+    return q.scatter_add_(1, labels.view(-1, 1), torch.full((b, 1), float(smooth), device=labels.device, dtype=dtype))
+
+
 def ckm_loss(z_s: Tensor, z_t: Tensor, labels: Tensor, tau_t: float = 0.7, tau_s: float = 1.0,
              smooth: float = 0.99, subset: str | None = "reg_cor") -> Tensor:
-    """Consistent knowledge mining, EffDstl's stage-2 loss (Sec. 5.1; METHOD.md 'CKM').
+    """Consistent knowledge mining, EffDstl's stage-2 loss (Sec. 5.1; docs/METHOD.md 'CKM').
 
-    Mined rows: CE of ``p_s(tau_s)`` against a one-hot smoothed to ``smooth`` on the true class,
-    the rest spread evenly over the other N - 1 classes (the official code hard-codes 1000 classes;
-    we use N). Other rows: ``-sum p_t(tau_t) * log p_s(tau_s)`` with no tau^2 factor. Mean over all.
+    Mined rows: CE of ``p_s(tau_s)`` against ``smooth * onehot + (1 - smooth) / N`` — the official
+    ``wsl_loss.py`` writes ``onehot * 0.99 + 0.01 / 1000`` for its 1000 classes (true class 0.99001,
+    every other 1e-5); we use N (docs/METHOD.md 'CKM'). Other rows:
+    ``-sum p_t(tau_t) * log p_s(tau_s)`` with no tau^2 factor. Mean over all rows.
     """
     n = z_s.shape[1]
     mined = ckm_mask(z_s, z_t, labels, tau_t, tau_s, subset)
     p_t = F.softmax(z_t.detach() / tau_t, dim=1)
-    hard = torch.full_like(p_t, (1.0 - smooth) / max(n - 1, 1)).scatter_(1, labels.view(-1, 1), smooth)
+    hard = ckm_target(labels, n, smooth, p_t.dtype)
     q = torch.where(mined.view(-1, 1), hard, p_t)
     return -(q * F.log_softmax(z_s / tau_s, dim=1)).sum(1).mean()
 
@@ -120,5 +128,5 @@ def rkd_loss(f_s: Tensor, f_t: Tensor, w_dist: float = 25.0, w_angle: float = 50
     return w_dist * loss_d + w_angle * loss_a
 
 
-__all__ = ["soft_ce", "kd_loss", "ls_ce", "wsl_weight", "wsl_loss", "ckm_mask", "ckm_loss",
+__all__ = ["soft_ce", "kd_loss", "ls_ce", "wsl_weight", "wsl_loss", "ckm_mask", "ckm_target", "ckm_loss",
            "rkd_loss", "true_prob"]

@@ -332,19 +332,25 @@ def _tv(name: str, num_classes: int, in_chans: int, pretrained: bool) -> tuple[n
     import torchvision.models as tvm
 
     names = tvm.list_models(module=tvm)  # classification models only
+    full, (name, _, tag) = name, name.partition(".")  # tv:resnet50.IMAGENET1K_V1 picks those weights
     if name not in names:
         raise unknown("torchvision model", name, names)
+    if tag:
+        tags = [w.name for w in tvm.get_model_weights(name)]
+        if tag not in tags:
+            raise unknown(f"torchvision weights for {name}", tag, tags)
     if in_chans != 3:
-        raise EffdstlError(f"tv:{name} takes 3-channel images, this dataset has {in_chans}; use timm:NAME (in_chans)")
+        raise EffdstlError(f"tv:{full} takes 3-channel images, this dataset has {in_chans}; use timm:NAME (in_chans)")
     if not pretrained:
         body = tvm.get_model(name, weights=None, num_classes=num_classes)
     else:
-        url = tvm.get_model_weights(name).DEFAULT.url
+        weights = tvm.get_model_weights(name)[tag] if tag else tvm.get_model_weights(name).DEFAULT
+        url = weights.url
         cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
         if not cached.is_file() and not online(urlparse(url).hostname or "download.pytorch.org"):
-            raise EffdstlError(_cure(f"tv:{name}"))
+            raise EffdstlError(_cure(f"tv:{full}"))
         try:
-            body = tvm.get_model(name, weights="DEFAULT")
+            body = tvm.get_model(name, weights=weights)
         except Exception as exc:
             raise EffdstlError(f"{_cure(f'tv:{name}')} ({type(exc).__name__}: {str(exc)[:200]})") from None
     # the classifier is the last Linear registered (fc, classifier[-1], heads.head, head)

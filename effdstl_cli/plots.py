@@ -282,69 +282,101 @@ def _load_fgsm(study_dir: Path) -> pd.DataFrame:
     return df
 
 
-def figure7(study_dir: str | Path, out_dir: str | Path | None = None, eps: float | None = None) -> FigureResult:
-    """Fig. 7: density of the true-class confidence drop under FGSM, kept vs manipulated samples,
-    one panel per network (teacher, distilled student, undistilled), at one ``eps``
-    (default: the median of the eps values present)."""
+def _panel_range(xs: list[np.ndarray]) -> tuple[float, float]:
+    """An x range that keeps every curve of a panel readable: the 0.5-99.5 % quantiles of all
+    its samples (a few extreme drops do not squash the peaks), padded."""
+    allx = np.concatenate([x for x in xs if x.size]) if any(x.size for x in xs) else np.zeros(1)
+    lo, hi = (float(v) for v in np.percentile(allx, [0.5, 99.5]))
+    if hi - lo < 1e-6:
+        lo, hi = lo - 0.01, hi + 0.01
+    pad = 0.08 * (hi - lo)
+    return lo - pad, hi + pad
+
+
+def figure7(study_dir: str | Path, out_dir: str | Path | None = None, eps: float | None = None,
+            max_eps: int = 4) -> FigureResult:
+    """Fig. 7: density of the true-class confidence drop ``p(x)[y] - p(x_adv)[y]`` under FGSM (from
+    the teacher), kept vs manipulated samples; one column per network (teacher, distilled student,
+    undistilled network), one row per eps (up to ``max_eps`` of those present, spread; or only
+    ``eps``). Every panel has its own scales, and the peak of each subset is marked and labelled,
+    with the gap between the two peaks in the panel's title (docs/METHOD.md 'Fig. 7')."""
     study_dir = Path(study_dir)
     df = _load_fgsm(study_dir)
     eps_all = np.array(sorted(df["eps"].dropna().unique()), float)
     if eps is None:
-        chosen = float(eps_all[(len(eps_all) - 1) // 2])
+        pick = np.unique(np.round(np.linspace(0, len(eps_all) - 1, min(max_eps, len(eps_all)))).astype(int))
+        chosen = [float(eps_all[i]) for i in pick]
     else:
         near = eps_all[np.argmin(np.abs(eps_all - float(eps)))]
         if not np.isclose(near, float(eps), rtol=1e-6, atol=1e-9):
             raise EffdstlError(f"no FGSM rows at eps={eps:g}; eps present: {', '.join(f'{e:g}' for e in eps_all)}")
-        chosen = float(near)
-    d = df[np.isclose(df["eps"].astype(float), chosen)]
-    networks = _ordered(d["network"].astype(str).tolist(), NETWORK_ORDER)
-    subsets = _ordered(d["subset"].astype(str).tolist(), ("kept", "manipulated"))
+        chosen = [float(near)]
+    networks = _ordered(df["network"].astype(str).tolist(), NETWORK_ORDER)
+    subsets = _ordered(df["subset"].astype(str).tolist(), ("kept", "manipulated"))
     colors = {"kept": "#1f77b4", "manipulated": "#d62728"}
     for i, s in enumerate(subsets):
         colors.setdefault(s, _PALETTE[(i + 2) % len(_PALETTE)])
-    lo, hi = float(d["drop"].min()), float(d["drop"].max())
-    pad = 0.05 * ((hi - lo) or 1.0)
-    grid = np.linspace(lo - pad, hi + pad, 600)
-    fig = _new_figure(4.1 * len(networks) + 0.4, 3.7)
-    axes = np.atleast_1d(fig.subplots(1, len(networks), squeeze=False)).ravel()
-    info: dict[str, Any] = {"eps": chosen, "networks": networks, "peaks": {}, "n": {}}
-    for ax, net in zip(axes, networks):
-        peaks = {}
-        for s in subsets:
-            x = d[(d["network"] == net) & (d["subset"] == s)]["drop"].to_numpy(float)
-            if x.size == 0:
-                continue
-            y = kde(x, grid)
-            ax.fill_between(grid, y, color=colors[s], alpha=0.18, lw=0)
-            ax.plot(grid, y, color=colors[s], lw=1.6)
-            peak = float(grid[int(np.argmax(y))])
-            peaks[s] = peak
-            ax.axvline(peak, color=colors[s], ls="--", lw=1.1)
-            info["n"][(net, s)] = int(x.size)
-        info["peaks"][net] = peaks
-        title = NETWORK_TITLE.get(net, net)
-        if "kept" in peaks and "manipulated" in peaks:
-            title += f"\npeak gap (manipulated − kept) {peaks['manipulated'] - peaks['kept']:+.3f}"
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("true-class confidence drop p(x)[y] - p(x_adv)[y]", fontsize=8.5)
-        ax.set_xlim(grid[0], grid[-1])
-        ax.set_ylim(bottom=0)
-        ax.grid(color="0.93", lw=0.8)
-        ax.set_axisbelow(True)
-    axes[0].set_ylabel("density")
+    fig = _new_figure(4.2 * len(networks) + 0.4, 3.0 * len(chosen) + 1.0)
+    axes = np.atleast_2d(fig.subplots(len(chosen), len(networks), squeeze=False))
+    info: dict[str, Any] = {"eps": chosen if eps is None else chosen[0], "eps_rows": chosen, "networks": networks,
+                            "peaks": {}, "n": {}, "pool": {}}
+    for row, e in enumerate(chosen):
+        d = df[np.isclose(df["eps"].astype(float), e)]
+        for col, net in enumerate(networks):
+            ax = axes[row, col]
+            xs = {s: d[(d["network"] == net) & (d["subset"] == s)]["drop"].to_numpy(float) for s in subsets}
+            lo, hi = _panel_range(list(xs.values()))
+            grid = np.linspace(lo, hi, 600)
+            peaks = {}
+            for s in subsets:
+                x = xs[s]
+                if x.size == 0:
+                    continue
+                y = kde(x, grid)
+                ax.fill_between(grid, y, color=colors[s], alpha=0.18, lw=0)
+                ax.plot(grid, y, color=colors[s], lw=1.6)
+                k = int(np.argmax(y))
+                peaks[s] = float(grid[k])
+                ax.axvline(peaks[s], color=colors[s], ls="--", lw=1.1)
+                left = s == "kept"  # the two labels on either side of their lines: no overlap
+                ax.annotate(f"{peaks[s]:.3g}", xy=(peaks[s], y[k]), xytext=(-3 if left else 3, -2),
+                            textcoords="offset points", fontsize=7.5, color=colors[s],
+                            ha="right" if left else "left", va="top")
+                info["n"][(net, s)] = int(x.size)
+                if "pool" in d.columns:
+                    pool = d[(d["network"] == net) & (d["subset"] == s)]["pool"]
+                    if len(pool):
+                        info["pool"][s] = int(pool.iloc[0])
+            info["peaks"][(net, e)] = peaks
+            if row == 0 or len(chosen) == 1:
+                info["peaks"][net] = peaks  # first eps row: the per-network summary
+            title = f"{NETWORK_TITLE.get(net, net)}, eps = {e:.3g}"
+            if "kept" in peaks and "manipulated" in peaks:
+                title += f"\npeak gap (manipulated − kept) {peaks['manipulated'] - peaks['kept']:+.3g}"
+            ax.set_title(title, fontsize=8.5)
+            ax.set_xlim(lo, hi)
+            ax.set_ylim(bottom=0)
+            ax.grid(color="0.93", lw=0.8)
+            ax.set_axisbelow(True)
+            ax.tick_params(labelsize=7.5)
+            if row == len(chosen) - 1:
+                ax.set_xlabel("true-class confidence drop p(x)[y] - p(x_adv)[y]", fontsize=8.5)
+            if col == 0:
+                ax.set_ylabel("density")
     handles, labels = [], []
     for s in subsets:
         ns = sorted({v for (net, sub), v in info["n"].items() if sub == s})
-        n = f"n={ns[0]} per network" if len(ns) == 1 else "n=" + "/".join(
-            str(info["n"].get((net, s), 0)) for net in networks) + " (" + "/".join(networks) + ")"
+        n = f"n={ns[0]} per network" if len(ns) == 1 else "n=" + "/".join(str(v) for v in ns)
+        if s in info["pool"]:
+            n += f", drawn at random of {info['pool'][s]}"
         handles.append(Patch(facecolor=colors[s], alpha=0.45, edgecolor=colors[s]))
         labels.append(f"{s} samples ({n})")
     handles.append(Line2D([], [], color="0.3", ls="--"))
-    labels.append("peak of each subset")
+    labels.append("peak of each subset (value marked)")
     fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8, frameon=False)
-    runs = d["run"].nunique() if "run" in d.columns else 1
-    fig.suptitle(f"Fig. 7: FGSM boundary probe — study {study_dir.name}, eps = {chosen:g} "
-                 f"(of {', '.join(f'{e:g}' for e in eps_all)}), {runs} distilled run(s)", fontsize=10)
+    runs = df["run"].nunique() if "run" in df.columns else 1
+    fig.suptitle(f"Fig. 7: FGSM (from the teacher) on training samples the distilled run kept vs manipulated — "
+                 f"study {study_dir.name}, {runs} distilled run(s); each panel on its own scales", fontsize=10)
     info["legend"] = labels
     return _save(fig, study_dir, out_dir, "figure7", info)
 

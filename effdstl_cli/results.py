@@ -19,7 +19,7 @@ from .io import atomic_write
 from .rundir import RunDir
 
 META_KEYS = ("study", "study_kind", "dataset", "student", "weak", "strong", "triplet", "distiller",
-             "scheme", "subset", "param", "baseline", "label", "seed")
+             "scheme", "subset", "param", "baseline", "label", "seed", "pair", "setting", "part", "group")
 FINAL_KEYS = ("best_top1", "last_top1", "best_top5", "last_top5", "best_epoch", "epochs", "wall_s",
               "gpu_hours", "device", "gpu_name", "world_size")
 COLUMNS = ("run", "state", "role", *META_KEYS, *FINAL_KEYS, "epochs_done", "fail_reason", "run_dir")
@@ -36,7 +36,7 @@ def _run_row(rd: Path) -> dict[str, Any]:
     for k in META_KEYS:
         row[k] = meta.get(k)
     for k in ("study", "study_kind", "dataset", "student", "weak", "strong", "triplet", "distiller",
-              "scheme", "subset", "baseline", "label"):
+              "scheme", "subset", "baseline", "label", "pair", "setting", "part", "group"):
         row[k] = "" if row[k] is None else str(row[k])
     if row["seed"] is None:
         row["seed"] = cfg.get("seed")
@@ -94,14 +94,14 @@ def write_table(df: pd.DataFrame, out_dir: str | Path, stem: str = "results") ->
     return [csv, pq]
 
 
-# -- normalized accuracy (METHOD.md "Normalized accuracy") ---------------------------------
+# -- normalized accuracy (docs/METHOD.md 'Normalized accuracy') ---------------------------------
 
 def _is_done(df: pd.DataFrame) -> pd.Series:
     return df["state"] == "done"
 
 
 def normalized(df: pd.DataFrame, metric: str = "best_top1") -> pd.DataFrame:
-    """Altered runs with ``norm = (acc - acc-) / (acc+ - acc-)`` (METHOD.md, Fig. 5/6).
+    """Altered runs with ``norm = (acc - acc-) / (acc+ - acc-)`` (docs/METHOD.md, Fig. 5/6).
 
     Per (study, triplet): acc- / acc+ are the MEAN over seeds of the finished baseline runs
     (meta.baseline 'weak' / 'strong'). Altered runs are finished student runs with baseline ''.

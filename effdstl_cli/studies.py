@@ -65,10 +65,14 @@ def study_dir(results_root: str | Path, name: str) -> Path:
 
 def _stage(sched: dict, distiller: dict) -> dict:
     s = {**DEFAULT_SCHEDULE, **sched}
-    return {"epochs": int(s["epochs"]), "distiller": distiller,
-            "optim": {"lr": float(s["lr"]), "momentum": float(s["momentum"]),
-                      "weight_decay": float(s["weight_decay"]), "nesterov": bool(s["nesterov"])},
-            "sched": {"warmup_epochs": float(s["warmup_epochs"]), "min_lr": float(s["min_lr"])}}
+    out = {"epochs": int(s["epochs"]), "distiller": distiller,
+           "optim": {"lr": float(s["lr"]), "momentum": float(s["momentum"]),
+                     "weight_decay": float(s["weight_decay"]), "nesterov": bool(s["nesterov"])},
+           "sched": {"warmup_epochs": float(s["warmup_epochs"]), "min_lr": float(s["min_lr"])}}
+    if s.get("kind", "cosine") == "step":  # cosine (the default) adds no key: its run hashes stay
+        out["sched"].update(kind="step", milestones=[float(m) for m in s.get("milestones") or []],
+                            gamma=float(s.get("gamma", 0.1)))
+    return out
 
 
 def _file_sha(path: str) -> str:
@@ -112,7 +116,8 @@ class _Ctx:
     def meta(self, **kw) -> dict:
         m = {"study": self.study["name"], "study_kind": self.study["kind"], "dataset": self.study["dataset"],
              "student": "", "weak": "", "strong": "", "triplet": "", "distiller": "", "scheme": "",
-             "subset": "", "param": None, "baseline": "", "label": "", "seed": None}
+             "subset": "", "param": None, "baseline": "", "label": "", "seed": None,
+             "pair": "", "setting": "", "part": "", "group": ""}
         m.update(kw)
         return m
 
@@ -133,6 +138,8 @@ class _Ctx:
                                   triplet=f"{weak}|{strong}|{model}", seed=int(seed), **meta)}
 
     def group(self, name: str, cfgs: list[dict], roles: dict[str, str]) -> Job:
+        for c in cfgs:  # Table 3 adds up a group job's runs (meta is not part of the run's hash)
+            c["meta"]["group"] = name
         deps = sorted({self.teacher_jobs[t].name for t in roles.values() if t in self.teacher_jobs})
         return Job(name, "train", [(c, self.sdir / "runs" / config_hash(c)) for c in cfgs], deps)
 
@@ -228,25 +235,45 @@ _S1_LOSS = ("T", "ls", "w_ce", "w_wsl")
 _S2_LOSS = ("tau_t", "tau_s", "smooth", "subset")
 
 
-def _recipe(ctx: _Ctx) -> dict:
+_RECIPE_SUBS = ("stage1", "stage2", "single")
+
+
+def _merge_recipe(base: dict, over: dict) -> dict:
+    """``over``'s keys replace ``base``'s; its stage1 / stage2 / single mappings are merged key by key."""
+    out = {**base, **{k: v for k, v in over.items() if k not in _RECIPE_SUBS}}
+    for s in _RECIPE_SUBS:
+        out[s] = {**(base.get(s) or {}), **(over.get(s) or {})}
+    return out
+
+
+def _recipe(ctx: _Ctx, over: dict | None = None) -> dict:
     r = copy.deepcopy(ctx.study.get("recipe") or {})
-    out = {**RECIPE_DEFAULTS, **{k: v for k, v in r.items() if k not in ("stage1", "stage2")}}
-    for s in ("stage1", "stage2"):
-        out[s] = {**RECIPE_DEFAULTS[s], **(r.get(s) or {})}
+    out = _merge_recipe(copy.deepcopy(RECIPE_DEFAULTS), r)
+    if over:
+        out = _merge_recipe(out, copy.deepcopy(over))
     if "student" not in out:
         raise EffdstlError(f"study {ctx.study['name']}: recipe needs 'student' (a model spec)")
+    from .config import validate_schedule
+
+    for s in _RECIPE_SUBS:  # 'single' overrides stage 1's schedule for the one-stage run
+        validate_schedule(f"study {ctx.study['name']} recipe.{s}",
+                          _sched({**out["stage1"], **out[s]} if s == "single" else out[s]))
     return out
+
+
+def _sched(s: dict) -> dict:
+    """The schedule part of a recipe stage (its loss keys and teacher removed)."""
+    return {k: v for k, v in s.items() if k not in _S1_LOSS + _S2_LOSS + ("teacher",)}
 
 
 def _effdstl_stages(ctx: _Ctx, r: dict, stage2_over: dict | None = None) -> tuple[list[dict], dict]:
     """Stage 1: 1.0 CE(LS 0.1) + 0.5 WSL(T=2) from teacher1; stage 2: CKM only from teacher2,
-    a fresh SGD (METHOD.md 'The EffDstl recipe'). Returns (stages, roles)."""
+    a fresh SGD (docs/METHOD.md 'The recipe'). Returns (stages, roles)."""
     s1, s2 = r["stage1"], {**r["stage2"], **(stage2_over or {})}
     t2 = s2.pop("teacher", r["teacher2"])
-    sched = lambda s: {k: v for k, v in s.items() if k not in _S1_LOSS + _S2_LOSS}  # noqa: E731
-    st1 = _stage({**ctx.schedule, **sched(s1)}, {"name": "wsl", "teacher": "weak", **{k: s1[k] for k in _S1_LOSS}})
+    st1 = _stage({**ctx.schedule, **_sched(s1)}, {"name": "wsl", "teacher": "weak", **{k: s1[k] for k in _S1_LOSS}})
     role2 = "weak" if t2 == r["teacher1"] else "strong"
-    st2 = _stage({**ctx.schedule, "warmup_epochs": 0, **sched(s2)},
+    st2 = _stage({**ctx.schedule, "warmup_epochs": 0, **_sched(s2)},
                  {"name": "ckm", "teacher": role2, **{k: s2[k] for k in _S2_LOSS}})
     roles = {"weak": r["teacher1"]}
     if role2 == "strong":
@@ -254,59 +281,112 @@ def _effdstl_stages(ctx: _Ctx, r: dict, stage2_over: dict | None = None) -> tupl
     return [st1, st2], roles
 
 
+BASELINE_LABEL = {"none": "no distill", "kd": "KD", "rkd": "RKD", "wsl": "WSL"}
+
+
+def _baseline_runs(ctx: _Ctx, r: dict, seed: int, baselines: list[str], meta: dict) -> list[dict]:
+    """Table 1's comparison methods (docs/METHOD.md 'Table 1').
+
+    no distill: one run on labels over the recipe's total epochs (stage 1's schedule stretched,
+    ``recipe.single`` overriding it). KD, RKD, WSL: two stages like EffDstl — stage 1's epochs and
+    schedule from teacher1, then a fresh SGD with stage 2's epochs and schedule from teacher2, the
+    same loss in both (Sec. 6.1: "for comparison methods, we also change the teacher network to a
+    better one for the last 60 epochs").
+    """
+    s1, s2 = r["stage1"], r["stage2"]
+    total = int(s1["epochs"]) + int(s2["epochs"])
+    d = ctx.study.get("distill") or {}
+    tau, lam = float(d.get("tau", 4.0)), float(d.get("lam", 0.9))  # KD's tau and lambda (docs/METHOD.md)
+    specs = {"none": {"name": "none"}, "kd": {"name": "kd", "tau": tau, "lam": lam}, "rkd": {"name": "rkd"},
+             "wsl": {"name": "wsl", **{k: s1[k] for k in _S1_LOSS}}}
+    cfgs = []
+    for b in baselines:
+        if b not in specs:
+            raise unknown("baseline", b, specs)
+        if b == "none":
+            st = [_stage({**ctx.schedule, **_sched(s1), "epochs": total, **_sched(r.get("single") or {})}, specs[b])]
+            roles = {}
+        else:
+            st = [_stage({**ctx.schedule, **_sched(s1)}, {**specs[b], "teacher": "weak"}),
+                  _stage({**ctx.schedule, "warmup_epochs": 0, **_sched(s2)},
+                         {**specs[b], "teacher": "strong" if r["teacher2"] != r["teacher1"] else "weak"})]
+            roles = {"weak": r["teacher1"]}
+            if r["teacher2"] != r["teacher1"]:
+                roles["strong"] = r["teacher2"]
+        cfgs.append(ctx.student(r["student"], seed, st, roles, distiller=b, label=BASELINE_LABEL[b], **meta))
+    return cfgs
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-") or "x"
+
+
 def expand_recipe(ctx: _Ctx) -> list[Job]:
-    """Table 1: EffDstl + the baselines (none, KD, RKD, WSL) under the same total schedule."""
-    r = _recipe(ctx)
+    """Table 1: EffDstl and its baselines (none, KD, RKD, WSL), for every pair x setting x seed.
+
+    ``pairs`` (optional): ``[{name, student, teacher1, teacher2}]``, else the recipe's one pair.
+    ``settings`` (optional): ``[{name, stage1: {...}, stage2: {...}, single: {...}}]`` overriding
+    the recipe (e.g. the paper's "100 epochs, step decay" column), else the recipe as written.
+    One group job per (pair, setting, seed).
+    """
+    pairs = ctx.study.get("pairs") or [{}]
+    settings = ctx.study.get("settings") or [{}]
     baselines = ctx.study.get("baselines", ["none", "kd", "rkd", "wsl"])
     jobs = []
-    for seed in ctx.seeds:
-        stages, roles = _effdstl_stages(ctx, r)
-        cfgs = [ctx.student(r["student"], seed, stages, roles, distiller="effdstl", label="EffDstl")]
-        total = sum(s["epochs"] for s in stages)
-        s1 = {k: v for k, v in r["stage1"].items() if k not in _S1_LOSS}
-        base_sched = {**ctx.schedule, **s1, "epochs": total}
-        tau = float((ctx.study.get("distill") or {}).get("tau", 4.0))
-        specs = {"none": {"name": "none"}, "kd": {"name": "kd", "teacher": "weak", "tau": tau, "lam": 0.9},
-                 "rkd": {"name": "rkd", "teacher": "weak"},
-                 "wsl": {"name": "wsl", "teacher": "weak", **{k: r["stage1"][k] for k in _S1_LOSS}}}
-        for b in baselines:
-            if b not in specs:
-                raise unknown("baseline", b, specs)
-            cfgs.append(ctx.student(r["student"], seed, [_stage(base_sched, specs[b])],
-                                    {} if b == "none" else {"weak": r["teacher1"]}, distiller=b, label=b))
-        jobs.append(ctx.group(f"group-s{seed}", cfgs, roles))
+    for pi, pair in enumerate(pairs):
+        for setting in settings:
+            r = _recipe(ctx, _merge_recipe({k: v for k, v in pair.items() if k != "name"},
+                                           {k: v for k, v in setting.items() if k != "name"}))
+            meta = {"pair": str(pair.get("name", "")), "setting": str(setting.get("name", ""))}
+            tag = ("" if len(pairs) == 1 else f"-{_slug(pair.get('name', f'p{pi}'))}") + \
+                  ("" if len(settings) == 1 else f"-{_slug(setting.get('name', ''))}")
+            for seed in ctx.seeds:
+                stages, roles = _effdstl_stages(ctx, r)
+                cfgs = [ctx.student(r["student"], seed, stages, roles, distiller="effdstl", label="EffDstl", **meta)]
+                cfgs += _baseline_runs(ctx, r, seed, baselines, meta)
+                jobs.append(ctx.group(f"group{tag}-s{seed}", cfgs, roles))
     return jobs
 
 
 ABLATION_DEFAULTS = [
-    {"label": "EffDstl (switch, tau 0.7, CKM)"},
-    {"label": "no teacher switch", "stage2": {"teacher": "@teacher1"}},
-    {"label": "tau 0.8", "stage2": {"tau_t": 0.8}},
-    {"label": "tau 1.0", "stage2": {"tau_t": 1.0}},
-    {"label": "CKM off", "stage2": {"subset": None}},
+    {"label": "EffDstl (switch, tau 0.7, CKM)", "part": "c"},
+    {"label": "tau 0.8", "part": "c", "stage2": {"tau_t": 0.8}},
+    {"label": "tau 1.0", "part": "c", "stage2": {"tau_t": 1.0}},
+    {"label": "CKM off", "part": "d", "stage2": {"subset": None}},
+    {"label": "no teacher switch", "part": "e", "stage2": {"teacher": "@teacher1"}},
 ]
 
 
 def _variants(ctx: _Ctx, variants: list[dict]) -> list[Job]:
-    r = _recipe(ctx)
+    """EffDstl variants: each may change the student, the two teachers and either stage.
+
+    Variants that use the same teachers in the same roles train as one group job per seed (a
+    group shares its teachers); e.g. Table 4(a)'s teacher pairs are separate groups.
+    """
     jobs = []
     for seed in ctx.seeds:
-        cfgs, all_roles = [], {}
+        groups: dict[tuple, tuple[list[dict], dict]] = {}
         for v in variants:
+            r = _recipe(ctx, {k: v[k] for k in ("student", "teacher1", "teacher2", "stage1") if k in v})
             over = dict(v.get("stage2") or {})
             if over.get("teacher") == "@teacher1":
                 over["teacher"] = r["teacher1"]
             stages, roles = _effdstl_stages(ctx, r, over)
-            all_roles.update(roles)
             sub = stages[1]["distiller"]["subset"]
-            cfgs.append(ctx.student(r["student"], seed, stages, roles, distiller="effdstl",
-                                    subset=sub or "", param=stages[1]["distiller"]["tau_t"], label=v["label"]))
-        jobs.append(ctx.group(f"group-s{seed}", cfgs, all_roles))
+            cfg = ctx.student(r["student"], seed, stages, roles, distiller="effdstl", subset=sub or "",
+                              param=stages[1]["distiller"]["tau_t"], label=v["label"], part=str(v.get("part", "")))
+            key = tuple(sorted(roles.items()))
+            groups.setdefault(key, ([], roles))[0].append(cfg)
+        for gi, (cfgs, roles) in enumerate(groups.values()):
+            jobs.append(ctx.group(f"group-s{seed}" if len(groups) == 1 else f"group-t{gi}-s{seed}", cfgs, roles))
     return jobs
 
 
 def expand_ablation(ctx: _Ctx) -> list[Job]:
-    """Table 4: teacher switch or not; stage-2 tau in {0.7, 0.8, 1.0}; CKM on/off."""
+    """Table 4: (a) teacher pairs, (c) stage-2 tau in {0.7, 0.8, 1.0}, (d) CKM on/off, (e) teacher
+    switch or not; each variant says its ``part``. (b), continuing with MEAL V2, is not run."""
     return _variants(ctx, ctx.study.get("ablations") or ABLATION_DEFAULTS)
 
 
@@ -316,20 +396,33 @@ def expand_fig8(ctx: _Ctx) -> list[Job]:
                            {"label": "manipulate incorrect (reg)", "stage2": {"subset": "reg"}}])
 
 
+FGSM_DISTILLER = {"name": "manipulate", "teacher": "weak", "kind": "label_smoothing", "t": 0.9, "subset": "reg_cor"}
+
+
+def _undistilled(ctx: _Ctx, student: str) -> dict:
+    """Fig. 7's undistilled network: ``probe.undistilled`` — a model spec trained here on labels
+    (same schedule as the distilled run), or ``{model, pretrained: true}`` (hub weights, e.g. the
+    paper's MobileNet on ImageNet). Default: the student's architecture, trained here."""
+    u = (ctx.study.get("probe") or {}).get("undistilled", student)
+    return {"model": u} if isinstance(u, str) else dict(u)
+
+
 def expand_fgsm(ctx: _Ctx) -> list[Job]:
-    """Fig. 7: one distilled run (a manipulation on a subset) + an undistilled network per seed."""
+    """Fig. 7 (docs/METHOD.md 'Fig. 7'): one distilled run that manipulates with label smoothing on
+    reg AND correct samples (Sec. 4.2), and an undistilled network of its own model spec, per seed."""
     tr = _triplets(ctx)[0]
     roles = {"weak": tr["weak"], "strong": tr["strong"]}
     probe = ctx.study.get("probe") or {}
-    dist = {"name": "manipulate", "teacher": "weak", "kind": "teacher_amp", "subset": "reg_cor",
-            "delta": 0.2, **ctx.distill(), **(probe.get("distiller") or {})}
+    dist = {**FGSM_DISTILLER, **ctx.distill(), **(probe.get("distiller") or {})}
+    und = _undistilled(ctx, tr["student"])
     jobs = []
     for seed in ctx.seeds:
         cfgs = [ctx.student(tr["student"], seed, [_stage(ctx.schedule, dist)], roles,
                             distiller=dist["name"], scheme=dist.get("kind", dist.get("scheme", "")),
-                            subset=dist["subset"], label="distilled"),
-                ctx.student(tr["student"], seed, [_stage(ctx.schedule, {"name": "none"})], {},
-                            distiller="none", label="undistilled")]
+                            subset=dist["subset"], param=dist.get("t", dist.get("delta")), label="distilled")]
+        if not und.get("pretrained"):
+            cfgs.append(ctx.student(und["model"], seed, [_stage(ctx.schedule, {"name": "none"})], {},
+                                    distiller="none", label="undistilled"))
         jobs.append(ctx.group(f"group-s{seed}", cfgs, roles))
     return jobs
 
@@ -390,7 +483,13 @@ def probe_targets(p: Plan) -> list[dict]:
     undistilled run of the same seed (a 'none' run of the study, if any).
     """
     runs = [(c, d) for j in p.jobs if j.kind == "train" for c, d in j.runs if c["role"] == "student"]
-    nones = {c["seed"]: d for c, d in runs if c["stages"][-1]["distiller"]["name"] == "none"}
+    nones: dict = {}
+    for c, d in runs:  # a run labelled 'undistilled' (fgsm studies) wins over any other 'none' run
+        if c["stages"][-1]["distiller"]["name"] == "none" and (c["meta"].get("label") == "undistilled"
+                                                             or c["seed"] not in nones):
+            nones[c["seed"]] = d
+    und = (p.study.get("probe") or {}).get("undistilled")
+    hub = dict(und) if isinstance(und, dict) and und.get("pretrained") else None
     out = []
     for c, d in runs:
         dist = c["stages"][-1]["distiller"]
@@ -401,8 +500,42 @@ def probe_targets(p: Plan) -> list[dict]:
         tau = float(dist.get("tau_t", dist.get("tau", 1.0)))
         out.append({"run": d, "cfg": c, "teacher": dist["teacher"], "subset": dist["subset"], "tau": tau,
                     "tau_s": float(dist.get("tau_s", dist.get("tau", 1.0))),
-                    "undistilled": nones.get(c["seed"])})
+                    "undistilled": None if hub else nones.get(c["seed"]), "undistilled_hub": hub})
     return out
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def describe_stage(stage: dict, teachers: dict | None = None) -> str:
+    """One stage in a line: epochs, the loss with every hyper-parameter and its teacher, the schedule.
+
+    e.g. ``240 ep wsl[T 2, ls 0.1, w_ce 1, w_wsl 0.5; teacher weak=tv:resnet34] lr 0.5->1e-05 cos wd 4e-05``
+    """
+    d = dict(stage["distiller"])
+    name, role = d.pop("name"), d.pop("teacher", None)
+    strong = d.pop("strong", None) if name == "replace" else None
+    hp = ", ".join(f"{k} {_fmt(v) if v is not None else 'none'}" for k, v in d.items())
+    who = []
+    for r in (role, strong):
+        if r:
+            who.append(f"{r}={(teachers or {}).get(r, {}).get('model', '?')}")
+    loss = name + ("[" + "; ".join(x for x in (hp, ("teacher " + ", ".join(who)) if who else "") if x) + "]"
+                   if hp or who else "")
+    o, sc = stage["optim"], stage.get("sched", {})
+    if sc.get("kind") == "step":
+        lr = (f"lr {_fmt(o['lr'])} step x{_fmt(sc.get('gamma', 0.1))} at "
+              + ",".join(_fmt(m) for m in sc.get("milestones") or []))
+    else:
+        lr = f"lr {_fmt(o['lr'])}->{_fmt(sc.get('min_lr', 0.0))} cos"
+    warm = f" warmup {_fmt(sc['warmup_epochs'])}" if sc.get("warmup_epochs") else ""
+    return f"{stage['epochs']} ep {loss} {lr}{warm} wd {_fmt(o['weight_decay'])}"
+
+
+def describe_run(cfg: dict) -> str:
+    """A run's stages, ' | '-separated (the dry run's line per run)."""
+    return " | ".join(describe_stage(s, cfg.get("teachers")) for s in cfg["stages"])
 
 
 def describe(p: Plan) -> list[dict[str, Any]]:

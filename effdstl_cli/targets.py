@@ -1,4 +1,4 @@
-"""The paper's soft-target algebra as pure tensor functions (METHOD.md, Sec. 4).
+"""The paper's soft-target algebra as pure tensor functions (docs/METHOD.md, Sec. 4).
 
 Probabilities in, probabilities out; batched over rows; no autograd side effects (inputs are
 detached). Every output row is finite, >= 0 and sums to 1, also when a teacher is certain
@@ -6,7 +6,7 @@ detached). Every output row is finite, >= 0 and sums to 1, also when a teacher i
 degenerate ``0/0`` case falls back to spreading the mass evenly, which is the limit that keeps a
 row a distribution.
 
-Notation (METHOD.md): ``k = y`` is the true class; ``p_-`` the weak teacher, ``p_+`` the strong one.
+Notation (docs/METHOD.md): ``k = y`` is the true class; ``p_-`` the weak teacher, ``p_+`` the strong one.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ def _onehot(labels: Tensor, p: Tensor) -> Tensor:
 
 
 def subset_mask(name: str, p_teacher: Tensor, p_student: Tensor, labels: Tensor) -> Tensor:
-    """Which rows belong to subset ``name`` (METHOD.md 'Sample subsets'; Sec. 4.1, Fig. 4).
+    """Which rows belong to subset ``name`` (docs/METHOD.md 'Sample subsets'; Sec. 4.1, Fig. 4).
 
     correct: the (weak) teacher's argmax is the label. reg ("regularization sample"):
-    ``p_t[y] < p_s[y]`` — the printed ``y^t_k > y^t_k`` is a typo (METHOD.md). Recomputed every
+    ``p_t[y] < p_s[y]`` — the printed ``y^t_k > y^t_k`` is a typo (docs/METHOD.md). Recomputed every
     batch, since it depends on the student as it trains.
     """
     p_teacher, p_student = p_teacher.detach(), p_student.detach()
@@ -103,7 +103,7 @@ def manipulate(kind: str, p: Tensor, labels: Tensor, *, t: float | None = None,
     label_smoothing(t): ``q_k = t``; ``q_i = (1 - t) / (N - 1)``                    (Eq. 3)
     teacher_amp(delta): ``q_k = min(p_k + delta, 1)``; ``q_i = p_i (1 - q_k) / (1 - p_k)``  (Eq. 4)
     student_amp(delta): Eq. 4 with the (detached) student's ``p_s`` in place of ``p_t``     (Eq. 5)
-    The printed Eq. 4/5 say ``max{., 1}`` and invert the ratio; both are typos (METHOD.md).
+    The printed Eq. 4/5 say ``max{., 1}`` and invert the ratio; both are typos (docs/METHOD.md).
     """
     p = p.detach()
     if kind == "label_smoothing":

@@ -1,4 +1,5 @@
-"""The new-user flow on the real CIFAR-10 copy (JPEG q75) in ../shared/data: a teacher, then a
+"""The new-user flow on a real CIFAR-10 copy (JPEG q75, cifar10-jpeg.npz and its unpack-cifar10
+script in $EFFDSTL_TEST_DATA, default the repository's data/ folder): a teacher, then a
 group {none, kd, ckm} from it, through the CLI. Not run by default (minutes of CPU): set
 EFFDSTL_CIFAR_TESTS=1. The README's CIFAR-10 section is the same flow at a larger size."""
 
@@ -12,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(os.environ.get("EFFDSTL_TEST_DATA") or Path(__file__).resolve().parents[1] / "data")
 pytestmark = [
     pytest.mark.cifar,
     pytest.mark.skipif(os.environ.get("EFFDSTL_CIFAR_TESTS") != "1", reason="set EFFDSTL_CIFAR_TESTS=1 (minutes of CPU)"),
-    pytest.mark.skipif(not (SHARED / "cifar10-jpeg.npz").exists(), reason="no ../shared/data/cifar10-jpeg.npz"),
+    pytest.mark.skipif(not (SHARED / "cifar10-jpeg.npz").exists(), reason="no cifar10-jpeg.npz in $EFFDSTL_TEST_DATA (default data/)"),
 ]
 
 

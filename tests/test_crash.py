@@ -231,8 +231,9 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
 def test_nan_student_fails_alone_and_stays_failed(tmp_path):
     s = {"name": "nan", "kind": "recipe", "dataset": "synthetic", "seeds": [0], "batch_size": 64,
          "teachers": {"weak": {"model": "mlp:16", "epochs": 1}, "strong": {"model": "mlp:32", "epochs": 1}},
-         "teacher_schedule": {"lr": 0.1, "seed": 0}, "baselines": ["none", "kd"],
-         # EffDstl's stage 2 has its own lr: 1e30 blows that student up; the baselines use stage 1's
+         "teacher_schedule": {"lr": 0.1, "seed": 0}, "baselines": ["none"],
+         # stage 2 has its own lr: 1e30 blows EffDstl up (and would KD/RKD/WSL, which switch teacher
+         # with the same stage-2 schedule, docs/METHOD.md 'Table 1'); no distill is one stage-1-schedule run
          "recipe": {"student": "mlp:16", "stage1": {"epochs": 1, "lr": 0.1}, "stage2": {"epochs": 1, "lr": 1.0e30}}}
     f = tmp_path / "nan.yaml"
     f.write_text(yaml.safe_dump(s))
@@ -254,17 +255,17 @@ def test_nan_student_fails_alone_and_stays_failed(tmp_path):
     assert note is None and state["epoch"] == 1 and Path(failed["last_good_checkpoint"]).exists()
     assert not (bad / "final.json").exists() and not (bad / "model.pt").exists()
     others = [d for d in rd.values() if d != bad]
-    assert len(others) == 4 and all((d / "final.json").exists() for d in others)   # the group went on
+    assert len(others) == 3 and all((d / "final.json").exists() for d in others)   # the group went on
     for d in others:
         assert [r["epoch"] for r in read_jsonl(d / "metrics.jsonl")] == list(range(1, cfgs[d.name]["epochs"] + 1))
 
     st = ok(cli(["status", "nan", "--results", res], tmp_path))
     line = next(ln for ln in st.stdout.splitlines() if bad.name in ln)
-    assert "failed" in line and "EffDstl" in line and "4 done, 1 failed" in st.stdout
-    df = results_once(res / "nan", tmp_path, 5)
+    assert "failed" in line and "EffDstl" in line and "3 done, 1 failed" in st.stdout
+    df = results_once(res / "nan", tmp_path, 4)
     row = df[df["run"] == bad.name].iloc[0]
     assert row["state"] == "failed" and "non-finite" in row["fail_reason"]
-    assert (df["state"] == "done").sum() == 4
+    assert (df["state"] == "done").sum() == 3
 
     before = {d.name: {f.name: f.read_bytes() for f in d.iterdir() if f.is_file() and f.name != "job.json"}
               for d in rd.values()}

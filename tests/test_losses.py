@@ -248,7 +248,8 @@ def ckm_by_hand(zs_rows, zt_rows, ys, tau_t=0.7, tau_s=1.0, smooth=0.99, mine_in
         pt, ps = softmax(zt, tau_t), softmax(zs, tau_s)
         correct = max(range(n), key=lambda i: zt[i]) == y
         m = (correct or mine_incorrect) and pt[y] < ps[y]
-        q = [smooth if i == y else (1 - smooth) / (n - 1) for i in range(n)] if m else pt
+        # the official target: smooth * onehot + (1 - smooth) / N (docs/METHOD.md 'CKM')
+        q = [smooth * (i == y) + (1 - smooth) / n for i in range(n)] if m else pt
         total += -sum(a * math.log(b) for a, b in zip(q, ps))  # no tau^2 factor
         mined.append(m)
     return total / len(ys), mined
@@ -260,10 +261,23 @@ def test_ckm_hand_computed():
     zs, zt, y = T(CKM_ZS), T(CKM_ZT), Y(CKM_Y)
     assert losses.ckm_mask(zs, zt, y).tolist() == mined
     assert losses.ckm_loss(zs, zt, y).item() == pytest.approx(expect, rel=1e-12)
-    # written out for the mined row: -(0.99 log p_s[0] + 0.005 log p_s[1] + 0.005 log p_s[2])
+    # written out for the mined row (N = 3): true class 0.99 + 0.01/3, others 0.01/3 each
     ps0 = softmax(CKM_ZS[0])
-    row0 = -(0.99 * math.log(ps0[0]) + 0.005 * math.log(ps0[1]) + 0.005 * math.log(ps0[2]))
+    hi, lo = 0.99 + 0.01 / 3, 0.01 / 3
+    row0 = -(hi * math.log(ps0[0]) + lo * math.log(ps0[1]) + lo * math.log(ps0[2]))
     assert losses.ckm_loss(zs[:1], zt[:1], y[:1]).item() == pytest.approx(row0, rel=1e-12)
+
+
+def test_ckm_target_is_the_official_one():
+    """0.99 * onehot + 0.01 / N: for 1000 classes the true class gets 0.99001, every other 1e-5
+    (the official wsl_loss.py); not 0.01 spread over the N - 1 others."""
+    y = Y([3, 0])
+    q = losses.ckm_target(y, 1000, 0.99, torch.float64)
+    assert q[0, 3].item() == pytest.approx(0.99001, abs=1e-12)
+    assert q[0, 0].item() == pytest.approx(1e-5, abs=1e-15) and q[1, 1].item() == pytest.approx(1e-5, abs=1e-15)
+    assert torch.allclose(q.sum(1), torch.ones(2, dtype=torch.float64), atol=1e-12)
+    q3 = losses.ckm_target(Y([1]), 3, 0.9, torch.float64)[0].tolist()
+    assert q3 == pytest.approx([0.1 / 3, 0.9 + 0.1 / 3, 0.1 / 3], abs=1e-12)
 
 
 def test_ckm_subset_variants():

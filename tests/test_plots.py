@@ -111,18 +111,43 @@ def test_figure7_panels_peaks_and_eps(tmp_path):
     _fgsm_table(sd / "fgsm" / "abc" / "fgsm.parquet")
     res = plots.figure7(sd)
     check_files(res, "figure7")
-    assert res.info["eps"] == 0.03  # the median eps present
+    assert res.info["eps_rows"] == [0.01, 0.03, 0.1]  # several eps: one row each
     assert res.info["networks"] == ["teacher", "student", "undistilled"]
     axes = res.figure.axes
-    assert len(axes) == 3 and axes[0].get_ylabel() == "density"
-    assert axes[0].get_xlabel() == "true-class confidence drop p(x)[y] - p(x_adv)[y]"
-    for net, pk in res.info["peaks"].items():
+    assert len(axes) == 9 and axes[0].get_ylabel() == "density"
+    assert axes[-1].get_xlabel() == "true-class confidence drop p(x)[y] - p(x_adv)[y]"
+    for net in ("teacher", "student", "undistilled"):
+        pk = res.info["peaks"][net]
         assert pk["kept"] == pytest.approx(0.1, abs=0.03) and pk["manipulated"] == pytest.approx(0.3, abs=0.03)
+    # the two peaks are marked (dashed lines) and labelled with their values
     vlines = [l for l in axes[0].get_lines() if l.get_linestyle() == "--"]
     assert len(vlines) == 2
-    assert plots.figure7(sd, eps=0.1).info["eps"] == 0.1
+    assert len([t for t in axes[0].texts]) == 2
+    assert "peak gap (manipulated − kept)" in axes[0].get_title()
+    one = plots.figure7(sd, eps=0.1)
+    assert one.info["eps"] == 0.1 and len(one.figure.axes) == 3
     with pytest.raises(EffdstlError, match="no FGSM rows at eps=0.5; eps present: 0.01, 0.03, 0.1"):
         plots.figure7(sd, eps=0.5)
+
+
+def test_figure7_each_panel_has_its_own_scale(tmp_path):
+    """A network whose drops are 100x smaller still gets a readable panel (not squashed)."""
+    sd = tmp_path / "s"
+    rng = np.random.default_rng(1)
+    rows = []
+    for net, scale in (("teacher", 1.0), ("undistilled", 0.01)):
+        for sub, mu in (("kept", 0.2), ("manipulated", 0.4)):
+            d = rng.normal(mu * scale, 0.05 * scale, 400)
+            rows.append(pd.DataFrame({"network": net, "subset": sub, "sample": np.arange(400), "eps": 0.03,
+                                      "conf_clean": 0.9, "conf_adv": 0.9 - d, "drop": d, "run": "r", "pool": 5000}))
+    (sd / "fgsm" / "r").mkdir(parents=True)
+    pd.concat(rows).to_parquet(sd / "fgsm" / "r" / "fgsm.parquet")
+    res = plots.figure7(sd)
+    (t_lo, t_hi), (u_lo, u_hi) = res.figure.axes[0].get_xlim(), res.figure.axes[1].get_xlim()
+    assert (t_hi - t_lo) > 20 * (u_hi - u_lo)
+    pk = res.info["peaks"]["undistilled"]
+    assert pk["kept"] == pytest.approx(0.002, abs=0.0007) and pk["manipulated"] == pytest.approx(0.004, abs=0.0007)
+    assert "drawn at random of 5000" in res.info["legend"][0]
 
 
 def test_figure7_missing_tables(tmp_path):
@@ -180,6 +205,7 @@ def _recipe(sd, student="tv:resnet18", weak="tv:resnet34", strong="timm:resnet34
             make_run(sd, study_kind="recipe", distiller=m, student=student, weak="" if m == "none" else weak,
                      strong=strong if m == "effdstl" else "", seed=seed, best=acc + seed, last=acc + seed - 0.5,
                      label=m, dataset=dataset, gpu_hours=2.0 if m == "effdstl" else 1.0, wall_s=3600.0,
+                     group=f"group-s{seed}",
                      device="cuda", gpu_name="NVIDIA H100 80GB HBM3")
     make_run(sd, study_kind="recipe", distiller="kd", student=student, weak=weak, seed=7, state="failed",
              dataset=dataset)
@@ -238,41 +264,104 @@ def test_table3_cost(tmp_path):
              gpu_hours=5.0, label="teacher weak", dataset="imagenet:/data")
     df, paths = tables.table3(sd)
     md = _check_written(paths, "table3")
-    for c in ("method", "n", "gpu_hours_total", "gpu_hours_per_seed", "wall_s_total", "device", "gpu_name",
-              "paper_gpu_hours"):
+    for c in ("method", "n", "gpu_hours_total", "gpu_hours_per_seed", "job_gpu_hours_per_seed", "wall_s_total",
+              "device", "gpu_name", "paper_gpu_hours"):
         assert c in df.columns, c
     assert df["method"].tolist() == ["none", "kd", "rkd", "wsl", "effdstl", "teacher training"]
     e = df.set_index("method").loc["effdstl"]
     assert e["gpu_hours_total"] == pytest.approx(6.0) and e["gpu_hours_per_seed"] == pytest.approx(2.0)
+    # each seed's five runs were one group job: 2 + 4 x 1 GPU-hours
+    assert e["job_gpu_hours_per_seed"] == pytest.approx(6.0)
     assert e["paper_gpu_hours"] == 97.7 and e["gpu_name"] == "NVIDIA H100 80GB HBM3"
     assert math.isnan(df.set_index("method").loc["kd", "paper_gpu_hours"])
     assert df.set_index("method").loc["teacher training", "gpu_hours_total"] == 5.0
-    assert "97.7 (RTX 3090)" in md
+    assert "97.7 (RTX 3090)" in md and "'share'" in md and "'job'" in md
+
+
+def test_table3_paper_hours_per_student(tmp_path):
+    """Not one number for every row: each student gets the paper's own GPU-hours."""
+    assert tables.paper_table3_hours("tv:resnet18") == (97.7, "ResNet18")
+    assert tables.paper_table3_hours("timm:mobilenetv1_100") == (111.5, "MobileNet V1")
+    assert tables.paper_table3_hours("timm:tf_mobilenetv3_small_075")[0] == 93.0
+    assert tables.paper_table3_hours("timm:resnet18d")[0] == 114.0
+    assert tables.paper_table3_hours("mlp:32") is None
+    _recipe(tmp_path / "mb", student="timm:mobilenetv1_100", weak="tv:resnet50", strong="timm:resnet50d")
+    df, _ = tables.table3(tmp_path / "mb")
+    assert df.set_index("method").loc["effdstl", "paper_gpu_hours"] == 111.5
 
 
 def test_table4_ablations(tmp_path):
     sd = tmp_path / "abl"
-    labels = [("EffDstl (switch, tau 0.7, CKM)", 74.0), ("no teacher switch", 73.5), ("tau 0.8", 73.8),
-              ("tau 1.0", 73.6), ("CKM off", 73.2)]
+    labels = [("EffDstl (switch, tau 0.7, CKM)", 74.0, "c"), ("no teacher switch", 73.5, "e"), ("tau 0.8", 73.8, "c"),
+              ("tau 1.0", 73.6, "c"), ("CKM off", 73.2, "d")]
     for seed in range(2):
-        for lab, acc in reversed(labels):
-            make_run(sd, study_kind="ablation", distiller="effdstl", label=lab, seed=seed, best=acc + seed * 0.4)
+        for lab, acc, part in reversed(labels):
+            make_run(sd, study_kind="ablation", distiller="effdstl", label=lab, seed=seed, best=acc + seed * 0.4,
+                     part=part, student="tv:resnet18", weak="tv:resnet34", strong="timm:resnet34d",
+                     dataset="imagenet:/data")
     df, paths = tables.table4(sd)
     md = _check_written(paths, "table4")
-    assert df["label"].tolist() == [l for l, _ in labels]
-    for c in ("label", "n", "best_top1_mean", "best_top1_std", "delta_best"):
+    assert df["label"].tolist() == [l for l, _, _ in labels]
+    for c in ("label", "part", "n", "best_top1_mean", "best_top1_std", "delta_best", "paper_top1"):
         assert c in df.columns
     r = df.set_index("label")
     assert r.loc["tau 0.8", "best_top1_mean"] == pytest.approx(74.0) and r.loc["tau 0.8", "n"] == 2
     assert r.loc["CKM off", "delta_best"] == pytest.approx(-0.8)
     assert "| CKM off" in md and "73.40 ± 0.28" in md
+    for title in ("(c) stage-2 temperature", "(d) consistent knowledge mining", "(e) changing the teacher",
+                  "(b) continuing with MEAL V2"):
+        assert title in md, title
+    assert "left out" in md
+    # the full method on the paper's pair: Table 1's 74.07 beside it; no number invented elsewhere
+    assert r.loc["EffDstl (switch, tau 0.7, CKM)", "paper_top1"] == 74.07
+    assert r.drop("EffDstl (switch, tau 0.7, CKM)")["paper_top1"].isna().all()
+
+
+def test_table4_teacher_pairs_part_a(tmp_path):
+    sd = tmp_path / "abl"
+    for lab, strong, acc in (("pair A", "tv:resnet34", 66.0), ("pair B", "timm:resnet50", 67.0)):
+        make_run(sd, study_kind="ablation", distiller="effdstl", label=lab, part="a", best=acc,
+                 student="timm:tf_mobilenetv3_small_075", weak="tv:resnet34", strong=strong)
+    make_run(sd, study_kind="ablation", distiller="effdstl", label="EffDstl", part="c", best=70.0)
+    df, paths = tables.table4(sd)
+    md = paths[0].read_text()
+    assert "(a) teacher pairs" in md and "tv:resnet34 → timm:resnet50" in md
+    assert df.set_index("label").loc["pair B", "part"] == "a"
+    section = md.split("## (a)")[1].split("##")[0]
+    assert "+1.00" in section  # (a) compares pairs among themselves
+
+
+def test_tables_refuse_the_wrong_kind_of_study(tmp_path):
+    """A sweep is not a Table 1, an ablation is not a Table 1 either; one line naming the kinds."""
+    sweep = make_study(tmp_path, seeds=range(1), schemes=("full",), subsets=("all",))
+    for which, fn, kinds in (("table1", tables.table1, "recipe"), ("table3", tables.table3, "recipe"),
+                             ("table4", tables.table4, "ablation")):
+        with pytest.raises(EffdstlError, match=rf"^{which} shows {kinds} studies; study .* is of kind replacement"):
+            fn(sweep)
+    abl = tmp_path / "abl"
+    make_run(abl, study_kind="ablation", distiller="effdstl", label="tau 0.8")
+    with pytest.raises(EffdstlError, match="table1 shows recipe studies; .* kind ablation .*table4"):
+        tables.table1(abl)
+
+
+def test_table1_rows_are_keyed_by_label(tmp_path):
+    """Two runs of one distiller with different labels stay two rows."""
+    sd = tmp_path / "t1"
+    for seed in range(2):
+        for lab, acc in (("KD", 72.0), ("KD tau 4", 73.0), ("EffDstl", 74.0)):
+            make_run(sd, study_kind="recipe", distiller="effdstl" if lab == "EffDstl" else "kd", label=lab,
+                     seed=seed, best=acc, student="tv:resnet18", weak="tv:resnet34", dataset="imagenet:/d")
+    df, _ = tables.table1(sd)
+    assert df["label"].tolist() == ["KD", "KD tau 4", "EffDstl"]
+    assert df.set_index("label")["best_top1_mean"].to_dict() == {"KD": 72.0, "KD tau 4": 73.0, "EffDstl": 74.0}
 
 
 def test_tables_need_finished_runs(tmp_path):
-    make_run(tmp_path / "s", state="pending", distiller="effdstl")
-    for fn in (tables.table1, tables.table4):
+    make_run(tmp_path / "s", state="pending", distiller="effdstl", study_kind="recipe")
+    make_run(tmp_path / "a", state="pending", distiller="effdstl", study_kind="ablation")
+    for fn, d in ((tables.table1, "s"), (tables.table4, "a")):
         with pytest.raises(EffdstlError, match="no finished student runs"):
-            fn(tmp_path / "s")
+            fn(tmp_path / d)
     with pytest.raises(EffdstlError, match="no finished runs"):
         tables.table3(tmp_path / "s")
 
