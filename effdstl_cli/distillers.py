@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -61,6 +62,30 @@ class Distiller:
                ) -> tuple[dict[str, Tensor], Tensor | None]:
         """-> ({loss name: scalar}, mask of the altered subset or None)."""
         raise NotImplementedError
+
+    # -- many students at once (a fused group) --------------------------------------------------
+    def batch_key(self) -> tuple | None:
+        """Distillers of one class with equal keys compute their losses together in
+        :meth:`losses_many` (one set of ops for R students); None: one by one."""
+        return None
+
+    @classmethod
+    def losses_many(cls, ds: list["Distiller"], z_s: Tensor, f_s: Tensor | None, t: dict[str, TeacherOut],
+                    y: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
+        """R students' losses from logits (R, B, N): ({loss name: (R,)}, masks (R, B) or None),
+        equal to R calls of :meth:`losses`. Only for distillers sharing :meth:`batch_key`."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _soft_many(lam: float, tau: float, z_s: Tensor, y: Tensor, q: Tensor) -> dict[str, Tensor]:
+        """:meth:`_soft` for (R, B, N) logits and targets: each term per student, shape (R,)."""
+        out = {}
+        if lam < 1.0:
+            ce = F.cross_entropy(z_s.transpose(1, 2), y.expand(z_s.shape[0], -1), reduction="none")
+            out["ce"] = (1.0 - lam) * ce.mean(1)
+        if lam > 0.0:
+            out["kd"] = lam * losses.soft_ce_rows(z_s, q, tau).mean(-1)
+        return out
 
     def _soft(self, z_s: Tensor, y: Tensor, q: Tensor) -> dict[str, Tensor]:
         """``(1 - lam) * CE + lam * soft-CE(q, tau)`` (docs/METHOD.md 'Losses'); zero terms omitted."""
@@ -163,6 +188,23 @@ class Replace(Distiller):
         q = targets.apply_on(mask, targets.replace(self.p["scheme"], p_w, p_p, y), p_w)
         return self._soft(z_s, y, q), mask
 
+    def batch_key(self):
+        return (self.p["teacher"], self.p["strong"], float(self.p["tau"]), float(self.p["lam"]))
+
+    @classmethod
+    def losses_many(cls, ds, z_s, f_s, t, y):
+        """A Fig. 5 triplet's replacement students at once: each scheme's target is computed once
+        (it does not depend on the student), the subsets from one comparison per row."""
+        p0 = ds[0].p
+        tau = float(p0["tau"])
+        p_w = F.softmax(t[p0["teacher"]].logits.float() / tau, dim=1)
+        p_p = F.softmax(t[p0["strong"]].logits.float() / tau, dim=1)
+        p_s = F.softmax(z_s.detach().float() / tau, dim=-1)
+        mask = targets.subset_masks([d.p["subset"] for d in ds], p_w, p_s, y)
+        alt = {sc: targets.replace(sc, p_w, p_p, y) for sc in {d.p["scheme"] for d in ds}}
+        q = torch.where(mask.unsqueeze(-1), torch.stack([alt[d.p["scheme"]] for d in ds]), p_w)
+        return cls._soft_many(float(p0["lam"]), tau, z_s, y, q), mask
+
 
 class Manipulate(Distiller):
     """Fig. 6: label smoothing / teacher or student amplification on a subset (Eq. 3-5)."""
@@ -194,6 +236,30 @@ class Manipulate(Distiller):
         mask = targets.subset_mask(self.p["subset"], p_t, p_s, y)
         alt = targets.manipulate(self.p["kind"], p_t, y, t=self.p["t"], delta=self.p["delta"], p_student=p_s)
         return self._soft(z_s, y, targets.apply_on(mask, alt, p_t)), mask
+
+    def batch_key(self):
+        return (self.p["teacher"], float(self.p["tau"]), float(self.p["lam"]))
+
+    @classmethod
+    def losses_many(cls, ds, z_s, f_s, t, y):
+        """A Fig. 6 sweep's students at once: one target per distinct manipulation (student
+        amplification: per student, from its own probabilities), the subsets in one go."""
+        p0 = ds[0].p
+        tau = float(p0["tau"])
+        p_t = F.softmax(t[p0["teacher"]].logits.float() / tau, dim=1)
+        p_s = F.softmax(z_s.detach().float() / tau, dim=-1)
+        mask = targets.subset_masks([d.p["subset"] for d in ds], p_t, p_s, y)
+        alt, rows = {}, []
+        for i, d in enumerate(ds):
+            if d.p["kind"] == "student_amp":
+                rows.append(targets.manipulate("student_amp", p_t, y, delta=d.p["delta"], p_student=p_s[i]))
+                continue
+            key = (d.p["kind"], d.p["t"], d.p["delta"])
+            if key not in alt:
+                alt[key] = targets.manipulate(d.p["kind"], p_t, y, t=d.p["t"], delta=d.p["delta"])
+            rows.append(alt[key])
+        q = torch.where(mask.unsqueeze(-1), torch.stack(rows), p_t)
+        return cls._soft_many(float(p0["lam"]), tau, z_s, y, q), mask
 
 
 REGISTRY: dict[str, type[Distiller]] = {

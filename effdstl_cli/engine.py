@@ -7,7 +7,10 @@ once per batch, not K times) and its comparisons paired (every config sees the s
 
 Grouping changes nothing but the cost: a student's init depends only on its seed, batches only on
 (seed, epoch), and each student's own RNG stream is swapped in around its step, so its numbers
-equal a solo run's (bit-identical on CPU).
+equal a solo run's (bit-identical on CPU, with ``--fuse off``). Students that share architecture
+and schedule may instead be stepped as one horizontally fused model (fused.py, ``FusedMembers``,
+``Env.fuse``): the same math summed in another order, so equal to the loop up to float rounding
+(tests/test_fused.py says how close), with per-student checkpoints as before.
 
 Files per run follow docs/RUNDIR.md. Only rank 0 writes; all ranks read checkpoints to resume.
 """
@@ -714,41 +717,60 @@ def _fused_step(g: FusedMembers, x, y, idx, touts, epoch, step, steps, autocast,
     with autocast():
         out = g.ddp(x, features=feats)
     z, f = (out[0].float(), out[1].float()) if feats else (out.float(), None)
-    losses, parts, masks = [], [], []
-    for i, m in live:  # each student's own loss from its own distiller
-        p, mask = m.distiller.losses(z[i], f[i] if f is not None else None, touts, y)
-        losses.append(sum(p.values()))
-        parts.append(p)
-        masks.append(mask)
-    loss = torch.stack(losses)
+    # Each student's own loss from its own distiller; students whose distillers share a batch key
+    # (a sweep's replacement or manipulation configs) are computed together: (rows, parts, masks).
+    sets: dict[tuple, list[tuple[int, Member]]] = {}
+    for i, m in live:
+        key = m.distiller.batch_key()
+        sets.setdefault((type(m.distiller), key) if key is not None else (i,), []).append((i, m))
+    blocks = []
+    for ms in sets.values():
+        if len(ms) == 1:
+            i, m = ms[0]
+            p, mask = m.distiller.losses(z[i], f[i] if f is not None else None, touts, y)
+            blocks.append(([i], {k: v.reshape(1) for k, v in p.items()}, None if mask is None else mask[None]))
+        else:
+            rows = [i for i, _ in ms]
+            sel = torch.tensor(rows, device=z.device)
+            p, mask = type(ms[0][1].distiller).losses_many(
+                [m.distiller for _, m in ms], z.index_select(0, sel),
+                f.index_select(0, sel) if f is not None else None, touts, y)
+            blocks.append((rows, p, mask))
+    totals = [sum(p.values()) for _, p, _ in blocks]
     g.opt.zero_grad(set_to_none=True)
-    loss.sum().backward()  # d(sum)/d(student i's weights) = d(loss i)/d(student i's weights)
+    sum(t.sum() for t in totals).backward()  # d(sum)/d(student i's weights) = d(loss i)/d(student i's weights)
     g.opt.step()
-    _account_fused(g, live, loss.detach(), z.detach(), y, idx, parts, masks, epoch, step, env, cuda)
+    _account_fused(g, live, blocks, torch.cat(totals).detach(), z.detach(), y, idx, epoch, step, env, cuda)
 
 
-def _account_fused(g: FusedMembers, live, loss, z, y, idx, parts, masks, epoch, step, env: Env, cuda) -> None:
+def _account_fused(g: FusedMembers, live, blocks, loss, z, y, idx, epoch, step, env: Env, cuda) -> None:
     """``_account`` for all live members at once: a handful of ops on (K,) tensors instead of a
-    dozen per member (on a GPU each is a kernel launch, on a CPU ~10 us of dispatch)."""
-    a, b = g.acc, y.shape[0]
-    rows = torch.tensor([i for i, _ in live], device=loss.device)
-    zl = z if len(live) == len(g.members) else z.index_select(0, rows)
+    dozen per member (on a GPU each is a kernel launch, on a CPU ~10 us of dispatch). ``loss`` is
+    in the blocks' row order."""
+    a, b, dev = g.acc, y.shape[0], loss.device
+    order = [i for rows, _, _ in blocks for i in rows]
+    rows = torch.tensor(order, device=dev)
     a["bad"].index_add_(0, rows, (~torch.isfinite(loss)).float())
     a["loss"].index_add_(0, rows, torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * b)
-    a["correct"].index_add_(0, rows, (zl.argmax(2) == y).sum(1).float())
-    a["n"].index_add_(0, rows, torch.full((len(live),), float(b), device=loss.device))
-    keys = [(i, name) for (i, _), p in zip(live, parts) for name in p]
-    for key in keys:
-        if key not in g.slots:  # a new loss name (first step, or a new stage): widen the sums
-            g.slots[key] = len(g.slots)
+    a["correct"].index_add_(0, rows, (z.index_select(0, rows).argmax(2) == y).sum(1).float())
+    a["n"].index_add_(0, rows, torch.full((len(order),), float(b), device=dev))
+    slot_ids, vals, mrows, mks = [], [], [], []
+    for rs, parts, mask in blocks:
+        for name, v in parts.items():
+            for i in rs:
+                if (i, name) not in g.slots:  # a new loss name (first step, or a new stage): widen the sums
+                    g.slots[(i, name)] = len(g.slots)
+                slot_ids.append(g.slots[(i, name)])
+            vals.append(v.detach())
+        if mask is not None:
+            mrows += rs
+            mks.append(mask)
     if len(g.slots) > a["parts"].numel():
         a["parts"] = torch.cat([a["parts"], a["parts"].new_zeros(len(g.slots) - a["parts"].numel())])
-    vals = torch.stack([v.detach() for p in parts for v in p.values()])
-    a["parts"].index_add_(0, torch.tensor([g.slots[k] for k in keys], device=loss.device), vals * b)
-    mrows = [i for (i, _), mk in zip(live, masks) if mk is not None]
+    a["parts"].index_add_(0, torch.tensor(slot_ids, device=dev), torch.cat(vals) * b)
     if mrows:
         # Which samples each run altered, per epoch: the FGSM probe's kept/manipulated split.
-        mk = torch.stack([mk for mk in masks if mk is not None]).float()
+        mk = torch.cat(mks).float()
         mr = torch.tensor(mrows, device=mk.device)
         a["subset"].index_add_(0, mr.to(a["subset"].device), mk.sum(1).to(a["subset"].device))
         if a["hits"] is None:

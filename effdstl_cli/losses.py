@@ -18,6 +18,12 @@ def soft_ce(z_s: Tensor, q: Tensor, tau: float = 1.0) -> Tensor:
     return loss * tau**2 if tau != 1.0 else loss
 
 
+def soft_ce_rows(z_s: Tensor, q: Tensor, tau: float = 1.0) -> Tensor:
+    """:func:`soft_ce` per row, not averaged: logits and targets of any leading shape (..., N)."""
+    loss = -(q * F.log_softmax(z_s / tau, dim=-1)).sum(-1)
+    return loss * tau**2 if tau != 1.0 else loss
+
+
 def kd_loss(z_s: Tensor, z_t: Tensor, tau: float) -> Tensor:
     """Hinton KD: ``L_KD = -tau^2 * sum_k p_t,k(tau) log p_s,k(tau)`` (docs/METHOD.md 'Losses').
 

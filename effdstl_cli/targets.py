@@ -39,22 +39,23 @@ def subset_mask(name: str, p_teacher: Tensor, p_student: Tensor, labels: Tensor)
     ``p_t[y] < p_s[y]`` — the printed ``y^t_k > y^t_k`` is a typo (docs/METHOD.md). Recomputed every
     batch, since it depends on the student as it trains.
     """
+    return subset_masks([name], p_teacher, p_student.unsqueeze(0), labels)[0]
+
+
+def subset_masks(names: list[str], p_teacher: Tensor, p_student: Tensor, labels: Tensor) -> Tensor:
+    """:func:`subset_mask` for R students at once: ``p_student`` (R, B, N), one subset name per
+    student -> (R, B). The same definitions, computed once for every subset and then picked."""
+    for n in names:
+        if n not in SUBSETS:
+            raise unknown("subset", n, SUBSETS)
     p_teacher, p_student = p_teacher.detach(), p_student.detach()
-    correct = p_teacher.argmax(1) == labels
-    reg = true_prob(p_teacher, labels) < true_prob(p_student, labels)
-    masks = {
-        "all": torch.ones_like(correct),
-        "correct": correct,
-        "not_correct": ~correct,
-        "reg": reg,
-        "not_reg": ~reg,
-        "reg_cor": reg & correct,
-        "reg_not_cor": reg & ~correct,
-        "not_reg_cor": ~reg & correct,
-    }
-    if name not in masks:
-        raise unknown("subset", name, SUBSETS)
-    return masks[name]
+    r = p_student.shape[0]
+    correct = (p_teacher.argmax(1) == labels).expand(r, -1)
+    reg = true_prob(p_teacher, labels) < p_student.gather(2, labels.view(1, -1, 1).expand(r, -1, 1)).squeeze(2)
+    table = torch.stack([torch.ones_like(reg), correct, ~correct, reg, ~reg, reg & correct, reg & ~correct,
+                         ~reg & correct])  # in the order of SUBSETS
+    pick = torch.tensor([SUBSETS.index(n) for n in names], device=reg.device)
+    return table[pick, torch.arange(r, device=reg.device)]
 
 
 def _rescale_others(p_src: Tensor, labels: Tensor, q_k: Tensor, src_k: Tensor) -> Tensor:

@@ -313,3 +313,38 @@ def test_no_distillation():
     assert mask is None and torch.allclose(parts["ce"], F.cross_entropy(z_s, y))
     parts, _ = run({"name": "none", "ls": 0.1}, z_s, f_s, {}, y)
     assert torch.allclose(parts["ce"], F.cross_entropy(z_s, y, label_smoothing=0.1))
+
+
+# -- many students at once (fused groups) --------------------------------------------------------
+
+def test_losses_many_equal_the_students_one_by_one():
+    """Replacement (every scheme x subset) and manipulation (every kind, student amplification
+    from each student's own probabilities) computed for R students at once equal R calls."""
+    import itertools
+
+    import torch
+
+    from effdstl_cli.distillers import TeacherOut, build_distiller
+    from effdstl_cli.targets import MANIPULATIONS, SCHEMES, SUBSETS
+
+    g = torch.Generator().manual_seed(0)
+    b, n = 32, 7
+    y = torch.randint(0, n, (b,), generator=g)
+    t = {"weak": TeacherOut(torch.randn(b, n, generator=g) * 3), "strong": TeacherOut(torch.randn(b, n, generator=g) * 3)}
+    specs = [[{"name": "replace", "scheme": sc, "subset": su, "tau": 2.0, "lam": 0.7}
+              for sc, su in itertools.product(SCHEMES, SUBSETS)],
+             [{"name": "manipulate", "kind": k, "subset": su, "tau": 1.0, "lam": 1.0,
+               **({"t": 0.9} if k == "label_smoothing" else {"delta": 0.2})}
+              for k, su in itertools.product(MANIPULATIONS, SUBSETS)]]
+    for spec in specs:
+        ds = [build_distiller(s) for s in spec]
+        assert len({d.batch_key() for d in ds}) == 1
+        z = torch.randn(len(ds), b, n, generator=g) * 2
+        parts, mask = type(ds[0]).losses_many(ds, z, None, t, y)
+        assert mask.shape == (len(ds), b) and mask.any() and not mask.all()
+        for i, d in enumerate(ds):
+            p1, m1 = d.losses(z[i], None, t, y)
+            assert set(p1) == set(parts), spec[i]
+            for k in p1:
+                assert torch.allclose(parts[k][i], p1[k], rtol=1e-6, atol=1e-7), (spec[i], k)
+            assert torch.equal(mask[i], m1), spec[i]

@@ -154,16 +154,18 @@ def teacher(tmp_path_factory):
 def test_fused_group_equals_the_loop_through_a_resume(spec, teacher, tmp_path):
     ds = [{"name": "none"}, {"name": "kd", "teacher": "weak", "tau": 4.0, "lam": 0.9},
           {"name": "replace", "teacher": "weak", "strong": "strong", "scheme": "partial", "subset": "reg"},
-          {"name": "rkd", "teacher": "weak"}]
+          {"name": "rkd", "teacher": "weak"},
+          # computed together with the first replacement run (Replace.losses_many)
+          {"name": "replace", "teacher": "weak", "strong": "strong", "scheme": "full", "subset": "correct"}]
     cfgs = [run_cfg(spec, [stage(2, d, lr=0.01)], teachers={"weak": teacher, "strong": teacher}, label=d["name"])
             for d in ds]
     logs: list[str] = []
     loop, _ = train(cfgs, tmp_path / "loop", fuse="off")
     _, part = train(cfgs, tmp_path / "fused", fuse="on", stop_after_epochs=1)
-    assert [r["status"] for r in part] == ["partial"] * 4
+    assert [r["status"] for r in part] == ["partial"] * 5
     pairs = [(c, tmp_path / "fused" / d.name) for c, d in loop]
     recs = train_group(pairs, Env(device="cpu", fuse="on", log=logs.append))
-    assert any("4 students of" in m and "fused" in m for m in logs), logs
+    assert any("5 students of" in m and "fused" in m for m in logs), logs
     assert any("resumed from epoch 1" in m for m in logs), logs
     for (c, dl), (_, df), rec in zip(loop, pairs, recs):
         assert rec["status"] == "done"
