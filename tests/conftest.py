@@ -24,6 +24,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SLURM_SCRIPT = ROOT / "scripts" / "local-slurm.sh"
 
 
+def real_data_dir() -> Path:
+    """Where real test data (cifar10-jpeg.npz, unpack-cifar10) lives: $EFFDSTL_TEST_DATA, else the
+    repository's ignored data/ folder, else the shared data folder a workspace may keep beside the
+    checkout; tests that need it skip, with the reason, when none has it."""
+    env = os.environ.get("EFFDSTL_TEST_DATA")
+    if env:
+        return Path(env)
+    for d in (ROOT / "data", ROOT.parent / "shared" / "data"):
+        if (d / "cifar10-jpeg.npz").exists():
+            return d
+    return ROOT / "data"
+
+
 def effdstl_cmd() -> list[str]:
     """The installed console script next to this interpreter, else ``python -m effdstl_cli.cli``."""
     exe = Path(sys.executable).parent / "effdstl"

@@ -12,12 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import real_data_dir
 
-SHARED = Path(os.environ.get("EFFDSTL_TEST_DATA") or Path(__file__).resolve().parents[1] / "data")
+SHARED = real_data_dir()
 pytestmark = [
     pytest.mark.cifar,
     pytest.mark.skipif(os.environ.get("EFFDSTL_CIFAR_TESTS") != "1", reason="set EFFDSTL_CIFAR_TESTS=1 (minutes of CPU)"),
-    pytest.mark.skipif(not (SHARED / "cifar10-jpeg.npz").exists(), reason="no cifar10-jpeg.npz in $EFFDSTL_TEST_DATA (default data/)"),
+    pytest.mark.skipif(not (SHARED / "cifar10-jpeg.npz").exists(), reason="no cifar10-jpeg.npz in $EFFDSTL_TEST_DATA (default: data/, or the CIFAR-10 copy a workspace keeps beside the repo)"),
 ]
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import real_data_dir
 import torch
 
 from effdstl_cli.data import DEBIAN_FASHION, FolderSplit, TensorSplit, build_data
@@ -18,10 +19,10 @@ from effdstl_cli.errors import EffdstlError
 
 # A real CIFAR-10 copy (cifar10-jpeg.npz + its unpack-cifar10 script): $EFFDSTL_TEST_DATA, default
 # the repository's (git-ignored) data/ folder; the tests that need it are skipped without it.
-TEST_DATA = Path(os.environ.get("EFFDSTL_TEST_DATA") or Path(__file__).resolve().parents[1] / "data")
+TEST_DATA = real_data_dir()
 UNPACK = TEST_DATA / "unpack-cifar10"
 needs_cifar = pytest.mark.skipif(not (TEST_DATA / "cifar10-jpeg.npz").exists(),
-                                 reason="no CIFAR-10 copy (cifar10-jpeg.npz) in $EFFDSTL_TEST_DATA (default data/)")
+                                 reason="no CIFAR-10 copy (cifar10-jpeg.npz) in $EFFDSTL_TEST_DATA (default: data/, or the CIFAR-10 copy a workspace keeps beside the repo)")
 
 
 def _unpack(dest: Path, *args: str) -> Path:
