@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: help venv test test-fast demo demo-cifar10 bench slurm-start slurm-stop clean-results
 
 help:
-	@echo "make demo         offline Fig. 5 replacement study on digits (CPU, a few minutes)"
+	@echo "make demo         offline Fig. 5 replacement study on digits (CPU, under a minute)"
 	@echo "make test         the full test suite (starts a local Slurm cluster when it can)"
 	@echo "make test-fast    tests without Slurm"
 	@echo "make bench        effdstl bench on this machine's device"
