@@ -262,11 +262,10 @@ def naive_loop(a, data, teacher_ckpt: str, device: torch.device, steps: int, war
 
 class EngineStep:
     """The engine's own per-batch work (teacher forward under its autocast, then
-    ``engine._student_step``) on batches from any source, without the epoch machinery."""
+    ``engine.train_step``) on batches from any source, without the epoch machinery."""
 
     def __init__(self, a, data, teacher_ckpt: str, device: torch.device, env):
         from . import engine
-        from .distillers import build_distiller
         from .models import build_model
 
         self.engine, self.env, self.device = engine, env, device
@@ -282,20 +281,12 @@ class EngineStep:
             model.to(memory_format=torch.channels_last)
             teacher.to(memory_format=torch.channels_last)
         st = _stage(1, {"name": "kd", "teacher": "weak", "tau": 1.0, "lam": 0.9})
-        m = engine.Member(cfg={"stages": [st], "epochs": 1}, run_dir=Path("."), hash="bench")
-        m.model = m.ddp = torch.compile(model) if env.compile else model
+        m = engine.Member.standalone(model, st, len(data.train), device)
+        if env.compile:
+            m.ddp = torch.compile(model)
         self.teacher = torch.compile(teacher) if env.compile else teacher
-        m.stage, m.opt, m.distiller = 0, engine.make_optimizer(model, st), build_distiller(st["distiller"])
-        m.rng = torch.get_rng_state()
-        z = lambda: torch.zeros((), device=device)  # noqa: E731
-        m.acc = {"loss": z(), "correct": z(), "n": z(), "subset": z(), "bad": z(), "parts": {}, "hits": None}
-        m.n_train = len(data.train)
-        model.train()
         self.m, self.step_no = m, 0
         self._b, self._size, self._classes = a.batch, a.image_size, data.num_classes
-        import inspect
-
-        self.takes_idx = "idx" in inspect.signature(engine._student_step).parameters
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.amp else nullcontext
 
     def parts(self, steps: int) -> dict:
@@ -316,9 +307,8 @@ class EngineStep:
         touts = {"weak": TeacherOut(zt)}
 
         def student():
-            args = (self.m, x, y) + ((torch.zeros(len(y), dtype=torch.long),) if self.takes_idx else ()) \
-                + (touts, 0, self.step_no, 10 ** 6, self.autocast, self.env, self.cuda)
-            self.engine._student_step(*args)
+            self.engine.train_step(self.m, x, y, torch.zeros(len(y), dtype=torch.long), touts, 0, self.step_no,
+                                   10 ** 6, self.autocast, self.env, self.cuda)
             self.step_no += 1
 
         for name, fn in (("teacher", teach), ("student", student)):
@@ -339,9 +329,8 @@ class EngineStep:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), self.autocast():
             touts = {"weak": TeacherOut(self.teacher(x).float())}
-        args = (self.m, x, y) + ((torch.zeros(len(y), dtype=torch.long),) if self.takes_idx else ()) \
-            + (touts, 0, self.step_no, 10 ** 6, self.autocast, self.env, self.cuda)
-        self.engine._student_step(*args)
+        self.engine.train_step(self.m, x, y, torch.zeros(len(y), dtype=torch.long), touts, 0, self.step_no,
+                               10 ** 6, self.autocast, self.env, self.cuda)
         self.step_no += 1
 
 
@@ -616,7 +605,7 @@ def fused_group_rates(spec: str, size: int, chans: int, k: int, batch: int, dev:
     (KD from each teacher + replacement schemes x subsets), the engine's autocast and layout.
     Also the peak memory of each (CUDA) or the bytes of weights + grads + momentum (CPU)."""
     from . import engine
-    from .distillers import TeacherOut, build_distiller
+    from .distillers import TeacherOut
     from .fused import fuse
     from .models import build_model
 
@@ -645,11 +634,7 @@ def fused_group_rates(spec: str, size: int, chans: int, k: int, batch: int, dev:
             model = build_model(spec, classes, in_chans=chans, image_size=size).to(dev)
             if chl:
                 model.to(memory_format=torch.channels_last)
-            m = engine.Member(cfg={"stages": [st], "epochs": 1, "model": spec}, run_dir=Path("."), hash="bench")
-            m.model = m.ddp = model.train()
-            m.stage, m.opt, m.distiller = 0, engine.make_optimizer(model, st), build_distiller(d)
-            m.rng, m.n_train, m.acc = torch.get_rng_state(), batch, engine.new_accumulator(dev)
-            ms.append(m)
+            ms.append(engine.Member.standalone(model, st, batch, dev, spec))
         return ms
 
     def timed(units, n):

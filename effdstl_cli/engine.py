@@ -185,6 +185,16 @@ class Member:
     def stages(self) -> list[dict]:
         return self.cfg["stages"]
 
+    @classmethod
+    def standalone(cls, model: torch.nn.Module, stage: dict, n_train: int, device, spec: str = "") -> "Member":
+        """A member ready for :func:`train_step` outside a run (no run directory, one stage): what
+        ``effdstl bench`` steps."""
+        m = cls(cfg={"stages": [stage], "epochs": int(stage["epochs"]), "model": spec}, run_dir=Path("."), hash="standalone")
+        m.model = m.ddp = model.train()
+        m.stage, m.opt, m.distiller = 0, make_optimizer(model, stage), build_distiller(stage["distiller"])
+        m.rng, m.n_train, m.acc = torch.get_rng_state(), n_train, new_accumulator(device)
+        return m
+
     @property
     def total_epochs(self) -> int:
         return int(self.cfg["epochs"])

@@ -233,7 +233,6 @@ def fuse(models: list[nn.Module], probe: torch.Tensor, features: bool = False) -
 
 @torch.no_grad()
 def _check_equal(models, fused: FusedStudents, probe: torch.Tensor, features: bool) -> None:
-    k = len(models)
     gen = torch.Generator().manual_seed(12345)
     copies = []
     for m in models:

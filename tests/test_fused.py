@@ -15,7 +15,6 @@ Equivalence is tested at two depths:
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -24,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from effdstl_cli.engine import Env, FusedMembers, fusion_plan, make_optimizer, train_group
-from effdstl_cli.fused import FusedStudents, NotFusable, fuse, policy
+from effdstl_cli.fused import NotFusable, fuse, policy
 from effdstl_cli.io import read_jsonl
 from effdstl_cli.models import build_model
 
