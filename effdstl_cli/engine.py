@@ -219,10 +219,21 @@ class FusedMembers:
     opt: torch.optim.Optimizer | None = None
     stage: int = -1
     acc: dict = field(default_factory=dict)      # the members' epoch sums, one row each (see _fused_step)
+    _idx: dict = field(default_factory=dict)     # index tensors by content: built once, no host copy per step
+
+    def index(self, values, device) -> torch.Tensor:
+        """A cached int64 tensor of ``values`` on ``device`` (a fresh torch.tensor(list) on a GPU is a
+        blocking copy: one sync per step each)."""
+        key = (tuple(values), str(device))
+        t = self._idx.get(key)
+        if t is None:
+            t = self._idx[key] = torch.tensor(key[0], dtype=torch.long, device=device)
+        return t
     slots: dict = field(default_factory=dict)    # (member, loss name) -> its index in acc["parts"]
 
     def new_epoch(self, device, n_train: int) -> None:
         k = len(self.members)
+        self.slots = {}  # a new stage may log other loss names: only this epoch's go to metrics
         self.acc = {key: torch.zeros(k, device=device) for key in ("loss", "correct", "n", "subset", "bad")}
         self.acc.update(parts=torch.zeros(max(len(self.slots), 1), device=device), hits=None, masked=set(),
                         n_train=n_train)
@@ -459,8 +470,9 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
         units: list = [m for m in active if not any(m in g.members for g in fused)]
         for g in fused:
             if any(m in active for m in g.members):
-                if g.members[0].stage != g.stage:  # the members switched stage together: fresh optimizer
-                    g.stage, g.opt = g.members[0].stage, make_optimizer(g.net, g.members[0].stages[g.members[0].stage])
+                st, _ = _stage_of(g.members[0].stages, epoch)  # one schedule (fusion key), failed members too
+                if st != g.stage:  # the members switched stage together: a fresh optimizer
+                    g.stage, g.opt = st, make_optimizer(g.net, g.members[0].stages[st])
                 g.net.train()
                 g.new_epoch(device, n_train)
                 units.append(g)
@@ -741,7 +753,7 @@ def _fused_step(g: FusedMembers, x, y, idx, touts, epoch, step, steps, autocast,
             blocks.append(([i], {k: v.reshape(1) for k, v in p.items()}, None if mask is None else mask[None]))
         else:
             rows = [i for i, _ in ms]
-            sel = torch.tensor(rows, device=z.device)
+            sel = g.index(rows, z.device)
             p, mask = type(ms[0][1].distiller).losses_many(
                 [m.distiller for _, m in ms], z.index_select(0, sel),
                 f.index_select(0, sel) if f is not None else None, touts, y)
@@ -759,11 +771,11 @@ def _account_fused(g: FusedMembers, live, blocks, loss, z, y, idx, epoch, step, 
     in the blocks' row order."""
     a, b, dev = g.acc, y.shape[0], loss.device
     order = [i for rows, _, _ in blocks for i in rows]
-    rows = torch.tensor(order, device=dev)
+    rows = g.index(order, dev)
     a["bad"].index_add_(0, rows, (~torch.isfinite(loss)).float())
     a["loss"].index_add_(0, rows, torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * b)
     a["correct"].index_add_(0, rows, (z.index_select(0, rows).argmax(2) == y).sum(1).float())
-    a["n"].index_add_(0, rows, torch.full((len(order),), float(b), device=dev))
+    a["n"][rows] += float(b)
     slot_ids, vals, mrows, mks = [], [], [], []
     for rs, parts, mask in blocks:
         for name, v in parts.items():
@@ -777,11 +789,11 @@ def _account_fused(g: FusedMembers, live, blocks, loss, z, y, idx, epoch, step, 
             mks.append(mask)
     if len(g.slots) > a["parts"].numel():
         a["parts"] = torch.cat([a["parts"], a["parts"].new_zeros(len(g.slots) - a["parts"].numel())])
-    a["parts"].index_add_(0, torch.tensor(slot_ids, device=dev), torch.cat(vals) * b)
+    a["parts"].index_add_(0, g.index(slot_ids, dev), torch.cat(vals) * b)
     if mrows:
         # Which samples each run altered, per epoch: the FGSM probe's kept/manipulated split.
         mk = torch.cat(mks).float()
-        mr = torch.tensor(mrows, device=mk.device)
+        mr = g.index(mrows, mk.device)
         a["subset"].index_add_(0, mr.to(a["subset"].device), mk.sum(1).to(a["subset"].device))
         if a["hits"] is None:
             a["hits"] = torch.zeros(len(g.members), a["n_train"], device=mk.device)

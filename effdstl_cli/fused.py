@@ -260,6 +260,16 @@ def _check_equal(models, fused: FusedStudents, probe: torch.Tensor, features: bo
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         fused.train()
+    # Randomness (dropout, stochastic depth, functional dropout in a forward) draws one mask for all K
+    # students where the loop draws K: two train-mode passes with different seeds must agree.
+    devices = [probe.device] if probe.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        outs = []
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            outs.append(fused(probe).float())
+    if (outs[0] - outs[1]).abs().max() > 1e-3 * (outs[0].abs().max() + 1e-6):  # not kernel rounding
+        raise NotFusable("the model is random in training (dropout or stochastic depth)")
     for j, g in enumerate(got):
         ref = torch.stack([w[j].float() for w in want])
         if g.shape != ref.shape:

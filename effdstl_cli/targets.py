@@ -54,8 +54,9 @@ def subset_masks(names: list[str], p_teacher: Tensor, p_student: Tensor, labels:
     reg = true_prob(p_teacher, labels) < p_student.gather(2, labels.view(1, -1, 1).expand(r, -1, 1)).squeeze(2)
     table = torch.stack([torch.ones_like(reg), correct, ~correct, reg, ~reg, reg & correct, reg & ~correct,
                          ~reg & correct])  # in the order of SUBSETS
-    pick = torch.tensor([SUBSETS.index(n) for n in names], device=reg.device)
-    return table[pick, torch.arange(r, device=reg.device)]
+    if len(set(names)) == 1:  # no index tensor: one subset for all (and the single-student path)
+        return table[SUBSETS.index(names[0])]
+    return torch.stack([table[SUBSETS.index(n), i] for i, n in enumerate(names)])  # views: no host copy
 
 
 def _rescale_others(p_src: Tensor, labels: Tensor, q_k: Tensor, src_k: Tensor) -> Tensor:

@@ -121,6 +121,12 @@ def test_refuses_what_it_cannot_reproduce():
     drop = [nn.Sequential(nn.Flatten(), nn.Linear(192, 10), nn.Dropout(0.5)) for _ in range(2)]
     with pytest.raises(NotFusable, match="random"):
         fuse(drop, x)
+    from torchvision.ops import StochasticDepth  # random, but no Dropout module: caught in train mode
+
+    sd = [nn.Sequential(nn.Conv2d(3, 4, 3), StochasticDepth(0.5, "row"), nn.Flatten(), nn.Linear(144, 10))
+          for _ in range(2)]
+    with pytest.raises(NotFusable, match="random in training"):
+        fuse(sd, x)
     ln = [nn.Sequential(nn.Flatten(), nn.LayerNorm(192), nn.Linear(192, 10)) for _ in range(2)]
     with pytest.raises(NotFusable, match="LayerNorm"):
         fuse(ln, x)
@@ -184,6 +190,29 @@ def test_fused_group_equals_the_loop_through_a_resume(spec, teacher, tmp_path):
         assert fin["epochs"] == 2
     # the replacement run recorded its altered samples, as in the loop
     assert (pairs[2][1] / "subset.pt").exists()
+
+
+def test_stage_switch_after_the_first_student_failed(teacher, tmp_path):
+    """The fused optimizer follows the stage switch even when member 0 failed in stage 1 (its own
+    stage is no longer updated), and stage 2's metrics name only stage 2's losses."""
+    from effdstl_cli.models import save_weights
+
+    net = build_model("mlp:16", 10, in_chans=1, image_size=8)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(float("nan"))
+    save_weights(net, tmp_path / "nan.pt")
+    ts = {"bad": {"model": "mlp:16", "ckpt": str(tmp_path / "nan.pt")}, "weak": teacher}
+    two = lambda d1: [stage(1, d1), stage(1, {"name": "none"}, lr=0.02, wd=0.0)]  # noqa: E731
+    cfgs = [run_cfg("mlp:32", two({"name": "kd", "teacher": "bad"}), teachers=ts, label="nan"),
+            run_cfg("mlp:32", two({"name": "kd", "teacher": "weak"}), teachers=ts, label="ok")]
+    loop, _ = train(cfgs, tmp_path / "loop", fuse="off")
+    fused, recs = train(cfgs, tmp_path / "fused", fuse="on")
+    assert [r["status"] for r in recs] == ["failed", "done"]
+    hl, hf = read_jsonl(loop[1][1] / "metrics.jsonl"), read_jsonl(fused[1][1] / "metrics.jsonl")
+    assert set(hf[1]["losses"]) == set(hl[1]["losses"]) == {"ce"}
+    for a, b in zip(hl, hf):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
 
 
 def test_a_failing_student_fails_alone_in_a_fused_group(tmp_path):
