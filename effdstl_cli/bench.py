@@ -148,7 +148,8 @@ def _write_npz(path: Path, n_train: int, n_test: int, size: int, classes: int, s
     x = rng.integers(0, 256, (n_train + n_test, size, size, 3), dtype=np.uint8)
     y = np.arange(n_train + n_test) % classes
     rng.shuffle(y)
-    np.savez(path, x_train=x[:n_train], y_train=y[:n_train], x_test=x[n_train:], y_test=y[n_train:])
+    np.savez(path, x_train=x[:n_train], y_train=y[:n_train], x_test=x[n_train:], y_test=y[n_train:],
+             classes=np.array([f"class{c}" for c in range(classes)]))  # N even where a class is not drawn
 
 
 class _DataMemo:
