@@ -18,9 +18,8 @@ ones: checkpoints stay per student. SGD with momentum and weight decay acts per 
 optimizer over the fused parameters is exactly K optimizers.
 
 Which layers can be fused is decided by module type (parameters only in Conv2d, Linear and
-BatchNorm; no dropout), and *that the forward code does not mix channels across students* is
-checked by running K deliberately different copies fused and one by one on a probe batch
-(:func:`fuse`). Anything else raises :class:`NotFusable` and the engine steps those students in a loop.
+BatchNorm; no dropout), and *that the forward code does not mix channels across students* nor
+draws randomness is checked on a probe batch (:func:`fuse`). Anything else raises :class:`NotFusable` and the engine steps those students in a loop.
 """
 
 from __future__ import annotations
@@ -215,8 +214,9 @@ class FusedStudents(nn.Module):
 def fuse(models: list[nn.Module], probe: torch.Tensor, features: bool = False) -> FusedStudents:
     """Fuse K >= 2 students of one architecture, after checking on ``probe`` (a small input batch)
     that the fused forward equals the K forwards (both in eval mode, fp32, TF32 off) on K copies
-    perturbed apart — identical students would hide a layer that mixes channels across students.
-    Raises NotFusable with the reason."""
+    perturbed apart — identical students would hide a layer that mixes channels across students —
+    and that two train-mode passes with different seeds agree (no randomness, which fusion would
+    share across students). Raises NotFusable with the reason."""
     k = len(models)
     if k < 2:
         raise NotFusable("a single student")
