@@ -409,7 +409,9 @@ def _run_local(plan: Plan, pending: list[Job], opts: LaunchOptions, report: Repo
     try:
         return _local_queue(plan, pending, opts, report, on_poll, running)
     except KeyboardInterrupt as exc:
-        raise Interrupted(_cancel_local(running), getattr(exc, "signum", 2)) from None
+        signum = getattr(exc, "signum", 2)
+        # Ctrl-C reached the jobs too (one process group): give them a grace; `kill` reached the CLI alone
+        raise Interrupted(_cancel_local(running, grace_s=2.0 if signum == 2 else 0.0), signum) from None
 
 
 class Interrupted(KeyboardInterrupt):
@@ -422,7 +424,7 @@ class Interrupted(KeyboardInterrupt):
 
 def _cancel_local(running: dict[str, tuple[Any, Any]], grace_s: float = 2.0, stop_s: float = 30.0) -> list[str]:
     """Stop every started local job: a Ctrl-C in a terminal has already reached them (one process
-    group), so first a short grace; then SIGINT to the job's controller (submitit's cancel: it
+    group), so first a short grace (none after a `kill` of the CLI alone); then SIGINT to the job's controller (submitit's cancel: it
     interrupts the task, whose engine releases its locks), and SIGKILL past ``stop_s``."""
     import signal
 

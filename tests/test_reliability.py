@@ -263,7 +263,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("how", ["ctrl-c", "kill"])
 def test_interrupting_the_cli_stops_its_local_jobs(tmp_path, how):
-    args = ["train", "teacher", "-d", "digits", "-m", "mlp:256-256", "--epochs", "60", "--batch-size", "16",
+    args = ["train", "teacher", "-d", "digits", "-m", "mlp:256-256", "--epochs", "60", "--batch-size", "8",
             "--name", "c", "--results", tmp_path / "r", "-x", "local", "--device", "cpu"]
     proc = subprocess.Popen(CLI + [str(a) for a in args], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
