@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import yaml
 
 from . import io as fio
-from .data import build_data
+from .data import data_for
 from .engine import load_teacher
 from .errors import EffdstlError
 from .models import build_model, load_checkpoint
@@ -99,7 +99,7 @@ def run_probe(probe: dict, device: str = "auto") -> Path:
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     cfg = probe["cfg"]
-    data = build_data(cfg["dataset"], cfg.get("data_root"), cfg.get("image_size"))
+    data = data_for(cfg)
     split = data.train
     teacher = load_teacher(probe["teacher"], cfg["teachers"][probe["teacher"]], data).to(dev)
     nets = {"teacher": teacher, "student": _load_run_model(probe["run"], cfg, data).to(dev)}

@@ -159,10 +159,10 @@ class _DataMemo:
     def __init__(self, build):
         self.build, self.memo = build, {}
 
-    def __call__(self, spec, data_root=None, image_size=None, augment=True):
-        key = (spec, data_root, image_size, augment)
+    def __call__(self, spec, data_root=None, image_size=None, augment=True, **subset):
+        key = (spec, data_root, image_size, augment, tuple(sorted(subset.items())))
         if key not in self.memo:
-            self.memo[key] = self.build(spec, data_root, image_size, augment)
+            self.memo[key] = self.build(spec, data_root, image_size, augment, **subset)
         return self.memo[key]
 
 

@@ -22,7 +22,8 @@ KINDS = ("replacement", "manipulation", "fgsm", "fig8", "recipe", "ablation")
 
 STUDY_KEYS = {
     "name": str, "kind": str, "description": str, "dataset": str, "data_root": (str, type(None)),
-    "image_size": (int, type(None)), "seeds": list, "batch_size": int, "teachers": dict,
+    "image_size": (int, type(None)), "train_per_class": (int, type(None)),
+    "test_per_class": (int, type(None)), "seeds": list, "batch_size": int, "teachers": dict,
     "teacher_schedule": dict, "triplets": list, "schedule": dict, "distill": dict, "grid": dict,
     "recipe": dict, "pairs": list, "settings": list, "baselines": list, "ablations": list, "fgsm": dict, "probe": dict,
     "slurm": dict, "paper": dict,
@@ -75,6 +76,19 @@ SCHEMA: dict[str, tuple | str | None] = {
     "slurm": ("gpus_per_job", "partition"),
     "paper": None,                # the paper's numbers, for reference
 }
+
+
+# The keys of a study or run config that say which data a run sees (one list: studies copy them into
+# run configs, groups must share them, teacher-output caches are keyed by them).
+DATA_KEYS = ("dataset", "data_root", "image_size", "train_per_class", "test_per_class")
+
+
+def data_keys(src: dict) -> dict:
+    """The data keys of a study or run config. The subset keys appear only when set, so configs
+    written before they existed keep their hashes."""
+    out = {k: src.get(k) for k in DATA_KEYS[:3]}
+    out.update({k: int(src[k]) for k in DATA_KEYS[3:] if src.get(k) is not None})
+    return out
 
 
 def check_keys(study: dict, where: str) -> None:
@@ -235,8 +249,9 @@ def validate_study(study: dict, where: str) -> None:
         raise EffdstlError(f"{where}: seeds lists a seed twice ({_dups(seeds)}); each seed is one set of runs")
     if "batch_size" in study:
         _positive(where, "batch_size", study["batch_size"], integer=True)
-    if study.get("image_size") is not None:
-        _positive(where, "image_size", study["image_size"], integer=True)
+    for key in ("image_size", "train_per_class", "test_per_class"):
+        if study.get(key) is not None:
+            _positive(where, key, study[key], integer=True)
     validate_schedule(f"{where} schedule", study.get("schedule", {}))
     validate_schedule(f"{where} teacher_schedule", study.get("teacher_schedule", {}))
     for tname, t in (study.get("teachers") or {}).items():

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .config import DATA_KEYS, data_keys
 from .errors import EffdstlError, unknown
 
 DATASETS = ("digits", "synthetic", "mnist", "fashion-mnist", "cifar10", "cifar100",
@@ -707,9 +708,44 @@ def check_dataset_spec(spec: str) -> None:
         raise unknown("dataset", spec, DATASETS)
 
 
+def data_args(cfg: dict) -> dict:
+    """``build_data``'s arguments for a run config (its ``config.data_keys``)."""
+    d = data_keys(cfg)
+    return {"spec": d["dataset"], "data_root": d["data_root"], "image_size": d["image_size"],
+            **{k: d[k] for k in DATA_KEYS[3:] if k in d}}
+
+
+def data_for(cfg: dict, augment: bool = True) -> "Data":
+    """The data of a run config."""
+    return build_data(**data_args(cfg), augment=augment)
+
+
+def per_class_subset(labels: torch.Tensor, n: int, num_classes: int, what: str, seed: int = 0) -> torch.Tensor:
+    """Indices of a stratified, seeded subset: ``n`` samples of every class (sorted, so the
+    subset keeps the split's order). One fixed draw per dataset (seed 0): every run of every study
+    sees the same images. A class with fewer than ``n`` is one clear error."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    counts = torch.bincount(labels, minlength=num_classes)
+    if int(counts.min()) < n:
+        c = int(counts.argmin())
+        raise EffdstlError(f"{what}_per_class={n} but class {c} has only {int(counts[c])} {what} images")
+    g = torch.Generator().manual_seed(seed)
+    keep = [torch.nonzero(labels == c).flatten()[torch.randperm(int(counts[c]), generator=g)[:n]]
+            for c in range(num_classes)]
+    return torch.cat(keep).sort().values
+
+
+def _subset(split, idx: torch.Tensor):
+    if isinstance(split, FolderSplit):
+        return FolderSplit([split.samples[int(i)] for i in idx], split.train, split.image_size)
+    return TensorSplit(split.images[idx], split.labels[idx], split.train, split.augment)
+
+
 def build_data(spec: str, data_root: str | None = None, image_size: int | None = None,
-               augment: bool = True) -> Data:
-    """A dataset by spec (see DATASETS). ``augment=False`` turns training augmentation off."""
+               augment: bool = True, train_per_class: int | None = None,
+               test_per_class: int | None = None) -> Data:
+    """A dataset by spec (see DATASETS). ``augment=False`` turns training augmentation off;
+    ``*_per_class``: a stratified, seeded subset of that split (``per_class_subset``)."""
     spec = str(spec).strip()
     kind, _, arg = spec.partition(":")
     kind = kind.lower()
@@ -723,6 +759,10 @@ def build_data(spec: str, data_root: str | None = None, image_size: int | None =
         if image_size is not None and int(image_size) != data.image_size:
             raise EffdstlError(f"image_size={image_size} applies to folder/imagenet datasets only; "
                                f"{spec} images are {data.image_size}x{data.image_size} (set image_size: null)")
+    for what, n in (("train", train_per_class), ("test", test_per_class)):
+        if n is not None:
+            split = getattr(data, what)
+            setattr(data, what, _subset(split, per_class_subset(split.labels, int(n), data.num_classes, what)))
     if not augment:
         data.train.augment = "none"
         if isinstance(data.train, FolderSplit):

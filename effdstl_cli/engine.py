@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from . import io as fio
 from .cache import TeacherCache, cache_key, weights_sha
-from .config import config_hash
-from .data import KeyedView, MixedView, build_data, collate_mixed, decode_mixed, mixed_batches
+from .config import DATA_KEYS, config_hash, data_keys
+from .data import KeyedView, MixedView, build_data, collate_mixed, data_args, decode_mixed, mixed_batches
 from .distillers import Distiller, TeacherOut, build_distiller
 from .errors import EffdstlError
 from .fused import FusedStudents, NotFusable, fuse, part, policy
@@ -297,7 +297,7 @@ def fusion_plan(cfgs: list[dict], device_type: str, mode: str) -> list[str]:
 
 
 def _validate_group(cfgs: list[dict]) -> None:
-    shared = ("dataset", "data_root", "image_size", "seed", "batch_size", "epochs")
+    shared = (*DATA_KEYS, "seed", "batch_size", "epochs")
     for key in shared:
         vals = {repr(c.get(key)) for c in cfgs}
         if len(vals) > 1:
@@ -346,7 +346,7 @@ def train_group(members_in: list[tuple[dict, Path]], env: Env | None = None) -> 
     seed, gbatch, total = int(c0["seed"]), int(c0["batch_size"]), int(c0["epochs"])
     if gbatch % env.world:
         raise EffdstlError(f"batch_size {gbatch} is not divisible by the {env.world} processes")
-    data = build_data(c0["dataset"], c0.get("data_root"), c0.get("image_size"))
+    data = build_data(**data_args(c0))
 
     # -- members: skip finished, take locks, resume --------------------------------------
     out: list[dict] = []
@@ -538,7 +538,9 @@ def _teacher_caches(teachers: dict, tcfgs: dict, split, cfg: dict, env: Env, dev
     dtype = "bf16" if (amp and device.type == "cuda") else "fp32"
     out = {}
     for n, t in teachers.items():
-        key = cache_key(weights_sha(t), tcfgs[n]["model"], str(cfg["dataset"]), cfg.get("image_size"),
+        d = data_keys(cfg)
+        dataset = "|".join([str(d["dataset"])] + [f"{k}={d[k]}" for k in DATA_KEYS[3:] if k in d])
+        key = cache_key(weights_sha(t), tcfgs[n]["model"], dataset, d["image_size"],
                         split.num_variants, dtype)
         path = Path(folder).expanduser() / f"teacher-{key}.pt" if folder else None
         out[n] = TeacherCache(key, len(split), split.num_variants, device,

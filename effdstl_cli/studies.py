@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import config_hash
+from .config import config_hash, data_keys
 from .errors import EffdstlError, unknown
 from .rundir import run_state  # noqa: F401 - the one definition of a run's state; re-exported
 
@@ -90,8 +90,7 @@ class _Ctx:
         self.study, self.sdir = study, sdir
         self.teacher_jobs: dict[str, Job] = {}
         self.teacher_refs: dict[str, dict] = {}
-        base = {"dataset": study["dataset"], "data_root": study.get("data_root"),
-                "image_size": study.get("image_size")}
+        base = data_keys(study)
         ts = {**DEFAULT_SCHEDULE, "batch_size": study.get("batch_size", 64), "seed": 0,
               **(study.get("teacher_schedule") or {})}
         for name, t in (study.get("teachers") or {}).items():
@@ -130,8 +129,7 @@ class _Ctx:
             teachers[role] = copy.deepcopy(self.teacher_refs[tname])
         tmodels = {r: self.teacher_refs[t]["model"] for r, t in roles.items()}
         weak, strong = tmodels.get("weak", ""), tmodels.get("strong", "")
-        return {"role": "student", "dataset": self.study["dataset"], "data_root": self.study.get("data_root"),
-                "image_size": self.study.get("image_size"), "model": model, "seed": int(seed),
+        return {"role": "student", **data_keys(self.study), "model": model, "seed": int(seed),
                 "batch_size": int(self.study.get("batch_size", 64)),
                 "epochs": sum(int(s["epochs"]) for s in stages), "stages": stages, "teachers": teachers,
                 "meta": self.meta(student=model, weak=weak, strong=strong,

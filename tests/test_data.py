@@ -239,3 +239,26 @@ def test_cifar10_offline_and_absent_fails_fast_with_the_cure(tmp_path, monkeypat
     assert "npz:PATH" in msg and "torchvision downloads" in msg and time.time() - t < 5
     assert "/work" not in msg and "shared" not in msg  # the cure names nothing outside the repository
     _err(r"mnist is not under", "mnist", data_root=str(tmp_path))
+
+
+def test_per_class_subset_is_stratified_seeded_and_a_subset():
+    full = build_data("digits")
+    d = build_data("digits", train_per_class=50, test_per_class=20)
+    assert d.train.labels.bincount().tolist() == [50] * 10 and d.test.labels.bincount().tolist() == [20] * 10
+    again = build_data("digits", train_per_class=50)
+    assert torch.equal(again.train.images, d.train.images)              # one fixed draw
+    # every subset image is an image of the full split, with its label
+    rows = {tuple(x.flatten().tolist()): int(y) for x, y in zip(full.train.images, full.train.labels)}
+    assert all(rows[tuple(x.flatten().tolist())] == int(y) for x, y in zip(d.train.images, d.train.labels))
+    assert len(again.test) == len(full.test)                             # the other split untouched
+    with pytest.raises(EffdstlError, match="train_per_class=500 but class .* has only"):
+        build_data("digits", train_per_class=500)
+
+
+def test_data_keys_leave_old_configs_hashes_alone():
+    from effdstl_cli.config import config_hash, data_keys
+
+    old = {"dataset": "digits", "data_root": None, "image_size": None}
+    assert data_keys({**old, "seeds": [0]}) == old                       # unset subset keys: not in the config
+    assert config_hash(data_keys(old)) == config_hash(old)
+    assert data_keys({**old, "train_per_class": 10})["train_per_class"] == 10
