@@ -6,12 +6,14 @@ BIN      = $(VENV)/bin
 STAMP    = $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-fast demo demo-cifar10 bench slurm-start slurm-stop clean-results
+.PHONY: help venv test test-fast demo demo-cifar10 findings bench slurm-start slurm-stop clean-results
 
 help:
 	@echo "make demo         offline Fig. 5 replacement study on digits (CPU, under a minute)"
 	@echo "make test         the full test suite (starts a local Slurm cluster when it can)"
 	@echo "make test-fast    tests without Slurm"
+	@echo "make findings     every small-data study (digits, CIFAR-10 1k/class) and docs/FINDINGS.md (CPU, ~1.5 h)"
+	@echo "                  DATASET=npz:data/cifar10.npz runs the CIFAR-10 ones on a local copy"
 	@echo "make bench        effdstl bench on this machine's device"
 	@echo "make slurm-start  a real one-node Slurm cluster on localhost (root, Debian)"
 
@@ -30,6 +32,12 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/effdstl demo
+
+# the report of what the studies show: trains what is not done yet (run hashes), then writes
+# docs/FINDINGS.md and docs/findings/ from the runs; not part of `make test`
+DATASET ?=
+findings: $(STAMP)
+	$(BIN)/python scripts/findings.py $(if $(DATASET),--dataset $(DATASET),)
 
 bench: $(STAMP)
 	$(BIN)/effdstl bench

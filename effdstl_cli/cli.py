@@ -597,8 +597,12 @@ def status(study: str = typer.Argument(..., help="Study name, folder, or YAML fi
 
 @app.command("results")
 def results_cmd(study: str = typer.Argument(..., help="Study name, folder, or YAML file."), results: str = RESULTS,
-                fmt: str = typer.Option("table", "--format", help="table (print) | csv | parquet (write; print the path)")):
-    """Collect every run into one table (CSV + Parquet under <study>/tables/)."""
+                fmt: str = typer.Option("table", "--format", help="table (print) | csv | parquet (write; print the path)"),
+                anchor: Optional[str] = typer.Option(None, "--anchor", help="The label every configuration is "
+                                                     "compared to, seed by seed (default: the study kind's "
+                                                     "reference, e.g. 'weak teacher only', 'no distill').")):
+    """Collect every run into one table, and each configuration's paired difference to its anchor with a 95 % interval (CSV + Parquet under <study>/tables/: results.*, effects.*)."""
+    from .effects import ANCHOR, effect_text, paired_effects
     from .results import collect, write_table
 
     if fmt not in ("table", "csv", "parquet"):
@@ -608,27 +612,41 @@ def results_cmd(study: str = typer.Argument(..., help="Study name, folder, or YA
     d = _study_dir(study, results)
     df = collect(d)
     paths = write_table(df, d / "tables")
+    eff = None
+    if (df["state"] == "done").any() and (anchor or (df["study_kind"].isin(list(ANCHOR))).any()):
+        eff = paired_effects(df, anchor)
+        paths = [*paths, *write_table(eff, d / "tables", "effects")]
     if fmt == "table":
         cols = [c for c in ("label", "student", "seed", "state", "best_top1", "last_top1", "epochs", "wall_s") if c in df]
         view = df[cols].sort_values([c for c in ("label", "seed") if c in cols])
         out.print(view.to_string(index=False, float_format=lambda v: f"{v:.2f}"), markup=False, highlight=False)
+        if eff is not None and not eff.empty:
+            out.print(f"\npaired differences to '{eff['anchor'].iloc[0]}' (same seed; {eff['metric'].iloc[0]}, "
+                      f"points; 95 % interval over seeds):", markup=False, highlight=False)
+            show = eff.assign(effect=[effect_text(r) for _, r in eff.iterrows()])
+            cols = [c for c in ("triplet", "pair", "setting", "student") if c in show and show[c].nunique() > 1]
+            out.print(show[[*cols, "label", "acc", "acc_anchor", "effect", "verdict"]].to_string(
+                index=False, float_format=lambda v: f"{v:.2f}"), markup=False, highlight=False)
     for p in (paths if isinstance(paths, (list, tuple)) else [paths]):
         if fmt == "table" or str(p).endswith(fmt):
             out.print(f"wrote {p}")
 
 
 @app.command("plot")
-def plot(figure: str = typer.Argument(..., help="figure5 | figure6 | figure7 | figure8"),
-         study: str = typer.Argument(..., help="Study name, folder, or YAML file."), results: str = RESULTS):
-    """Draw one of the paper's figures (PNG + PDF under <study>/figures/)."""
+def plot(figure: str = typer.Argument(..., help="figure5 | figure6 | figure7 | figure8 | curves"),
+         study: str = typer.Argument(..., help="Study name, folder, or YAML file."), results: str = RESULTS,
+         runs: Optional[List[str]] = typer.Option(None, "--runs", help="curves: the run labels to draw (repeat; "
+                                                  "default: every label of the study).")):
+    """Draw one of the paper's figures, or training curves (PNG + PDF under <study>/figures/)."""
     from . import plots
 
-    kinds = ("figure5", "figure6", "figure7", "figure8")
+    kinds = (*(f"figure{k}" for k in plots.FIGURES), "curves")
     if figure not in kinds:
         from .errors import unknown
 
         raise unknown("figure", figure, kinds)
-    paths = getattr(plots, figure)(_study_dir(study, results))
+    d = _study_dir(study, results)
+    paths = plots.curves(d, runs) if figure == "curves" else plots.FIGURES[figure.removeprefix("figure")](d)
     for p in (paths if isinstance(paths, (list, tuple)) else [paths]):
         out.print(f"wrote {p}")
 

@@ -32,6 +32,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 
 from . import io as fio
+from . import tblog
 from .cache import TeacherCache, cache_key, weights_sha
 from .config import DATA_KEYS, config_hash, data_keys
 from .data import KeyedView, MixedView, build_data, collate_mixed, data_args, decode_mixed, mixed_batches
@@ -431,6 +432,8 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
             # metrics.jsonl always mirrors the checkpoint's history: never a repeated/skipped epoch
             # (and no stale rows when no intact checkpoint is left and the run starts over)
             fio.write_jsonl(m.run_dir / "metrics.jsonl", m.history)
+        if env.rank == 0:
+            tblog.rewrite(m.run_dir, m.cfg, m.history)   # TensorBoard mirrors metrics.jsonl too
 
     fused = _fuse_members(members, data, env, device, chl)
 
@@ -901,6 +904,7 @@ def _end_epoch(m: Member, data, epoch, share_s, device, env: Env, chl, autocast,
             "hits": m.hits, "mask_epochs": m.mask_epochs,
             "rng": m.rng, "config_hash": m.hash})
         fio.write_jsonl(m.run_dir / "metrics.jsonl", m.history)
+        tblog.append(m.run_dir, m.cfg, row)
         if m.lock:
             m.lock.refresh()
     if env.world > 1:

@@ -383,9 +383,100 @@ def figure7(study_dir: str | Path, out_dir: str | Path | None = None, eps: float
 
 # -- Fig. 8: train / validation accuracy, keep vs manipulate incorrect samples -------------
 
+CURVE_PANELS = {"train_top1": "train accuracy (top-1, %)", "test_top1": "validation accuracy (top-1, %)",
+                "train_loss": "train loss", "test_loss": "validation loss",
+                "gap": "train − validation accuracy (points)"}
+
+
+def _curve_frames(run_dirs: Sequence[str], keys: Sequence[str]) -> tuple[dict[str, list[pd.Series]], set]:
+    """Per metric key, one Series (index: epoch) per run; and the epochs where a stage starts."""
+    curves: dict[str, list[pd.Series]] = {k: [] for k in keys}
+    switches: set = set()
+    for rd in run_dirs:
+        m = pd.DataFrame(read_metrics(Path(rd) / "metrics.jsonl"))
+        if m.empty or "epoch" not in m:
+            continue
+        m = m.drop_duplicates("epoch", keep="last").set_index("epoch").sort_index()
+        if "train_top1" in m and "test_top1" in m:
+            m["gap"] = m["train_top1"].astype(float) - m["test_top1"].astype(float)
+        for k in keys:
+            if k in m:
+                curves[k].append(m[k].astype(float))
+        if "stage" in m:
+            stg = m["stage"].astype(float)
+            switches.update(stg.index[stg.diff().fillna(0) > 0].tolist())
+    return curves, switches
+
+
+def curves(study_dir: str | Path, labels: Sequence[str] | None = None, out_dir: str | Path | None = None,
+           panels: Sequence[str] = ("train_top1", "test_top1", "train_loss", "test_loss"), by: str = "label",
+           names: dict[str, str] | None = None, stem: str = "curves", title: str | None = None) -> FigureResult:
+    """Training curves: one panel per metric of metrics.jsonl (``CURVE_PANELS``; ``gap`` = train
+    minus validation accuracy), one line per ``by`` value (default: the run label; mean over
+    seeds, ±1 std band), the epochs where a recipe's stage 2 starts dotted. Teachers are left out."""
+    study_dir = Path(study_dir)
+    bad = [p for p in panels if p not in CURVE_PANELS]
+    if bad:
+        from .errors import unknown
+
+        raise unknown("curve panel", bad[0], CURVE_PANELS)
+    df = collect(study_dir)
+    st = df[(df["role"] == "student") & (df["epochs_done"].fillna(0) > 0)]
+    present = list(dict.fromkeys(st[by]))
+    if labels:
+        missing = [lb for lb in labels if lb not in present]
+        if missing:
+            from .errors import unknown
+
+            raise unknown(f"{'label' if by == 'label' else by} in study {study_dir.name}", missing[0], present)
+        st = st[st[by].isin(labels)]
+    if st.empty:
+        raise EffdstlError(f"no student run with metrics in {study_dir}: launch the study first (or wait for "
+                           f"its first epoch)")
+    groups = list(labels) if labels else _ordered(st[by].tolist(), ())
+    colors = {g: _PALETTE[i % len(_PALETTE)] for i, g in enumerate(groups)}
+    ncol = min(len(panels), 2 if len(panels) == 4 else len(panels))
+    nrow = -(-len(panels) // ncol)
+    fig = _new_figure(5.0 * ncol, 3.6 * nrow + 0.4 + 0.18 * len(groups))
+    axes = np.atleast_1d(fig.subplots(nrow, ncol, sharex=True, squeeze=False)).ravel()
+    info: dict[str, Any] = {"groups": groups, "runs": {}, "legend": [], "panels": list(panels)}
+    switch_epochs: set = set()
+    for g in groups:
+        cs, sw = _curve_frames(st[st[by] == g]["run_dir"].tolist(), panels)
+        switch_epochs |= sw
+        info["runs"][g] = len(cs[panels[0]])
+        for ax, k in zip(axes, panels):
+            if not cs[k]:
+                continue
+            M = pd.concat(cs[k], axis=1).sort_index()
+            mean, std = M.mean(axis=1), M.std(axis=1, ddof=1).fillna(0.0)
+            ax.plot(M.index, mean, color=colors[g], lw=1.6)
+            ax.fill_between(M.index, mean - std, mean + std, color=colors[g], alpha=0.2, lw=0)
+    for ax, k in zip(axes, panels):
+        for e in sorted(switch_epochs):
+            ax.axvline(e - 0.5, color="0.5", ls=":", lw=1)
+        name = CURVE_PANELS[k].split(" (")[0]
+        ax.set_title(name + (" (dotted: stage-2 start)" if switch_epochs else ""), fontsize=9)
+        if ax in axes[-ncol:] or len(panels) <= ncol:
+            ax.set_xlabel("epoch")
+        ax.set_ylabel(CURVE_PANELS[k])
+        ax.grid(color="0.93", lw=0.8)
+        ax.set_axisbelow(True)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    handles = [Patch(facecolor=colors[g], alpha=0.5, edgecolor=colors[g]) for g in groups]
+    legend = [f"{(names or {}).get(g, g)}, n={info['runs'][g]} seed(s)" for g in groups]
+    fig.legend(handles, legend, loc="outside lower center", ncols=min(len(legend), 3), fontsize=8.5,
+               frameon=False, title="mean over seeds ± 1 std", title_fontsize=8)
+    fig.suptitle(title or f"training curves — study {study_dir.name} ({', '.join(dict.fromkeys(st['dataset']))})",
+                 fontsize=10)
+    info["legend"] = legend
+    return _save(fig, study_dir, out_dir, stem, info)
+
+
 def figure8(study_dir: str | Path, out_dir: str | Path | None = None) -> FigureResult:
-    """Fig. 8: train (train_top1) and validation (test_top1) accuracy per epoch, mean over seeds
-    with a ±1 std band, for CKM on reg ∩ correct vs on all reg samples."""
+    """Fig. 8: the training curves of CKM on reg ∩ correct (keep incorrect samples) vs on all reg
+    samples: train and validation accuracy and their gap, mean over seeds ± 1 std (``curves``)."""
     study_dir = Path(study_dir)
     df = collect(study_dir)
     st = df[(df["role"] == "student") & (df["baseline"] == "") & (df["subset"] != "")
@@ -395,51 +486,11 @@ def figure8(study_dir: str | Path, out_dir: str | Path | None = None) -> FigureR
     if not st["subset"].isin(["reg_cor", "reg"]).any():
         raise EffdstlError(f"no student runs with metrics on subsets reg_cor / reg in {study_dir}: run a "
                            f"fig8 study first (or wait for its first epochs)")
-    st = st[st["subset"].isin(["reg_cor", "reg"])]
-    groups = _ordered(st["subset"].tolist(), ("reg_cor", "reg"))
-    colors = {"reg_cor": "#1f77b4", "reg": "#d62728"}
-    fig = _new_figure(10.0, 4.0)
-    axes = fig.subplots(1, 2, sharex=True)
-    info: dict[str, Any] = {"groups": groups, "runs": {}, "legend": []}
-    switch_epochs = set()
-    for g in groups:
-        curves = {"train_top1": [], "test_top1": []}
-        for rd in st[st["subset"] == g]["run_dir"]:
-            rows = read_metrics(Path(rd) / "metrics.jsonl")
-            m = pd.DataFrame(rows)
-            if m.empty or "epoch" not in m:
-                continue
-            m = m.drop_duplicates("epoch", keep="last").set_index("epoch")
-            for k in curves:
-                if k in m:
-                    curves[k].append(m[k].astype(float))
-            if "stage" in m:
-                stg = m["stage"].astype(float)
-                switch_epochs.update(stg.index[stg.diff().fillna(0) > 0].tolist())
-        info["runs"][g] = len(curves["test_top1"])
-        for ax, k in zip(axes, curves):
-            if not curves[k]:
-                continue
-            M = pd.concat(curves[k], axis=1).sort_index()
-            mean, std = M.mean(axis=1), M.std(axis=1, ddof=1).fillna(0.0)
-            ax.plot(M.index, mean, color=colors[g], lw=1.6)
-            ax.fill_between(M.index, mean - std, mean + std, color=colors[g], alpha=0.2, lw=0)
-    for ax, name in zip(axes, ("train accuracy", "validation accuracy")):
-        for e in sorted(switch_epochs):
-            ax.axvline(e - 0.5, color="0.5", ls=":", lw=1)
-        ax.set_title(name + (" (dotted: stage-2 start)" if switch_epochs else ""), fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(f"{name} (top-1, %)")
-        ax.grid(color="0.93", lw=0.8)
-        ax.set_axisbelow(True)
-    handles = [Patch(facecolor=colors[g], alpha=0.5, edgecolor=colors[g]) for g in groups]
-    labels = [f"{FIG8_LABEL[g]}, n={info['runs'][g]} seed(s)" for g in groups]
-    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8.5, frameon=False,
-               title="mean over seeds ± 1 std", title_fontsize=8)
-    fig.suptitle(f"Fig. 8: keeping incorrect samples — study {study_dir.name} "
-                 f"({', '.join(dict.fromkeys(st['dataset']))})", fontsize=10)
-    info["legend"] = labels
-    return _save(fig, study_dir, out_dir, "figure8", info)
+    groups = _ordered(st[st["subset"].isin(["reg_cor", "reg"])]["subset"].tolist(), ("reg_cor", "reg"))
+    return curves(study_dir, groups, out_dir, panels=("train_top1", "test_top1", "gap"), by="subset",
+                  names=FIG8_LABEL, stem="figure8",
+                  title=f"Fig. 8: keeping incorrect samples — study {study_dir.name} "
+                        f"({', '.join(dict.fromkeys(st['dataset']))})")
 
 
 FIGURES = {"5": figure5, "6": figure6, "7": figure7, "8": figure8}

@@ -182,8 +182,11 @@ def test_figure8_two_panels_mean_over_seeds(tmp_path):
     assert res.info["groups"] == ["reg_cor", "reg"] and res.info["runs"] == {"reg_cor": 2, "reg": 2}
     assert res.info["legend"][0].startswith("CKM on reg ∩ correct (keep incorrect)")
     assert res.info["legend"][1].startswith("CKM on all reg (manipulate incorrect)")
-    tr, va = res.figure.axes
+    tr, va, gap = res.figure.axes
     assert "train accuracy" in tr.get_ylabel() and "validation accuracy" in va.get_ylabel()
+    assert "gap" not in gap.get_ylabel() and "train − validation" in gap.get_ylabel()
+    g = [l for l in gap.get_lines() if l.get_linestyle() == "-"][0].get_ydata()  # reg_cor: (60+3)-(50+3+0.5)
+    assert g[0] == pytest.approx(9.5)
     solid = [l for l in va.get_lines() if l.get_linestyle() == "-"]
     assert len(solid) == 2
     y = solid[0].get_ydata()  # reg_cor validation mean over seeds 0 and 1 at epoch 1: 53.5
