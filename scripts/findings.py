@@ -406,7 +406,7 @@ the JPEG re-encoded copy of CIFAR-10 (`--set dataset=npz:data/cifar10.npz`), so 
 sit a little under torchvision's CIFAR-10.
 
 Scale matters: the paper trains ResNets on CIFAR-100 and ImageNet for hundreds of epochs; these
-studies train MLP students on 10 000 CIFAR-10 images (or 1078 digits) for 30 to 40 epochs on two
+studies train MLP students on 10 000 CIFAR-10 images (or 1078 digits) for 20 to 40 epochs on two
 CPU cores. A verdict says whether the claim holds *at this scale*, by the interval; "not
 reproduced" here does not refute the paper at its scale.
 
