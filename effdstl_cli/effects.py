@@ -26,9 +26,10 @@ from .results import interval95
 ANCHOR = {"replacement": "weak teacher only", "manipulation": "weak teacher only", "recipe": "no distill",
           "ablation": "EffDstl (switch, tau 0.7, CKM)", "fig8": "manipulate incorrect (reg)", "student": "none"}
 # what must match for two runs to be compared, per study kind (Table 4's variants change the
-# teachers, so there the student alone is the unit)
+# teachers, so there the student alone is the unit; Table 1 compares with a run that has none)
 UNIT = ("study", "triplet", "pair", "setting", "student")
-UNIT_BY_KIND = {"ablation": ("study", "student")}
+UNIT_BY_KIND = {"ablation": ("study", "student"),
+                "recipe": ("study", "pair", "setting", "student")}  # no distillation has no teachers in its triplet
 COLUMNS = (*UNIT, "label", "anchor", "metric", "n", "acc", "acc_anchor", "diff", "ci95", "ci_low", "ci_high",
            "verdict")
 

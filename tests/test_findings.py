@@ -28,8 +28,9 @@ def _study(tmp_path, table: dict[str, list[float]], kind: str = "recipe", **meta
     sd = tmp_path / "s"
     for label, accs in table.items():
         for seed, acc in enumerate(accs):
+            teacherless = label == "no distill"     # its triplet names no teacher, as studies.py writes it
             make_run(sd, study_kind=kind, label=label, seed=seed, best=acc, distiller=label.lower().replace(" ", "_"),
-                     **meta)
+                     **({"triplet": "||mlp:32"} if teacherless else {}), **meta)
     return sd
 
 
