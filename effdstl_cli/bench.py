@@ -39,6 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .targets import SCHEMES, SUBSETS, grid_defaults
+
 DEFAULTS = {
     "cpu": dict(student="cnn:small", weak="resnet8", strong="resnet14", image_size=32, batch=64,
                 classes=10, steps=4, naive_steps=6, repeats=3, jpegs=384, jpeg_px=64, workers=2, k=14),
@@ -46,8 +48,6 @@ DEFAULTS = {
                  batch=256, classes=1000, steps=4, naive_steps=8, repeats=2, jpegs=3072, jpeg_px=0,
                  workers=min(16, os.cpu_count() or 4), k=14),
 }
-SCHEMES = ("full", "partial", "confidence")
-SUBSETS = ("reg_cor", "reg", "correct", "not_correct")
 SECTIONS = ("a", "b", "c", "d", "f")
 # (f): fused student groups vs the loop; MODEL@SIZE[xCHANNELS], K students, batch 64 (issue: a Fig. 5
 # triplet is 17 students of one small architecture)
@@ -184,8 +184,7 @@ def _group_cfgs(a, dataset: str, teachers: dict) -> list[dict]:
     kd = {"tau": 1.0, "lam": 0.9}
     cfgs = [_run_cfg(a, dataset, {"name": "kd", "teacher": w, **kd}, teachers, f"{w} teacher only")
             for w in ("weak", "strong")]
-    combos = [(s, u) for u in SUBSETS for s in SCHEMES] + [(s, "all") for s in SCHEMES] \
-        + [(s, "not_correct") for s in SCHEMES]
+    combos = [(s, u) for u in grid_defaults(SUBSETS) for s in SCHEMES]  # the Fig. 5 grid, subset by subset
     seen = set()
     for scheme, subset in combos:
         if len(cfgs) >= a.k:
@@ -616,7 +615,7 @@ def fused_group_rates(spec: str, size: int, chans: int, k: int, batch: int, dev:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
     dists = [{"name": "kd", "teacher": t, "tau": 1.0, "lam": 0.9} for t in ("weak", "strong")]
     dists += [{"name": "replace", "teacher": "weak", "strong": "strong", "scheme": sc, "subset": su, "tau": 1.0,
-               "lam": 0.9} for su in SUBSETS + ("all", "not_reg") for sc in SCHEMES][:max(k - 2, 0)]
+               "lam": 0.9} for su in grid_defaults(SUBSETS) + ["not_reg"] for sc in SCHEMES][:max(k - 2, 0)]
     dists = (dists * k)[:k]
     gen = torch.Generator().manual_seed(0)
     xs = [torch.rand(batch, chans, size, size, generator=gen).to(dev) for _ in range(4)]

@@ -441,10 +441,9 @@ def train_student(dataset: str = typer.Option("digits", "--dataset", "-d", help=
         teachers["weak"] = _resolve_teacher(teacher)
     if strong:
         teachers["strong"] = _resolve_teacher(strong)
-    specs = [_parse_distiller(d) for d in distiller]
-    for s in specs:  # a single --teacher serves every distiller, ckm included
-        if s["name"] in ("kd", "wsl", "rkd", "ckm", "replace", "manipulate") and "teacher" not in s:
-            s["teacher"] = "strong" if (s["name"] == "ckm" and strong) else "weak"
+    from .distillers import with_teacher
+
+    specs = [with_teacher(_parse_distiller(d), teachers) for d in distiller]
     sched = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
     plan = _single_plan(name or f"students-{dataset.split(':')[0]}", dataset, data_root, image_size, model, seed,
                         batch_size, sched, specs, teachers, "student", results)

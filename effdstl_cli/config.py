@@ -12,11 +12,12 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from .errors import EffdstlError, unknown
+from .targets import param_names
 
 KINDS = ("replacement", "manipulation", "fgsm", "fig8", "recipe", "ablation")
 
@@ -46,7 +47,7 @@ _STAGE2 = _STAGE_SCHED + ("tau_t", "tau_s", "smooth", "subset", "teacher")
 # (checked where it is used). A list section (triplets, ablations) holds mappings of those keys.
 # A child section is "<parent>.<key>" ("<parent>.*" under NAMES). New keys are one-line additions.
 NAMES = "names"
-SCHEMA: dict[str, tuple | str | None] = {
+SCHEMA: dict[str, tuple | str | Callable[[], tuple] | None] = {
     "": tuple(STUDY_KEYS),
     "schedule": SCHEDULE_KEYS,
     "teacher_schedule": SCHEDULE_KEYS,
@@ -56,7 +57,7 @@ SCHEMA: dict[str, tuple | str | None] = {
     "distill": ("tau", "lam"),
     "grid": ("scheme", "subset", "kind", "params"),
     "grid.params": NAMES,         # manipulation names: checked against the registry (targets.py)
-    "grid.params.*": ("t", "delta"),
+    "grid.params.*": param_names,  # each manipulation's parameter name (a callable: the registry may grow)
     "recipe": ("student", "teacher1", "teacher2", "stage1", "stage2"),
     "recipe.stage1": _STAGE1,
     "recipe.stage2": _STAGE2,
@@ -95,6 +96,8 @@ def check_keys(study: dict, where: str) -> None:
     """Every key at every depth against ``SCHEMA``: an unknown one is one line with did-you-mean."""
     def walk(node: Any, section: str, shown: str) -> None:
         allowed = SCHEMA.get(section)
+        if callable(allowed):
+            allowed = allowed()
         if allowed is None:
             return
         if isinstance(node, list):

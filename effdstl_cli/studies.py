@@ -115,7 +115,7 @@ class _Ctx:
     def meta(self, **kw) -> dict:
         m = {"study": self.study["name"], "study_kind": self.study["kind"], "dataset": self.study["dataset"],
              "student": "", "weak": "", "strong": "", "triplet": "", "distiller": "", "scheme": "",
-             "subset": "", "param": None, "baseline": "", "label": "", "seed": None,
+             "manipulation": "", "subset": "", "param": None, "baseline": "", "label": "", "seed": None,
              "pair": "", "setting": "", "part": "", "group": ""}
         m.update(kw)
         return m
@@ -175,9 +175,13 @@ def _baselines(ctx: _Ctx, tr: dict, seed: int) -> list[dict]:
 
 
 def expand_replacement(ctx: _Ctx) -> list[Job]:
+    """Fig. 5: every replacement scheme x subset of the grid (default: every registered scheme,
+    the paper's subsets), beside the two single-teacher baselines, one group per triplet x seed."""
+    from .targets import SCHEMES, SUBSETS, grid_defaults
+
     grid = ctx.study.get("grid") or {}
-    schemes = grid.get("scheme", ["full", "partial", "confidence"])
-    subsets = grid.get("subset", ["reg_cor", "reg", "correct", "not_correct", "all"])
+    schemes = grid.get("scheme", grid_defaults(SCHEMES))
+    subsets = grid.get("subset", grid_defaults(SUBSETS))
     jobs = []
     for ti, tr in enumerate(_triplets(ctx)):
         roles = {"weak": tr["weak"], "strong": tr["strong"]}
@@ -194,17 +198,24 @@ def expand_replacement(ctx: _Ctx) -> list[Job]:
 
 
 def _manip_params(kind: str, grid: dict) -> list[dict]:
-    params = (grid.get("params") or {}).get(kind, {"label_smoothing": {"t": 0.9}}.get(kind, {"delta": 0.2}))
-    key = "t" if kind == "label_smoothing" else "delta"
-    vals = params.get(key)
+    """``{param: value}`` per value of the manipulation's one parameter (``grid.params.<kind>``,
+    a value or a list; default: the registered default)."""
+    from .targets import manipulation
+
+    m = manipulation(kind)
+    vals = ((grid.get("params") or {}).get(kind) or {m.param: m.default}).get(m.param)
     vals = vals if isinstance(vals, list) else [vals]
-    return [{key: v} for v in vals]
+    return [{m.param: v} for v in vals]
 
 
 def expand_manipulation(ctx: _Ctx) -> list[Job]:
+    """Fig. 6: every manipulation (and parameter value) x subset of the grid (default: every
+    registered manipulation, the paper's subsets), one group per triplet x seed."""
+    from .targets import MANIPULATIONS, SUBSETS, grid_defaults
+
     grid = ctx.study.get("grid") or {}
-    kinds = grid.get("kind", ["label_smoothing", "teacher_amp", "student_amp"])
-    subsets = grid.get("subset", ["reg_cor", "reg", "correct", "not_correct", "all"])
+    kinds = grid.get("kind", grid_defaults(MANIPULATIONS))
+    subsets = grid.get("subset", grid_defaults(SUBSETS))
     jobs = []
     for ti, tr in enumerate(_triplets(ctx)):
         roles = {"weak": tr["weak"], "strong": tr["strong"]}
@@ -214,10 +225,10 @@ def expand_manipulation(ctx: _Ctx) -> list[Job]:
                 for prm in _manip_params(kind, grid):
                     dist = {"name": "manipulate", "teacher": "weak", "kind": kind, "subset": subset,
                             **prm, **ctx.distill()}
+                    value = next(iter(prm.values()))
                     cfgs.append(ctx.student(tr["student"], seed, [_stage(ctx.schedule, dist)], roles,
-                                            distiller="manipulate", scheme=kind, subset=subset,
-                                            param=next(iter(prm.values())),
-                                            label=f"{kind}({next(iter(prm.values()))}) / {subset}"))
+                                            distiller="manipulate", manipulation=kind, subset=subset,
+                                            param=value, label=f"{kind}({value}) / {subset}"))
             jobs.append(ctx.group(f"group-t{ti}-s{seed}", cfgs, roles))
     return jobs
 
@@ -415,9 +426,8 @@ def expand_fgsm(ctx: _Ctx) -> list[Job]:
     und = _undistilled(ctx, tr["student"])
     jobs = []
     for seed in ctx.seeds:
-        cfgs = [ctx.student(tr["student"], seed, [_stage(ctx.schedule, dist)], roles,
-                            distiller=dist["name"], scheme=dist.get("kind", dist.get("scheme", "")),
-                            subset=dist["subset"], param=dist.get("t", dist.get("delta")), label="distilled")]
+        cfgs = [ctx.student(tr["student"], seed, [_stage(ctx.schedule, dist)], roles, label="distilled",
+                            **distiller_meta(dist))]
         if not und.get("pretrained"):
             cfgs.append(ctx.student(und["model"], seed, [_stage(ctx.schedule, {"name": "none"})], {},
                                     distiller="none", label="undistilled"))
@@ -474,6 +484,17 @@ def validate_runs(p: Plan) -> None:
                                        f"'{d.get('name')}' {d} ({type(exc).__name__}: {exc})") from None
 
 
+def distiller_meta(dist: dict) -> dict:
+    """A run's meta columns that say what its distiller does: the distiller, and where it has one,
+    its replacement scheme, manipulation (with its parameter's value) and subset."""
+    from .targets import MANIPULATIONS
+
+    kind = dist.get("kind", "") if dist["name"] == "manipulate" else ""
+    param = dist.get(MANIPULATIONS[kind].param) if kind in MANIPULATIONS else None
+    return {"distiller": dist["name"], "scheme": dist.get("scheme", ""), "manipulation": kind,
+            "subset": dist.get("subset", "") or "", "param": param}
+
+
 def probe_targets(p: Plan) -> list[dict]:
     """The runs an FGSM probe can attack: distilled runs whose last stage alters a subset.
 
@@ -488,10 +509,12 @@ def probe_targets(p: Plan) -> list[dict]:
             nones[c["seed"]] = d
     und = (p.study.get("probe") or {}).get("undistilled")
     hub = dict(und) if isinstance(und, dict) and und.get("pretrained") else None
+    from .distillers import REGISTRY
+
     out = []
     for c, d in runs:
         dist = c["stages"][-1]["distiller"]
-        if dist["name"] not in ("ckm", "replace", "manipulate") or not dist.get("subset"):
+        if not REGISTRY[dist["name"]].alters_subset or not dist.get("subset"):
             continue
         if c["meta"].get("baseline"):
             continue
@@ -534,12 +557,3 @@ def describe_stage(stage: dict, teachers: dict | None = None) -> str:
 def describe_run(cfg: dict) -> str:
     """A run's stages, ' | '-separated (the dry run's line per run)."""
     return " | ".join(describe_stage(s, cfg.get("teachers")) for s in cfg["stages"])
-
-
-def describe(p: Plan) -> list[dict[str, Any]]:
-    """Rows for --dry-run and status: one per job."""
-    rows = []
-    for j in p.jobs:
-        rows.append({"job": j.name, "kind": j.kind, "runs": len(j.runs), "deps": ",".join(j.deps) or "-",
-                     "state": j.state()})
-    return rows
