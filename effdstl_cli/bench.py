@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .runconfig import run_config, stage
 from .targets import SCHEMES, SUBSETS, grid_defaults
 
 DEFAULTS = {
@@ -167,17 +168,13 @@ class _DataMemo:
 
 
 def _stage(epochs: int, distiller: dict) -> dict:
-    return {"epochs": epochs, "distiller": distiller,
-            "optim": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False},
-            "sched": {"warmup_epochs": 0, "min_lr": 0.0}}
+    return stage({"epochs": epochs, "lr": 0.05}, distiller)
 
 
 def _run_cfg(a, dataset: str, distiller: dict, teachers: dict, label: str) -> dict:
     epochs = 1 + max(int(a.repeats), 1)
-    return {"role": "student", "dataset": dataset, "data_root": None, "image_size": None,
-            "model": a.student, "seed": 0, "batch_size": a.batch, "epochs": epochs,
-            "stages": [_stage(epochs, distiller)], "teachers": teachers,
-            "meta": {"study": "bench", "label": label}}
+    return run_config("student", {"dataset": dataset}, a.student, 0, a.batch, [_stage(epochs, distiller)], teachers,
+                      {"study": "bench", "label": label})
 
 
 def _group_cfgs(a, dataset: str, teachers: dict) -> list[dict]:

@@ -52,20 +52,10 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 # -- launch plumbing -------------------------------------------------------------------------
 
 class LaunchArgs:
-    """The options every launching command shares."""
+    """The options every launching command shares: the library's LaunchOptions and --rerun."""
 
-    def __init__(self, executor, device, tasks, gpus_per_job, partition, account, qos, timeout_min,
-                 array_parallelism, max_parallel, compile_, workers, decode, wait, rerun=None,
-                 skip_bad_images=False, fuse="auto"):
-        from .launch import LaunchOptions
-
-        self.rerun = list(rerun or [])
-
-        self.opts = LaunchOptions(executor=executor, device=device, tasks=tasks, gpus_per_job=gpus_per_job,
-                                  partition=partition, account=account, qos=qos, timeout_min=timeout_min,
-                                  array_parallelism=array_parallelism, max_parallel=max_parallel,
-                                  compile=compile_, workers=workers, decode=decode, wait=wait,
-                                  skip_bad_images=skip_bad_images, fuse=fuse)
+    def __init__(self, opts, rerun=None):
+        self.opts, self.rerun = opts, list(rerun or [])
 
 
 def launch_options(
@@ -95,8 +85,13 @@ def launch_options(
                              "fused model: auto (MLPs always; convolutional students on a GPU at <= 64 px; what "
                              "`effdstl bench` measures) | on | off (one after another). --dry-run shows the choice."),
 ) -> LaunchArgs:
-    return LaunchArgs(executor, device, tasks, gpus_per_job, partition, account, qos, timeout_min,
-                      array_parallelism, max_parallel, compile_, workers, decode, wait, rerun, skip_bad_images, fuse)
+    from .launch import LaunchOptions
+
+    return LaunchArgs(LaunchOptions(executor=executor, device=device, tasks=tasks, gpus_per_job=gpus_per_job,
+                                    partition=partition, account=account, qos=qos, timeout_min=timeout_min,
+                                    array_parallelism=array_parallelism, max_parallel=max_parallel,
+                                    compile=compile_, workers=workers, decode=decode, wait=wait,
+                                    skip_bad_images=skip_bad_images, fuse=fuse), rerun)
 
 
 def _progress_poller(plan):
@@ -307,67 +302,8 @@ def _parse_distiller(text: str) -> dict:
     return spec
 
 
-def _resolve_teacher(text: str) -> dict:
-    """A teacher from: a model.pt, a run directory, a study folder with one teacher run, or a
-    hub model ``timm:NAME`` / ``tv:NAME`` (pretrained)."""
-    if text.startswith(("timm:", "tv:")):
-        return {"model": text, "pretrained": True}
-    p = Path(text)
-    if p.is_dir():
-        if (p / "model.pt").exists():
-            p = p / "model.pt"
-        else:
-            cands = [c for c in sorted(p.glob("runs/*/model.pt"))
-                     if yaml.safe_load((c.parent / "config.yaml").read_text()).get("role") == "teacher"]
-            if len(cands) != 1:
-                raise EffdstlError(f"--teacher {text}: expected one finished teacher run under it, found {len(cands)}")
-            p = cands[0]
-    if not p.exists():
-        raise EffdstlError(f"--teacher {text}: no such checkpoint or run directory")
-    import torch
-
-    try:
-        blob = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001
-        raise EffdstlError(f"checkpoint {p} is corrupt or truncated") from None
-    spec = blob.get("model_spec") if isinstance(blob, dict) else None
-    if not spec:
-        raise EffdstlError(f"--teacher {text}: the checkpoint does not say its model; pass a run's model.pt")
-    return {"model": spec, "ckpt": str(p.resolve())}
-
-
-def _single_plan(name: str, dataset: str, data_root, image_size, model: str, seed: int, batch_size: int,
-                 sched: dict, distillers: list[dict], teachers: dict, role: str, results: str):
-    from .config import config_hash, validate_schedule
-    from .studies import DEFAULT_SCHEDULE, Job, Plan, _stage, study_dir
-
-    validate_schedule("command line", {k: v for k, v in sched.items() if v is not None})
-    if image_size is not None and image_size < 1:
-        raise EffdstlError(f"--image-size must be a positive number of pixels, got {image_size}")
-    if seed < 0:
-        raise EffdstlError(f"--seed must be an integer >= 0, got {seed}")
-    sdir = study_dir(results, name)
-    from .distillers import build_distiller  # imports torch: after the cheap checks
-    runs = []
-    for d in distillers:
-        dist = build_distiller(d)  # validates names and parameters before anything trains
-        for t in dist.teachers:
-            if t not in teachers:
-                raise EffdstlError(f"distiller '{d['name']}' reads teacher '{t}': pass --teacher PATH"
-                                   + (" and --strong PATH" if t == "strong" else ""))
-        st = _stage({**DEFAULT_SCHEDULE, **{k: v for k, v in sched.items() if v is not None}}, d)
-        label = d["name"] + "".join(f" {k}={v}" for k, v in d.items() if k not in ("name", "teacher"))
-        cfg = {"role": role, "dataset": dataset, "data_root": data_root, "image_size": image_size, "model": model,
-               "seed": seed, "batch_size": batch_size, "epochs": st["epochs"], "stages": [st],
-               "teachers": {t: teachers[t] for t in dist.teachers},
-               "meta": {"study": name, "study_kind": role, "dataset": dataset, "student": model,
-                        "weak": teachers.get("weak", {}).get("model", ""), "strong": teachers.get("strong", {}).get("model", ""),
-                        "triplet": "", "distiller": d["name"], "scheme": d.get("scheme", d.get("kind", "")),
-                        "subset": d.get("subset", "") or "", "param": d.get("t", d.get("delta")), "baseline": "",
-                        "label": label, "seed": seed}}
-        runs.append((cfg, sdir / "runs" / config_hash(cfg)))
-    study = {"name": name, "kind": role, "dataset": dataset}
-    return Plan(study, sdir, [Job(f"{role}-group", "train", runs)])
+def _data(dataset: str, data_root: str | None, image_size: int | None) -> dict:
+    return {"dataset": dataset, "data_root": data_root, "image_size": image_size}
 
 
 def _print_runs(plan) -> None:
@@ -411,9 +347,11 @@ def train_teacher(dataset: str = typer.Option("digits", "--dataset", "-d", help=
                   dry_run: bool = typer.Option(False, "--dry-run", help="Print the job(s); train nothing."),
                   verbose: bool = VERBOSE, la: LaunchArgs = None):
     """Train one teacher on labels; prints where its model.pt is (pass it to --teacher)."""
+    from .studies import single_plan
+
     sched = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
-    plan = _single_plan(name or f"teacher-{dataset.split(':')[0]}", dataset, data_root, image_size, model, seed,
-                        batch_size, sched, [{"name": "none"}], {}, "teacher", results)
+    plan = single_plan(name or f"teacher-{dataset.split(':')[0]}", _data(dataset, data_root, image_size), model, seed,
+                       batch_size, sched, [{"name": "none"}], {}, "teacher", results)
     _run_plan(plan, la, dry_run, verbose)
     if not dry_run:
         _print_runs(plan)
@@ -436,39 +374,22 @@ def train_student(dataset: str = typer.Option("digits", "--dataset", "-d", help=
                   dry_run: bool = typer.Option(False, "--dry-run", help="Print the job(s); train nothing."),
                   verbose: bool = VERBOSE, la: LaunchArgs = None):
     """Train one student, or a group of students (one per --distiller) that share every batch."""
+    from .studies import resolve_teacher, single_plan
+
     teachers = {}
     if teacher:
-        teachers["weak"] = _resolve_teacher(teacher)
+        teachers["weak"] = resolve_teacher(teacher)
     if strong:
-        teachers["strong"] = _resolve_teacher(strong)
-    from .distillers import with_teacher
-
-    specs = [with_teacher(_parse_distiller(d), teachers) for d in distiller]
+        teachers["strong"] = resolve_teacher(strong)
     sched = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
-    plan = _single_plan(name or f"students-{dataset.split(':')[0]}", dataset, data_root, image_size, model, seed,
-                        batch_size, sched, specs, teachers, "student", results)
+    plan = single_plan(name or f"students-{dataset.split(':')[0]}", _data(dataset, data_root, image_size), model, seed,
+                       batch_size, sched, [_parse_distiller(d) for d in distiller], teachers, "student", results)
     _run_plan(plan, la, dry_run, verbose)
     if not dry_run:
         _print_runs(plan)
 
 
 # -- probes -----------------------------------------------------------------------------------
-
-def _drop_stale_probe(out_path: Path, n: int, eps: list, dry_run: bool) -> None:
-    """A probe table made with another n or eps is redone (not skipped as 'done')."""
-    from .io import read_json
-
-    info = out_path.with_suffix(".json")
-    if dry_run or not out_path.exists():
-        return
-    try:
-        j = read_json(info)
-        same = int(j.get("n", -1)) == n and [round(float(e), 12) for e in j.get("eps", [])] == [round(float(e), 12) for e in eps]
-    except (OSError, ValueError):
-        same = False
-    if not same:
-        out_path.unlink()
-
 
 @attack_app.command("fgsm")
 @_with_launch
@@ -482,7 +403,7 @@ def attack_fgsm(study: Path = typer.Option(..., "--study", "-s", help="A study w
 
     Trains whatever the study still needs first (skipping finished runs)."""
     from .attack import DEFAULT_EPS
-    from .studies import Job, probe_targets
+    from .studies import add_probes
 
     if n is not None and n < 1:
         raise EffdstlError(f"--n must be >= 1, got {n}")
@@ -492,16 +413,7 @@ def attack_fgsm(study: Path = typer.Option(..., "--study", "-s", help="A study w
     pcfg = plan.study.get("probe") or {}
     n = n if n is not None else int(pcfg.get("n", 1000))
     eps = list(eps or pcfg.get("eps") or DEFAULT_EPS)
-    targets = probe_targets(plan)
-    if not targets:
-        raise EffdstlError(f"study {study} has no distilled run with an altered subset to probe")
-    train_jobs = list(plan.jobs)
-    for i, tgt in enumerate(targets):
-        tgt.update(n=n, eps=eps, seed=tgt["cfg"]["seed"],
-                   out=str(plan.study_dir / "fgsm" / tgt["run"].name / "fgsm.parquet"))
-        _drop_stale_probe(Path(tgt["out"]), n, eps, dry_run)
-        job_of = next(j.name for j in train_jobs if any(d == tgt["run"] for _, d in j.runs))
-        plan.jobs.append(Job(f"probe-{tgt['run'].name}", "probe", [], [job_of], tgt))
+    targets = add_probes(plan, n, eps, forget_stale=not dry_run)
     _run_plan(plan, la, dry_run, verbose)
     if not dry_run:
         from .io import read_json
@@ -639,11 +551,11 @@ def plot(figure: str = typer.Argument(..., help="figure5 | figure6 | figure7 | f
     """Draw one of the paper's figures, or training curves (PNG + PDF under <study>/figures/)."""
     from . import plots
 
-    kinds = (*(f"figure{k}" for k in plots.FIGURES), "curves")
-    if figure not in kinds:
+    names = (*(f"figure{k}" for k in plots.FIGURES), "curves")
+    if figure not in names:
         from .errors import unknown
 
-        raise unknown("figure", figure, kinds)
+        raise unknown("figure", figure, names)
     d = _study_dir(study, results)
     paths = plots.curves(d, runs) if figure == "curves" else plots.FIGURES[figure.removeprefix("figure")](d)
     for p in (paths if isinstance(paths, (list, tuple)) else [paths]):
@@ -651,20 +563,20 @@ def plot(figure: str = typer.Argument(..., help="figure5 | figure6 | figure7 | f
 
 
 @app.command("table")
-def table(which: str = typer.Argument(..., help="table1 | table3 | table4"),
+def table(which: str = typer.Argument(..., help="table1 | table3 | table4 (tables.TABLES)"),
           study: str = typer.Argument(..., help="Study name, folder, or YAML file."), results: str = RESULTS):
     """Write one of the paper's tables (Markdown, CSV, LaTeX) with the paper's numbers beside ours."""
     from . import tables
 
-    kinds = ("table1", "table3", "table4")
-    if which not in kinds:
+    names = tuple(f"table{k}" for k in tables.TABLES)
+    if which not in names:
         from .errors import unknown
 
-        raise unknown("table", which, kinds)
+        raise unknown("table", which, names)
     declared = _declared_kind(study, results)  # refuse the wrong kind of study before reading runs
     if declared:
         tables.require_kind(Path(study), which, {declared})
-    res = getattr(tables, which)(_study_dir(study, results))
+    res = tables.TABLES[which.removeprefix("table")](_study_dir(study, results))
     df, paths = res if isinstance(res, tuple) else (res, [])
     md = next((p for p in paths if str(p).endswith(".md")), None)
     out.print(Path(md).read_text() if md else df.to_string(index=False), markup=False, highlight=False)
@@ -680,7 +592,9 @@ def demo(results: str = RESULTS, executor: str = typer.Option("debug", "--execut
     from . import plots
     from .results import collect, write_table
 
-    la = LaunchArgs(executor, "auto", 1, None, None, None, None, 60, 16, None, False, 0, "auto", True)
+    from .launch import LaunchOptions
+
+    la = LaunchArgs(LaunchOptions(executor=executor, timeout_min=60, workers=0))
     study = Path(__file__).resolve().parent.parent / "studies" / "figure5-digits.yaml"
     if not study.exists():
         study = Path("studies/figure5-digits.yaml")

@@ -16,6 +16,7 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -396,14 +397,13 @@ def _eg(keys: list[str]) -> str:
     return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
 
 
-def load_checkpoint(net: nn.Module, path: str | Path) -> nn.Module:
-    """Load weights into ``net`` (its body for a Net) from our model.pt, {"state_dict": ...} or a raw
-    state_dict (timm/torchvision/RepDistiller files included); every failure is one clear line."""
+def _read_weights(path: str | Path) -> Any:
+    """``torch.load`` of a weights file (tensors only); every failure is one clear line."""
     path = Path(path)
     if not path.is_file():
         raise EffdstlError(f"checkpoint {path} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
         if found:  # a well-formed pickle of something weights_only refuses (not a corrupt file)
@@ -412,6 +412,19 @@ def load_checkpoint(net: nn.Module, path: str | Path) -> nn.Module:
         raise EffdstlError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__})") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, pickle.PickleError, KeyError) as exc:
         raise EffdstlError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__})") from None
+
+
+def saved_spec(path: str | Path) -> str | None:
+    """The model spec a model.pt written by :func:`save_weights` names (None for other files)."""
+    obj = _read_weights(path)
+    return obj.get("model_spec") if isinstance(obj, dict) else None
+
+
+def load_checkpoint(net: nn.Module, path: str | Path) -> nn.Module:
+    """Load weights into ``net`` (its body for a Net) from our model.pt, {"state_dict": ...} or a raw
+    state_dict (timm/torchvision/RepDistiller files included); every failure is one clear line."""
+    path = Path(path)
+    obj = _read_weights(path)
     meta = obj if isinstance(obj, dict) else {}
     sd = obj
     for key in ("model", "state_dict", "model_state_dict", "net"):

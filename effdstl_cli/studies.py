@@ -15,13 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import config_hash, data_keys
+from .config import config_hash
 from .errors import EffdstlError, unknown
 from .rundir import run_state  # noqa: F401 - the one definition of a run's state; re-exported
-
-DEFAULT_SCHEDULE = {"epochs": 10, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False,
-                    "warmup_epochs": 0, "min_lr": 0.0}
-
+from .runconfig import DEFAULT_SCHEDULE, run_config, stage
 
 @dataclass
 class Job:
@@ -63,18 +60,6 @@ def study_dir(results_root: str | Path, name: str) -> Path:
 
 # -- building blocks -------------------------------------------------------------------------
 
-def _stage(sched: dict, distiller: dict) -> dict:
-    s = {**DEFAULT_SCHEDULE, **sched}
-    out = {"epochs": int(s["epochs"]), "distiller": distiller,
-           "optim": {"lr": float(s["lr"]), "momentum": float(s["momentum"]),
-                     "weight_decay": float(s["weight_decay"]), "nesterov": bool(s["nesterov"])},
-           "sched": {"warmup_epochs": float(s["warmup_epochs"]), "min_lr": float(s["min_lr"])}}
-    if s.get("kind", "cosine") == "step":  # cosine (the default) adds no key: its run hashes stay
-        out["sched"].update(kind="step", milestones=[float(m) for m in s.get("milestones") or []],
-                            gamma=float(s.get("gamma", 0.1)))
-    return out
-
-
 def _file_sha(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -90,7 +75,6 @@ class _Ctx:
         self.study, self.sdir = study, sdir
         self.teacher_jobs: dict[str, Job] = {}
         self.teacher_refs: dict[str, dict] = {}
-        base = data_keys(study)
         ts = {**DEFAULT_SCHEDULE, "batch_size": study.get("batch_size", 64), "seed": 0,
               **(study.get("teacher_schedule") or {})}
         for name, t in (study.get("teachers") or {}).items():
@@ -102,11 +86,10 @@ class _Ctx:
                 self.teacher_refs[name] = ref
                 continue
             sched = {**ts, **{k: v for k, v in t.items() if k not in ("model", "pretrained", "ckpt")}}
-            cfg = {"role": "teacher", **base, "model": t["model"], "seed": int(sched["seed"]),
-                   "batch_size": int(sched["batch_size"]), "epochs": int(sched["epochs"]),
-                   "stages": [_stage(sched, {"name": "none"})], "teachers": {},
-                   "meta": self.meta(study_kind="teacher", student=t["model"], distiller="none",
-                                     label=f"teacher {name}", seed=int(sched["seed"]))}
+            cfg = run_config("teacher", study, t["model"], sched["seed"], sched["batch_size"],
+                             [stage(sched, {"name": "none"})], {},
+                             self.meta(study_kind="teacher", student=t["model"], distiller="none",
+                                       label=f"teacher {name}", seed=int(sched["seed"])))
             h = config_hash(cfg)
             rd = sdir / "runs" / h
             self.teacher_jobs[name] = Job(f"teacher-{name}", "train", [(cfg, rd)])
@@ -129,11 +112,9 @@ class _Ctx:
             teachers[role] = copy.deepcopy(self.teacher_refs[tname])
         tmodels = {r: self.teacher_refs[t]["model"] for r, t in roles.items()}
         weak, strong = tmodels.get("weak", ""), tmodels.get("strong", "")
-        return {"role": "student", **data_keys(self.study), "model": model, "seed": int(seed),
-                "batch_size": int(self.study.get("batch_size", 64)),
-                "epochs": sum(int(s["epochs"]) for s in stages), "stages": stages, "teachers": teachers,
-                "meta": self.meta(student=model, weak=weak, strong=strong,
-                                  triplet=f"{weak}|{strong}|{model}", seed=int(seed), **meta)}
+        return run_config("student", self.study, model, seed, self.study.get("batch_size", 64), stages, teachers,
+                          self.meta(student=model, weak=weak, strong=strong, triplet=f"{weak}|{strong}|{model}",
+                                    seed=int(seed), **meta))
 
     def group(self, name: str, cfgs: list[dict], roles: dict[str, str]) -> Job:
         for c in cfgs:  # Table 3 adds up a group job's runs (meta is not part of the run's hash)
@@ -168,7 +149,7 @@ def _baselines(ctx: _Ctx, tr: dict, seed: int) -> list[dict]:
     d, roles = ctx.distill(), {"weak": tr["weak"], "strong": tr["strong"]}
     out = []
     for which in ("weak", "strong"):
-        st = [_stage(ctx.schedule, {"name": "kd", "teacher": which, **d})]
+        st = [stage(ctx.schedule, {"name": "kd", "teacher": which, **d})]
         out.append(ctx.student(tr["student"], seed, st, roles, distiller="kd", baseline=which,
                                label=f"{which} teacher only"))
     return out
@@ -190,7 +171,7 @@ def expand_replacement(ctx: _Ctx) -> list[Job]:
             for scheme, subset in itertools.product(schemes, subsets):
                 dist = {"name": "replace", "teacher": "weak", "strong": "strong", "scheme": scheme,
                         "subset": subset, **ctx.distill()}
-                cfgs.append(ctx.student(tr["student"], seed, [_stage(ctx.schedule, dist)], roles,
+                cfgs.append(ctx.student(tr["student"], seed, [stage(ctx.schedule, dist)], roles,
                                         distiller="replace", scheme=scheme, subset=subset,
                                         label=f"{scheme} / {subset}"))
             jobs.append(ctx.group(f"group-t{ti}-s{seed}", cfgs, roles))
@@ -226,7 +207,7 @@ def expand_manipulation(ctx: _Ctx) -> list[Job]:
                     dist = {"name": "manipulate", "teacher": "weak", "kind": kind, "subset": subset,
                             **prm, **ctx.distill()}
                     value = next(iter(prm.values()))
-                    cfgs.append(ctx.student(tr["student"], seed, [_stage(ctx.schedule, dist)], roles,
+                    cfgs.append(ctx.student(tr["student"], seed, [stage(ctx.schedule, dist)], roles,
                                             distiller="manipulate", manipulation=kind, subset=subset,
                                             param=value, label=f"{kind}({value}) / {subset}"))
             jobs.append(ctx.group(f"group-t{ti}-s{seed}", cfgs, roles))
@@ -280,9 +261,9 @@ def _effdstl_stages(ctx: _Ctx, r: dict, stage2_over: dict | None = None) -> tupl
     a fresh SGD (docs/METHOD.md 'The recipe'). Returns (stages, roles)."""
     s1, s2 = r["stage1"], {**r["stage2"], **(stage2_over or {})}
     t2 = s2.pop("teacher", r["teacher2"])
-    st1 = _stage({**ctx.schedule, **_sched(s1)}, {"name": "wsl", "teacher": "weak", **{k: s1[k] for k in _S1_LOSS}})
+    st1 = stage({**ctx.schedule, **_sched(s1)}, {"name": "wsl", "teacher": "weak", **{k: s1[k] for k in _S1_LOSS}})
     role2 = "weak" if t2 == r["teacher1"] else "strong"
-    st2 = _stage({**ctx.schedule, "warmup_epochs": 0, **_sched(s2)},
+    st2 = stage({**ctx.schedule, "warmup_epochs": 0, **_sched(s2)},
                  {"name": "ckm", "teacher": role2, **{k: s2[k] for k in _S2_LOSS}})
     roles = {"weak": r["teacher1"]}
     if role2 == "strong":
@@ -313,11 +294,11 @@ def _baseline_runs(ctx: _Ctx, r: dict, seed: int, baselines: list[str], meta: di
         if b not in specs:
             raise unknown("baseline", b, specs)
         if b == "none":
-            st = [_stage({**ctx.schedule, **_sched(s1), "epochs": total, **_sched(r.get("single") or {})}, specs[b])]
+            st = [stage({**ctx.schedule, **_sched(s1), "epochs": total, **_sched(r.get("single") or {})}, specs[b])]
             roles = {}
         else:
-            st = [_stage({**ctx.schedule, **_sched(s1)}, {**specs[b], "teacher": "weak"}),
-                  _stage({**ctx.schedule, "warmup_epochs": 0, **_sched(s2)},
+            st = [stage({**ctx.schedule, **_sched(s1)}, {**specs[b], "teacher": "weak"}),
+                  stage({**ctx.schedule, "warmup_epochs": 0, **_sched(s2)},
                          {**specs[b], "teacher": "strong" if r["teacher2"] != r["teacher1"] else "weak"})]
             roles = {"weak": r["teacher1"]}
             if r["teacher2"] != r["teacher1"]:
@@ -426,10 +407,10 @@ def expand_fgsm(ctx: _Ctx) -> list[Job]:
     und = _undistilled(ctx, tr["student"])
     jobs = []
     for seed in ctx.seeds:
-        cfgs = [ctx.student(tr["student"], seed, [_stage(ctx.schedule, dist)], roles, label="distilled",
+        cfgs = [ctx.student(tr["student"], seed, [stage(ctx.schedule, dist)], roles, label="distilled",
                             **distiller_meta(dist))]
         if not und.get("pretrained"):
-            cfgs.append(ctx.student(und["model"], seed, [_stage(ctx.schedule, {"name": "none"})], {},
+            cfgs.append(ctx.student(und["model"], seed, [stage(ctx.schedule, {"name": "none"})], {},
                                     distiller="none", label="undistilled"))
         jobs.append(ctx.group(f"group-s{seed}", cfgs, roles))
     return jobs
@@ -529,7 +510,7 @@ def _fmt(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def describe_stage(stage: dict, teachers: dict | None = None) -> str:
+def describestage(stage: dict, teachers: dict | None = None) -> str:
     """One stage in a line: epochs, the loss with every hyper-parameter and its teacher, the schedule.
 
     e.g. ``240 ep wsl[T 2, ls 0.1, w_ce 1, w_wsl 0.5; teacher weak=tv:resnet34] lr 0.5->1e-05 cos wd 4e-05``
@@ -556,4 +537,101 @@ def describe_stage(stage: dict, teachers: dict | None = None) -> str:
 
 def describe_run(cfg: dict) -> str:
     """A run's stages, ' | '-separated (the dry run's line per run)."""
-    return " | ".join(describe_stage(s, cfg.get("teachers")) for s in cfg["stages"])
+    return " | ".join(describestage(s, cfg.get("teachers")) for s in cfg["stages"])
+
+
+# -- single runs (effdstl train teacher / student) ----------------------------------------------
+
+def resolve_teacher(text: str) -> dict:
+    """A teacher reference from: a model.pt, a run directory, a study folder with one teacher run,
+    or a hub model ``timm:NAME`` / ``tv:NAME`` (pretrained)."""
+    if text.startswith(("timm:", "tv:")):
+        return {"model": text, "pretrained": True}
+    p = Path(text)
+    if p.is_dir():
+        if (p / "model.pt").exists():
+            p = p / "model.pt"
+        else:
+            from .rundir import RunDir
+
+            cands = [c for c in sorted(p.glob("runs/*/model.pt")) if RunDir(c.parent).config.get("role") == "teacher"]
+            if len(cands) != 1:
+                raise EffdstlError(f"--teacher {text}: expected one finished teacher run under it, found {len(cands)}")
+            p = cands[0]
+    if not p.exists():
+        raise EffdstlError(f"--teacher {text}: no such checkpoint or run directory")
+    from .models import saved_spec
+
+    spec = saved_spec(p)
+    if not spec:
+        raise EffdstlError(f"--teacher {text}: the checkpoint does not say its model; pass a run's model.pt")
+    return {"model": spec, "ckpt": str(p.resolve())}
+
+
+def single_plan(name: str, data: dict, model: str, seed: int, batch_size: int, sched: dict,
+                distillers: list[dict], teachers: dict, role: str, results_root: str | Path) -> Plan:
+    """One group job of single runs (``effdstl train teacher`` / ``student``): one run per distiller
+    spec, all on ``data`` (dataset, data_root, image_size) with one schedule; ``teachers`` by role
+    (from :func:`resolve_teacher`). A spec without a teacher gets its distiller's default one."""
+    from .config import validate_schedule
+
+    sched = {k: v for k, v in sched.items() if v is not None}
+    validate_schedule("command line", sched)
+    if data.get("image_size") is not None and data["image_size"] < 1:
+        raise EffdstlError(f"--image-size must be a positive number of pixels, got {data['image_size']}")
+    if seed < 0:
+        raise EffdstlError(f"--seed must be an integer >= 0, got {seed}")
+    sdir = study_dir(results_root, name)
+    from .distillers import build_distiller, with_teacher  # imports torch: after the cheap checks
+
+    runs = []
+    for d in distillers:
+        d = with_teacher(d, teachers)
+        dist = build_distiller(d)  # validates names and parameters before anything trains
+        for t in dist.teachers:
+            if t not in teachers:
+                raise EffdstlError(f"distiller '{d['name']}' reads teacher '{t}': pass --teacher PATH"
+                                   + (" and --strong PATH" if t == "strong" else ""))
+        label = d["name"] + "".join(f" {k}={v}" for k, v in d.items() if k not in ("name", "teacher"))
+        meta = {"study": name, "study_kind": role, "dataset": data["dataset"], "student": model,
+                "weak": teachers.get("weak", {}).get("model", ""), "strong": teachers.get("strong", {}).get("model", ""),
+                "triplet": "", **distiller_meta(d), "baseline": "", "label": label, "seed": seed}
+        cfg = run_config(role, data, model, seed, batch_size, [stage(sched, d)],
+                         {t: teachers[t] for t in dist.teachers}, meta)
+        runs.append((cfg, sdir / "runs" / config_hash(cfg)))
+    study = {"name": name, "kind": role, "dataset": data["dataset"]}
+    return Plan(study, sdir, [Job(f"{role}-group", "train", runs)])
+
+
+# -- probes (effdstl attack fgsm) -----------------------------------------------------------------
+
+def add_probes(p: Plan, n: int, eps: list[float], forget_stale: bool = True) -> list[dict]:
+    """Append one FGSM probe job per :func:`probe_targets` run (after the job that trains it);
+    returns the targets. A probe table made with another ``n`` or ``eps`` is deleted (redone, not
+    skipped as done) unless ``forget_stale`` is false (a dry run)."""
+    targets = probe_targets(p)
+    if not targets:
+        raise EffdstlError(f"study {p.study.get('name')} has no distilled run with an altered subset to probe")
+    train_jobs = list(p.jobs)
+    for tgt in targets:
+        tgt.update(n=n, eps=eps, seed=tgt["cfg"]["seed"],
+                   out=str(p.study_dir / "fgsm" / tgt["run"].name / "fgsm.parquet"))
+        if forget_stale:
+            _drop_stale_probe(Path(tgt["out"]), n, eps)
+        job_of = next(j.name for j in train_jobs if any(d == tgt["run"] for _, d in j.runs))
+        p.jobs.append(Job(f"probe-{tgt['run'].name}", "probe", [], [job_of], tgt))
+    return targets
+
+
+def _drop_stale_probe(out_path: Path, n: int, eps: list) -> None:
+    from .io import read_json
+
+    if not out_path.exists():
+        return
+    try:
+        j = read_json(out_path.with_suffix(".json"))
+        same = int(j.get("n", -1)) == n and [round(float(e), 12) for e in j.get("eps", [])] == [round(float(e), 12) for e in eps]
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        out_path.unlink()

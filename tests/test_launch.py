@@ -28,7 +28,7 @@ def teachers(tmp_path_factory) -> dict[str, Path]:
     import torch
 
     from effdstl_cli.engine import Env, train_group
-    from effdstl_cli.studies import DEFAULT_SCHEDULE, _stage
+    from effdstl_cli.runconfig import DEFAULT_SCHEDULE, stage as _stage
 
     root = tmp_path_factory.mktemp("teachers")
     threads = torch.get_num_threads()
