@@ -199,7 +199,7 @@ def _train(cfgs: list[dict], root: Path, env) -> tuple[float, float, list[dict]]
     """(wall s of the call, sum over members of their median epoch_s after the first, records)."""
     from .config import config_hash
     from .engine import train_group
-    from .io import read_jsonl
+    from .files import read_jsonl
 
     pairs = [(c, root / config_hash(c)) for c in cfgs]
     t0 = time.perf_counter()
@@ -217,12 +217,11 @@ def _train(cfgs: list[dict], root: Path, env) -> tuple[float, float, list[dict]]
 def naive_loop(a, data, teacher_ckpt: str, device: torch.device, steps: int, warm: int = 2,
                repeats: int = 1) -> dict:
     """fp32, NCHW, default backend flags, teacher forward per student, ``loss.item()`` every step."""
-    from .models import build_model
+    from .models import model_for
 
     torch.manual_seed(0)
-    kw = dict(in_chans=data.in_chans, image_size=data.image_size, mean=data.mean, std=data.std)
-    student = build_model(a.student, data.num_classes, **kw).to(device).train()
-    teacher = build_model(a.weak, data.num_classes, ckpt=teacher_ckpt, **kw).to(device).eval()
+    student = model_for(a.student, data).to(device).train()
+    teacher = model_for(a.weak, data, ckpt=teacher_ckpt).to(device).eval()
     opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     split, b = data.train, a.batch
     gen = torch.Generator().manual_seed(0)
@@ -263,16 +262,15 @@ class EngineStep:
 
     def __init__(self, a, data, teacher_ckpt: str, device: torch.device, env):
         from . import engine
-        from .models import build_model
+        from .models import model_for
 
         self.engine, self.env, self.device = engine, env, device
         self.cuda = device.type == "cuda"
         self.amp = env.amp if env.amp is not None else self.cuda
         self.chl = env.channels_last if env.channels_last is not None else self.cuda
-        kw = dict(in_chans=data.in_chans, image_size=data.image_size, mean=data.mean, std=data.std)
         torch.manual_seed(0)
-        model = build_model(a.student, data.num_classes, **kw).to(device)
-        teacher = build_model(a.weak, data.num_classes, ckpt=teacher_ckpt, **kw).to(device).eval()
+        model = model_for(a.student, data).to(device)
+        teacher = model_for(a.weak, data, ckpt=teacher_ckpt).to(device).eval()
         teacher.requires_grad_(False)
         if self.chl:
             model.to(memory_format=torch.channels_last)

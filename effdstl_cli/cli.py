@@ -416,7 +416,7 @@ def attack_fgsm(study: Path = typer.Option(..., "--study", "-s", help="A study w
     targets = add_probes(plan, n, eps, forget_stale=not dry_run)
     _run_plan(plan, la, dry_run, verbose)
     if not dry_run:
-        from .io import read_json
+        from .files import read_json
 
         for tgt in targets:
             info = Path(tgt["out"]).with_suffix(".json")

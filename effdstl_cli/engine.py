@@ -31,15 +31,16 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 
-from . import io as fio
+from . import files as fio
 from . import tblog
 from .cache import TeacherCache, cache_key, weights_sha
 from .config import DATA_KEYS, config_hash, data_keys
 from .data import KeyedView, MixedView, build_data, collate_mixed, data_args, decode_mixed, mixed_batches
+from .devices import resolve_device
 from .distillers import Distiller, TeacherOut, build_distiller
 from .errors import EffdstlError
 from .fused import FusedStudents, NotFusable, fuse, part, policy
-from .models import build_model, load_checkpoint, save_weights
+from .models import load_checkpoint, model_for, save_weights
 
 Progress = Callable[[str, dict], None]
 
@@ -71,14 +72,7 @@ class Env:
     log: Callable[[str], None] = print
 
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            if torch.cuda.is_available():
-                return torch.device("cuda", torch.cuda.current_device())
-            return torch.device("cpu")
-        dev = torch.device(self.device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise EffdstlError("--device cuda asked for, but no CUDA GPU is visible here")
-        return dev
+        return resolve_device(self.device)
 
 
 # Teacher-cache counters of the last group trained in this process (read by `effdstl bench`).
@@ -138,8 +132,7 @@ def load_teacher(name: str, tcfg: dict, data) -> torch.nn.Module:
         fio.check_teacher_file(name, tcfg)  # its run failed or is damaged, or the file changed: one line
     if ckpt is not None and not Path(ckpt).exists():
         raise EffdstlError(f"teacher '{name}': checkpoint {ckpt} does not exist (train the teacher first)")
-    net = build_model(tcfg["model"], data.num_classes, in_chans=data.in_chans, image_size=data.image_size,
-                      mean=data.mean, std=data.std, pretrained=bool(tcfg.get("pretrained")))
+    net = model_for(tcfg["model"], data, pretrained=bool(tcfg.get("pretrained")))
     if ckpt is not None:
         load_checkpoint(net, ckpt)
     net.eval().requires_grad_(False)
@@ -398,9 +391,7 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
     for m in members:
         # Same seed -> same init for every student of an architecture: paired comparisons.
         torch.manual_seed(seed)
-        m.model = build_model(m.cfg["model"], data.num_classes, in_chans=data.in_chans,
-                              image_size=data.image_size, mean=data.mean, std=data.std,
-                              pretrained=bool(m.cfg.get("pretrained", False)))
+        m.model = model_for(m.cfg["model"], data, pretrained=bool(m.cfg.get("pretrained", False)))
         m.rng = torch.get_rng_state()
         m.n_train = len(data.train)
         state, note = fio.load_checkpoint(m.run_dir)
@@ -913,14 +904,6 @@ def _end_epoch(m: Member, data, epoch, share_s, device, env: Env, chl, autocast,
         env.progress("epoch", {"run": m.hash, **row})
 
 
-def _tensor_bytes(obj) -> bytes:
-    import io as _io
-
-    buf = _io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
 def _finish(m: Member, env: Env, device) -> dict:
     if m.failed is not None:
         rec = {"status": "failed", "reason": m.failed, "epoch": m.epoch, "config_hash": m.hash,
@@ -942,7 +925,7 @@ def _finish(m: Member, env: Env, device) -> dict:
     if env.rank == 0:
         save_weights(m.model, m.run_dir / "model.pt")
         if m.hits is not None:
-            fio.atomic_write_bytes(m.run_dir / "subset.pt", _tensor_bytes(
+            fio.atomic_write_bytes(m.run_dir / "subset.pt", fio.tensor_bytes(
                 {"hits": m.hits, "epochs": torch.tensor(m.mask_epochs)}))
         fio.write_final(m.run_dir / "final.json", rec)  # written last, sealed: the run is done
     return rec

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import io as fio
+from . import files as fio
 from .errors import EffdstlError
 from .fused import FUSE_MODES
 from .rundir import RunDir

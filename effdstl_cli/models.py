@@ -10,7 +10,6 @@ the plain timm/torchvision/RepDistiller one, so ``load_checkpoint`` loads foreig
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import re
@@ -242,6 +241,13 @@ def check_model_spec(spec: str) -> None:
         raise unknown("model", spec, MODELS)
 
 
+def model_for(spec: str, data: Any, **kw: Any) -> nn.Module:
+    """:func:`build_model` for a dataset (``data.Data``): its classes, channels, image size and
+    normalization; ``kw``: pretrained, ckpt."""
+    return build_model(spec, data.num_classes, in_chans=data.in_chans, image_size=data.image_size,
+                       mean=data.mean, std=data.std, **kw)
+
+
 def build_model(spec: str, num_classes: int, in_chans: int = 3, image_size: int = 32,
                 mean=(0.0,), std=(1.0,), pretrained: bool = False, ckpt: str | None = None) -> Net:
     """A Net by spec (see MODELS); ``ckpt`` loads weights after building (see load_checkpoint)."""
@@ -377,12 +383,11 @@ def _body(net: nn.Module) -> nn.Module:
 
 def save_weights(net: nn.Module, path: str | Path) -> None:
     """``{"model": body state_dict, "model_spec", "num_classes"}``, written atomically."""
-    from .io import atomic_write_bytes
+    from .files import atomic_write_bytes, tensor_bytes
 
-    buf = io.BytesIO()
-    torch.save({"model": {k: v.detach().cpu() for k, v in _body(net).state_dict().items()},
-                "model_spec": getattr(net, "spec", None), "num_classes": getattr(net, "num_classes", None)}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, tensor_bytes({"model": {k: v.detach().cpu() for k, v in _body(net).state_dict().items()},
+                                           "model_spec": getattr(net, "spec", None),
+                                           "num_classes": getattr(net, "num_classes", None)}))
 
 
 def _strip(sd: dict) -> dict:

@@ -23,7 +23,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from .errors import EffdstlError  # noqa: E402
-from .io import atomic_write, read_jsonl as read_metrics  # noqa: E402
+from .files import atomic_write, read_jsonl as read_metrics  # noqa: E402
 from .results import collect, interval95, normalized  # noqa: E402
 from .targets import MANIPULATIONS, SCHEMES, SUBSETS  # noqa: E402 - order, labels, symbols: the registries
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import EffdstlError
-from .io import atomic_write
+from .files import atomic_write
 from .rundir import RunDir
 
 META_KEYS = ("study", "study_kind", "dataset", "student", "weak", "strong", "triplet", "distiller",

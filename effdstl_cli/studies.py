@@ -624,7 +624,7 @@ def add_probes(p: Plan, n: int, eps: list[float], forget_stale: bool = True) -> 
 
 
 def _drop_stale_probe(out_path: Path, n: int, eps: list) -> None:
-    from .io import read_json
+    from .files import read_json
 
     if not out_path.exists():
         return

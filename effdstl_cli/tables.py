@@ -17,7 +17,7 @@ import pandas as pd
 import yaml
 
 from .errors import EffdstlError
-from .io import atomic_write, atomic_write_text
+from .files import atomic_write, atomic_write_text
 from .results import collect
 
 METHODS = ("none", "kd", "rkd", "wsl", "effdstl")

@@ -12,7 +12,7 @@ from effdstl_cli.config import config_hash
 from effdstl_cli.data import (augment_params, build_data, decode_images, keyed_uniforms,
                               resize_each, resize_windows, sample_keys)
 from effdstl_cli.engine import Env, train_group
-from effdstl_cli.io import read_jsonl
+from effdstl_cli.files import read_jsonl
 
 
 @pytest.fixture(scope="module")

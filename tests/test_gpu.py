@@ -12,7 +12,7 @@ from effdstl_cli.bench import make_jpegs
 from effdstl_cli.config import config_hash
 from effdstl_cli.data import augment_params, build_data, decode_images, resize_each, resize_windows
 from effdstl_cli.engine import Env, train_group
-from effdstl_cli.io import read_jsonl
+from effdstl_cli.files import read_jsonl
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -277,7 +277,7 @@ def _wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = N
 
 @pytest.mark.parametrize("executor", ["local"])  # "debug" works the same (its log is the CLI's stdout)
 def test_kill9_mid_training_then_same_command_resumes(tmp_path, teachers, executor):
-    from effdstl_cli.io import load_checkpoint
+    from effdstl_cli.files import load_checkpoint
 
     epochs = 6
     name = f"kill-{executor}"
