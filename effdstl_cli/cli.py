@@ -98,7 +98,7 @@ def _progress_poller(plan):
     """Progress bars from the run directories alone: the same for every executor."""
     from .rundir import RunDir
 
-    runs = [(c, RunDir(d)) for j in plan.jobs if j.kind == "train" for c, d in j.runs]
+    runs = [(c, RunDir(d)) for j in plan.jobs if j.work == "train" for c, d in j.runs]
     total_ep = sum(int(c["epochs"]) for c, _ in runs)
     prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=console, transient=False)
@@ -168,7 +168,7 @@ def _reruns(plan, names: list[str]) -> list:
     from .errors import unknown
     from .rundir import RunDir
 
-    have = {d.name: d for j in plan.jobs if j.kind == "train" for _, d in j.runs}
+    have = {d.name: d for j in plan.jobs if j.work == "train" for _, d in j.runs}
     out = []
     for name in names:
         if name not in have:
@@ -198,7 +198,7 @@ def _raise_failed_runs(plan) -> None:
     """Runs stopped on an error (failed.json: NaN loss, ...) make the command fail, every time it runs."""
     from .rundir import RunDir
 
-    failed = [(c, d) for j in plan.jobs if j.kind == "train" for c, d in j.runs if RunDir(d).state() == "failed"]
+    failed = [(c, d) for j in plan.jobs if j.work == "train" for c, d in j.runs if RunDir(d).state() == "failed"]
     if not failed:
         return
 
@@ -453,7 +453,7 @@ def _study_dir(study: str, results: str) -> Path:
     return d
 
 
-def _declared_kind(study: str, results: str) -> str | None:
+def _declared_study_kind(study: str, results: str) -> str | None:
     """The kind a study says it is: its YAML file, its results folder's study.yaml, or
     studies/<name>.yaml; None when none of them can be read."""
     p = Path(study)
@@ -573,9 +573,9 @@ def table(which: str = typer.Argument(..., help="table1 | table3 | table4 (table
         from .errors import unknown
 
         raise unknown("table", which, names)
-    declared = _declared_kind(study, results)  # refuse the wrong kind of study before reading runs
+    declared = _declared_study_kind(study, results)  # refuse the wrong kind of study before reading runs
     if declared:
-        tables.require_kind(Path(study), which, {declared})
+        tables.require_study_kind(Path(study), which, {declared})
     res = tables.TABLES[which.removeprefix("table")](_study_dir(study, results))
     df, paths = res if isinstance(res, tuple) else (res, [])
     md = next((p for p in paths if str(p).endswith(".md")), None)

@@ -235,7 +235,7 @@ def _env_kw(opts: LaunchOptions) -> dict:
 
 
 def _callable(job: Job, opts: LaunchOptions):
-    if job.kind == "probe":
+    if job.work == "probe":
         return ProbeJob(job.probe, opts.device)
     runs = [(c, str(d)) for c, d in job.runs]
     return TrainJob(runs, _env_kw(opts), opts.world(), opts.backend(), opts.skip_bad_images)
@@ -243,7 +243,7 @@ def _callable(job: Job, opts: LaunchOptions):
 
 def _queued_elsewhere(job: Job) -> str | None:
     """A Slurm job id recorded for this job's runs that squeue still lists (pending/running)."""
-    if job.kind == "probe" or not shutil.which("squeue"):
+    if job.work == "probe" or not shutil.which("squeue"):
         return None
     for _, d in job.runs:
         info = Path(d) / "job.json"
@@ -474,7 +474,7 @@ def _local_queue(plan: Plan, pending: list[Job], opts: LaunchOptions, report: Re
             waiting.remove(job)
             slot = free.pop(0)
             ex = submitit.LocalExecutor(folder=str(_log_folder(plan)))
-            params = {"timeout_min": opts.timeout_min, "tasks_per_node": opts.world() if job.kind == "train" else 1,
+            params = {"timeout_min": opts.timeout_min, "tasks_per_node": opts.world() if job.work == "train" else 1,
                       "nodes": 1}
             if slot is not None:
                 params.update(visible_gpus=slot, gpus_per_node=len(slot))
@@ -516,16 +516,16 @@ def _quiet_controller(plan: Plan):
         os.close(fd)
 
 
-def _job_resources(opts: LaunchOptions, kind: str = "train") -> tuple[int, int]:
+def _job_resources(opts: LaunchOptions, work: str = "train") -> tuple[int, int]:
     """(processes, GPUs) of one job: a training job is one DDP job over G GPUs; a probe is 1 process."""
     gpus = int(opts.gpus_per_job or 0)
-    return (opts.world(), gpus) if kind == "train" else (1, min(gpus, 1))
+    return (opts.world(), gpus) if work == "train" else (1, min(gpus, 1))
 
 
 def slurm_parameters(plan: Plan, opts: LaunchOptions, dep_ids: list[str] | None = None,
-                     kind: str = "train") -> dict[str, Any]:
+                     work: str = "train") -> dict[str, Any]:
     """submitit AutoExecutor parameters of one array of jobs (a training job on G GPUs = one DDP job)."""
-    tasks, gpus = _job_resources(opts, kind)
+    tasks, gpus = _job_resources(opts, work)
     params: dict[str, Any] = {
         "timeout_min": opts.timeout_min, "nodes": 1, "tasks_per_node": tasks,
         "cpus_per_task": opts.cpus_per_task or (8 if gpus else 1),
@@ -562,15 +562,15 @@ def _run_slurm(plan: Plan, pending: list[Job], opts: LaunchOptions, report: Repo
             ids[job.name] = queued
             report(f"{job.name}: already queued as Slurm job {queued}; not submitting it again")
     to_submit = [j for j in pending if j.name not in ids]
-    # Jobs of one kind with the same dependency set go out together as one array.
+    # Jobs of one work (train | probe) with the same dependency set go out together as one array.
     by_deps: dict[tuple, list[Job]] = {}
     order = {j.name: i for i, j in enumerate(plan.jobs)}
     for j in sorted(to_submit, key=lambda j: order[j.name]):
-        by_deps.setdefault((j.kind, tuple(j.deps)), []).append(j)
-    for (kind, deps), jobs in by_deps.items():
+        by_deps.setdefault((j.work, tuple(j.deps)), []).append(j)
+    for (work, deps), jobs in by_deps.items():
         ex = submitit.AutoExecutor(folder=str(_log_folder(plan)), cluster="slurm")
         dep_ids = [ids[d] for d in deps if d in ids]
-        ex.update_parameters(**slurm_parameters(plan, opts, dep_ids, kind))
+        ex.update_parameters(**slurm_parameters(plan, opts, dep_ids, work))
         with ex.batch():
             subs = [ex.submit(_callable(j, opts)) for j in jobs]
         for j, sj in zip(jobs, subs):
@@ -640,16 +640,16 @@ def dry_run_lines(plan: Plan, opts: LaunchOptions, verbose: bool = False) -> lis
 
     for j in plan.jobs:
         state = j.state()
-        procs, jg = _job_resources(opts, j.kind)
-        lines.append(f"  {j.name:<18} {j.kind:<6} runs={len(j.runs):<3} gpus={jg} procs={procs} "
+        procs, jg = _job_resources(opts, j.work)
+        lines.append(f"  {j.name:<18} {j.work:<6} runs={len(j.runs):<3} gpus={jg} procs={procs} "
                      f"deps={','.join(j.deps) or '-':<28} [{state}{' -> skip' if state == 'done' else ''}]")
-        if j.kind == "train":
+        if j.work == "train":
             for ln in fusion_plan([c for c, _ in j.runs], job_device, opts.fuse):
                 lines.append(f"      fuse --{opts.fuse}: {ln}")
         shown = j.runs if verbose else j.runs[:3]
-        for c, d in shown if j.kind == "train" else []:
+        for c, d in shown if j.work == "train" else []:
             lines.append(f"      {d.name}  {c['model']:<18} bs {c['batch_size']}  ({c['meta']['label']})  "
                          f"{describe_run(c)}")
-        if j.kind == "train" and len(j.runs) > len(shown):
+        if j.work == "train" and len(j.runs) > len(shown):
             lines.append(f"      ... and {len(j.runs) - len(shown)} more runs (--verbose lists every run)")
     return lines

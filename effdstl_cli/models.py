@@ -185,18 +185,18 @@ class Net(nn.Module):
     """``net(x)`` -> logits; ``net(x, features=True)`` -> (logits, penultimate features (B, D)).
 
     ``x`` is pixel-space in [0, 1]; normalization happens here (buffers excluded from the
-    state_dict). ``kind`` says how features are read: 'own' (forward_features + fc), 'timm'
+    state_dict). ``family`` says how features are read: 'own' (forward_features + fc), 'timm'
     (forward_features + forward_head(pre_logits=True)), 'tv' (the input of the final Linear).
     """
 
-    def __init__(self, body: nn.Module, kind: str, head: str, spec: str, num_classes: int,
+    def __init__(self, body: nn.Module, family: str, head: str, spec: str, num_classes: int,
                  mean, std, in_chans: int):
         super().__init__()
         mean, std = tuple(mean), tuple(std)
         mean, std = mean * in_chans if len(mean) == 1 else mean, std * in_chans if len(std) == 1 else std
         if len(mean) != in_chans or len(std) != in_chans:
             raise EffdstlError(f"mean/std have {len(mean)}/{len(std)} values for {in_chans}-channel input")
-        self.body, self.kind, self.head_name = body, kind, head
+        self.body, self.family, self.head_name = body, family, head
         self.spec, self.num_classes, self.in_chans = spec, num_classes, in_chans
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
@@ -210,10 +210,10 @@ class Net(nn.Module):
         x = (x - self.mean) / self.std
         if not features:
             return self.body(x)
-        if self.kind == "own":
+        if self.family == "own":
             f = self.body.forward_features(x)
             return self.body.fc(f), f
-        if self.kind == "timm":
+        if self.family == "timm":
             f = self.body.forward_head(self.body.forward_features(x), pre_logits=True)
             return self.head(f), f
         seen = []  # tv: capture what enters the classifier during an ordinary forward
@@ -229,15 +229,15 @@ def check_model_spec(spec: str) -> None:
     """Raise the one-line error for a misspelt model spec without building it (cheap, for planning;
     timm/torchvision names are checked when the model is built)."""
     spec = str(spec).strip()
-    kind, _, arg = spec.partition(":")
-    if kind == "mlp":
+    family, _, arg = spec.partition(":")
+    if family == "mlp":
         hidden = [int(h) for h in arg.split("-") if h.isdigit()]
         if not hidden or len(hidden) != len(arg.split("-")) or min(hidden) < 1:
             raise EffdstlError(f"bad MLP spec '{spec}': give hidden widths like mlp:32 or mlp:256-256")
-    elif kind == "cnn":
+    elif family == "cnn":
         if arg not in CNNS:
             raise unknown("cnn size", arg, CNNS)
-    elif not (spec in CIFAR_RESNETS or spec in WRNS or (kind in ("timm", "tv") and arg)):
+    elif not (spec in CIFAR_RESNETS or spec in WRNS or (family in ("timm", "tv") and arg)):
         raise unknown("model", spec, MODELS)
 
 
@@ -252,29 +252,29 @@ def build_model(spec: str, num_classes: int, in_chans: int = 3, image_size: int 
                 mean=(0.0,), std=(1.0,), pretrained: bool = False, ckpt: str | None = None) -> Net:
     """A Net by spec (see MODELS); ``ckpt`` loads weights after building (see load_checkpoint)."""
     spec = str(spec).strip()
-    kind, _, arg = spec.partition(":")
-    if pretrained and kind not in ("timm", "tv"):
+    family, _, arg = spec.partition(":")
+    if pretrained and family not in ("timm", "tv"):
         raise EffdstlError(f"pretrained: true needs a timm:NAME or tv:NAME model, not {spec}; use ckpt: PATH")
-    if kind == "mlp":
+    if family == "mlp":
         hidden = [int(h) for h in arg.split("-") if h.isdigit()]
         if not hidden or len(hidden) != len(arg.split("-")) or min(hidden) < 1:
             raise EffdstlError(f"bad MLP spec '{spec}': give hidden widths like mlp:32 or mlp:256-256")
-        body, head, kind = MLP(in_chans * image_size * image_size, hidden, num_classes), "fc", "own"
-    elif kind == "cnn":
+        body, head, family = MLP(in_chans * image_size * image_size, hidden, num_classes), "fc", "own"
+    elif family == "cnn":
         if arg not in CNNS:
             raise unknown("cnn size", arg, CNNS)
-        body, head, kind = PlainCNN(in_chans, *CNNS[arg], num_classes), "fc", "own"
+        body, head, family = PlainCNN(in_chans, *CNNS[arg], num_classes), "fc", "own"
     elif spec in CIFAR_RESNETS:
-        body, head, kind = CifarResNet(*CIFAR_RESNETS[spec], num_classes, in_chans), "fc", "own"
+        body, head, family = CifarResNet(*CIFAR_RESNETS[spec], num_classes, in_chans), "fc", "own"
     elif spec in WRNS:
-        body, head, kind = WideResNet(*WRNS[spec], num_classes, in_chans), "fc", "own"
-    elif kind == "timm" and arg:
+        body, head, family = WideResNet(*WRNS[spec], num_classes, in_chans), "fc", "own"
+    elif family == "timm" and arg:
         body, head = _timm(arg, num_classes, in_chans, pretrained)
-    elif kind == "tv" and arg:
+    elif family == "tv" and arg:
         body, head = _tv(arg, num_classes, in_chans, pretrained)
     else:
         raise unknown("model", spec, MODELS)
-    net = Net(body, kind, head, spec, num_classes, mean, std, in_chans)
+    net = Net(body, family, head, spec, num_classes, mean, std, in_chans)
     if ckpt:
         load_checkpoint(net, ckpt)
     return net

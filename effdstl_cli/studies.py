@@ -23,7 +23,7 @@ from .runconfig import DEFAULT_SCHEDULE, run_config, stage
 @dataclass
 class Job:
     name: str
-    kind: str                                   # train | probe
+    work: str                                   # train | probe
     runs: list[tuple[dict, Path]]
     deps: list[str] = field(default_factory=list)
     probe: dict | None = None                   # for probe jobs: what to attack
@@ -31,7 +31,7 @@ class Job:
     def state(self) -> str:
         """damaged | running | partial | pending | failed | done, from the run directories alone
         (each run's verdict is ``rundir.RunDir.state``)."""
-        if self.kind == "probe":
+        if self.work == "probe":
             return "done" if Path(self.probe["out"]).exists() else "pending"
         states = [run_state(d) for _, d in self.runs]
         for s in ("damaged", "running", "partial", "pending"):
@@ -178,13 +178,13 @@ def expand_replacement(ctx: _Ctx) -> list[Job]:
     return jobs
 
 
-def _manip_params(kind: str, grid: dict) -> list[dict]:
-    """``{param: value}`` per value of the manipulation's one parameter (``grid.params.<kind>``,
+def _manip_params(name: str, grid: dict) -> list[dict]:
+    """``{param: value}`` per value of the manipulation's one parameter (``grid.params.<name>``,
     a value or a list; default: the registered default)."""
     from .targets import manipulation
 
-    m = manipulation(kind)
-    vals = ((grid.get("params") or {}).get(kind) or {m.param: m.default}).get(m.param)
+    m = manipulation(name)
+    vals = ((grid.get("params") or {}).get(name) or {m.param: m.default}).get(m.param)
     vals = vals if isinstance(vals, list) else [vals]
     return [{m.param: v} for v in vals]
 
@@ -195,21 +195,21 @@ def expand_manipulation(ctx: _Ctx) -> list[Job]:
     from .targets import MANIPULATIONS, SUBSETS, grid_defaults
 
     grid = ctx.study.get("grid") or {}
-    kinds = grid.get("kind", grid_defaults(MANIPULATIONS))
+    names = grid.get("kind", grid_defaults(MANIPULATIONS))  # the study file's key is 'kind'; it names manipulations
     subsets = grid.get("subset", grid_defaults(SUBSETS))
     jobs = []
     for ti, tr in enumerate(_triplets(ctx)):
         roles = {"weak": tr["weak"], "strong": tr["strong"]}
         for seed in ctx.seeds:
             cfgs = _baselines(ctx, tr, seed)
-            for kind, subset in itertools.product(kinds, subsets):
-                for prm in _manip_params(kind, grid):
-                    dist = {"name": "manipulate", "teacher": "weak", "kind": kind, "subset": subset,
+            for name, subset in itertools.product(names, subsets):
+                for prm in _manip_params(name, grid):
+                    dist = {"name": "manipulate", "teacher": "weak", "kind": name, "subset": subset,
                             **prm, **ctx.distill()}
                     value = next(iter(prm.values()))
                     cfgs.append(ctx.student(tr["student"], seed, [stage(ctx.schedule, dist)], roles,
-                                            distiller="manipulate", manipulation=kind, subset=subset,
-                                            param=value, label=f"{kind}({value}) / {subset}"))
+                                            distiller="manipulate", manipulation=name, subset=subset,
+                                            param=value, label=f"{name}({value}) / {subset}"))
             jobs.append(ctx.group(f"group-t{ti}-s{seed}", cfgs, roles))
     return jobs
 
@@ -470,9 +470,9 @@ def distiller_meta(dist: dict) -> dict:
     its replacement scheme, manipulation (with its parameter's value) and subset."""
     from .targets import MANIPULATIONS
 
-    kind = dist.get("kind", "") if dist["name"] == "manipulate" else ""
-    param = dist.get(MANIPULATIONS[kind].param) if kind in MANIPULATIONS else None
-    return {"distiller": dist["name"], "scheme": dist.get("scheme", ""), "manipulation": kind,
+    manip = dist.get("kind", "") if dist["name"] == "manipulate" else ""
+    param = dist.get(MANIPULATIONS[manip].param) if manip in MANIPULATIONS else None
+    return {"distiller": dist["name"], "scheme": dist.get("scheme", ""), "manipulation": manip,
             "subset": dist.get("subset", "") or "", "param": param}
 
 
@@ -482,7 +482,7 @@ def probe_targets(p: Plan) -> list[dict]:
     For each: the run, the teacher (the one whose target was altered), the subset rule and the
     undistilled run of the same seed (a 'none' run of the study, if any).
     """
-    runs = [(c, d) for j in p.jobs if j.kind == "train" for c, d in j.runs if c["role"] == "student"]
+    runs = [(c, d) for j in p.jobs if j.work == "train" for c, d in j.runs if c["role"] == "student"]
     nones: dict = {}
     for c, d in runs:  # a run labelled 'undistilled' (fgsm studies) wins over any other 'none' run
         if c["stages"][-1]["distiller"]["name"] == "none" and (c["meta"].get("label") == "undistilled"

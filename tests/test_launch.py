@@ -159,7 +159,7 @@ def test_slurm_parameters_of_a_4_gpu_job():
     assert p["slurm_additional_parameters"]["dependency"] == "afterok:12_0:12_1"
     assert opts.backend() == "nccl" and LaunchOptions(tasks=2).backend() == "gloo"
     assert _job_resources(opts, "probe") == (1, 1)  # a probe never runs 4 copies of itself
-    assert slurm_parameters(plan, opts, kind="probe")["tasks_per_node"] == 1
+    assert slurm_parameters(plan, opts, work="probe")["tasks_per_node"] == 1
 
 
 def test_result_of_a_multi_task_job():
