@@ -718,7 +718,8 @@ def _bench_fused(a, row, dev: torch.device, env) -> None:
 
 def _bench_data(a, res, row, work: Path, dev: torch.device, env, teacher_ckpt: str, engine_rate) -> None:
     from .data import KeyedView, build_data, decode_images
-    from .engine import Env, _decoded
+    from .data.stream import decoded
+    from .engine import Env
 
     b = a.batch
     skip = max(a.workers, 1)  # loaders: the first W batches come in a burst (see _timed)
@@ -763,7 +764,7 @@ def _bench_data(a, res, row, work: Path, dev: torch.device, env, teacher_ckpt: s
             yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
 
     def dev_loader(share: float = 0.0):  # the engine's device path (share > 0: mixed)
-        for x, y, _ in _decoded(split, batches, key, dev, Env(**{**env.__dict__, "cpu_share": share}), None):
+        for x, y, _ in decoded(split, batches, key, dev, Env(**{**env.__dict__, "cpu_share": share}).stream(), None):
             yield x, y
 
     where = "GPU (nvJPEG)" if cuda else "CPU, same code"

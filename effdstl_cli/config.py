@@ -17,7 +17,6 @@ from typing import Any, Callable
 import yaml
 
 from .errors import EffdstlError, unknown
-from .targets import param_names
 
 KINDS = ("replacement", "manipulation", "fgsm", "fig8", "recipe", "ablation")
 
@@ -57,7 +56,7 @@ SCHEMA: dict[str, tuple | str | Callable[[], tuple] | None] = {
     "distill": ("tau", "lam"),
     "grid": ("scheme", "subset", "kind", "params"),
     "grid.params": NAMES,         # manipulation names: checked against the registry (targets.py)
-    "grid.params.*": param_names,  # each manipulation's parameter name (a callable: the registry may grow)
+    "grid.params.*": lambda: _param_names(),  # each manipulation's parameter name (the registry may grow)
     "recipe": ("student", "teacher1", "teacher2", "stage1", "stage2"),
     "recipe.stage1": _STAGE1,
     "recipe.stage2": _STAGE2,
@@ -90,6 +89,12 @@ def data_keys(src: dict) -> dict:
     out = {k: src.get(k) for k in DATA_KEYS[:3]}
     out.update({k: int(src[k]) for k in DATA_KEYS[3:] if src.get(k) is not None})
     return out
+
+
+def _param_names() -> tuple[str, ...]:
+    from .targets import param_names  # at call time: data imports this module, and sits below targets
+
+    return param_names()
 
 
 def check_keys(study: dict, where: str) -> None:

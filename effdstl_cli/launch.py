@@ -30,7 +30,6 @@ from .rundir import RunDir
 from .studies import Job, Plan, describe_run, run_state
 
 EXECUTORS = ("debug", "local", "slurm")
-DECODE = ("auto", "device", "workers", "mixed:F")
 
 
 @dataclass
@@ -125,10 +124,10 @@ class TrainJob:
         self.progress = None  # in-process (debug) runs report each epoch through this
 
     def __call__(self) -> list[dict]:
-        from . import data
+        from .data import folder
         from .engine import Env, train_group
 
-        data.SKIP_BAD_IMAGES = bool(getattr(self, "skip_bad_images", False))
+        folder.SKIP_BAD_IMAGES = bool(getattr(self, "skip_bad_images", False))
 
         env = Env(**self.env_kw, progress=self.progress)
         rank, world = _init_distributed(self.world, self.backend)
@@ -211,21 +210,10 @@ Report = Callable[[str], None]
 
 
 def decode_share(mode: str) -> tuple[bool | None, float]:
-    """``--decode`` -> (Env.gpu_decode, Env.cpu_share); one clear error for anything else."""
-    if mode in ("auto", "device", "workers"):
-        return {"auto": None, "device": True, "workers": False}[mode], 0.0
-    if mode.startswith("mixed:"):
-        try:
-            f = float(mode.split(":", 1)[1])
-        except ValueError:
-            f = -1.0
-        if 0.0 < f < 1.0:
-            return True, f
-        raise EffdstlError(f"--decode {mode}: mixed:F needs 0 < F < 1, the share of each batch PIL "
-                           "decodes in the workers (e.g. mixed:0.4)")
-    from .errors import unknown
+    """``--decode`` -> (Env.gpu_decode, Env.cpu_share): parsed by the batch stream, which uses it."""
+    from .data.stream import StreamOptions
 
-    raise unknown("--decode mode", mode, DECODE)
+    return StreamOptions.parse_decode(mode)
 
 
 def _env_kw(opts: LaunchOptions) -> dict:
@@ -614,12 +602,9 @@ def dry_run_lines(plan: Plan, opts: LaunchOptions, verbose: bool = False) -> lis
              + (f", partition {opts.partition}" if opts.partition else "")
              + (f", array parallelism {opts.array_parallelism}" if opts.executor == "slurm" else "")]
     if str(plan.study["dataset"]).split(":")[0] in ("folder", "imagenet"):
-        gpu_decode, share = decode_share(opts.decode)
-        how = ("decoded on the GPU if there is one, else by PIL in the workers" if gpu_decode is None else
-               "decoded by PIL in the workers" if not gpu_decode else
-               "decoded on the device (nvJPEG on a GPU)" if not share else
-               f"{share:.0%} of each batch decoded by PIL in the workers, the rest on the device")
-        lines.append(f"images: {opts.workers} DataLoader workers per process read the files, {how} (--decode {opts.decode})")
+        from .data.stream import StreamOptions
+
+        lines.append(f"images: {StreamOptions.from_decode(opts.decode, opts.workers).describe()} (--decode {opts.decode})")
     from .engine import fusion_plan
 
     job_device = "cuda" if (gpus or opts.device.startswith("cuda")

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 import torch
 import torch.nn as nn
 
-from .data import online
+from .network import online
 from .errors import EffdstlError, unknown
 
 CIFAR_RESNETS = {  # name -> (depth, widths of stem, stage 1, 2, 3)

@@ -43,7 +43,7 @@ def tf32(request):
 
 
 def test_batched_resample_on_the_gpu_equals_the_cpu(jpegs, tf32, monkeypatch):
-    import effdstl_cli.data as data
+    import effdstl_cli.data.resample as data
     tr = build_data(f"folder:{jpegs}", image_size=224).train
     imgs = decode_images([tr.read_bytes(i) for i in range(48)], "cpu")  # the same pixels on both sides
     gimgs = [im.cuda() for im in imgs]
