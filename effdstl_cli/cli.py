@@ -242,50 +242,34 @@ def _with_launch(fn):
     return wrapper
 
 
-@sweep_app.command("replacement")
-@_with_launch
-def sweep_replacement(study: Path = typer.Option(..., "--study", "-s", help="A study file, e.g. studies/figure5-digits.yaml."),
-                      sets: Optional[List[str]] = SETS, results: str = RESULTS,
-                      dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG and the jobs; submit nothing."),
-                      verbose: bool = VERBOSE,
-                      la: LaunchArgs = None):
-    """Fig. 5: replace the weak teacher's targets with the strong one's on a subset (full / partial / confidence)."""
-    _run_plan(_load_plan(study, sets, results, ("replacement",)), la, dry_run, verbose)
+def _study_command(typer_app, name: str, kinds: tuple[str, ...] | None, example: str, doc: str):
+    """A command that runs a study file of ``kinds`` (None: any) to the end."""
+    def command(study: Path = typer.Option(..., "--study", "-s", help=example),
+                sets: Optional[List[str]] = SETS, results: str = RESULTS,
+                dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG and the jobs; submit nothing."),
+                verbose: bool = VERBOSE,
+                la: LaunchArgs = None):
+        _run_plan(_load_plan(study, sets, results, kinds), la, dry_run, verbose)
+
+    command.__doc__ = doc
+    command.__name__ = command.__qualname__ = f"{name}_command"
+    return typer_app.command(name)(_with_launch(command))
 
 
-@sweep_app.command("manipulation")
-@_with_launch
-def sweep_manipulation(study: Path = typer.Option(..., "--study", "-s", help="A study file, e.g. studies/figure6-digits.yaml."),
-                       sets: Optional[List[str]] = SETS, results: str = RESULTS,
-                       dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG and the jobs; submit nothing."),
-                       verbose: bool = VERBOSE,
-                       la: LaunchArgs = None):
-    """Fig. 6: label smoothing / teacher amplification / student amplification on a subset."""
-    _run_plan(_load_plan(study, sets, results, ("manipulation",)), la, dry_run, verbose)
-
-
-@app.command("run")
-@_with_launch
-def run_study(study: Path = typer.Option(..., "--study", "-s", help="Any study file in studies/."),
-              sets: Optional[List[str]] = SETS, results: str = RESULTS,
-              dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG and the jobs; submit nothing."),
-              verbose: bool = VERBOSE,
-              la: LaunchArgs = None):
-    """Run any study (replacement, manipulation, recipe, ablation, fig8, fgsm) to the end."""
-    _run_plan(_load_plan(study, sets, results), la, dry_run, verbose)
-
-
-@train_app.command("recipe")
-@_with_launch
-def train_recipe(study: Path = typer.Option(..., "--study", "-s", help="e.g. studies/table1-digits.yaml."),
-                 sets: Optional[List[str]] = SETS, results: str = RESULTS,
-                 dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG and the jobs; submit nothing."),
-                 verbose: bool = VERBOSE,
-                 la: LaunchArgs = None):
+sweep_replacement = _study_command(
+    sweep_app, "replacement", ("replacement",), "A study file, e.g. studies/figure5-digits.yaml.",
+    "Fig. 5: replace the weak teacher's targets with the strong one's on a subset (full / partial / confidence).")
+sweep_manipulation = _study_command(
+    sweep_app, "manipulation", ("manipulation",), "A study file, e.g. studies/figure6-digits.yaml.",
+    "Fig. 6: label smoothing / teacher amplification / student amplification on a subset.")
+run_study = _study_command(
+    app, "run", None, "Any study file in studies/.",
+    "Run any study (replacement, manipulation, recipe, ablation, fig8, fgsm) to the end.")
+train_recipe = _study_command(
+    train_app, "recipe", ("recipe", "ablation", "fig8"), "e.g. studies/table1-digits.yaml.",
     """EffDstl (Table 1): stage 1 WSL from the weak teacher, stage 2 CKM from a stronger one, in one
     resumable run, with the baselines (no distill: one run; KD / RKD / WSL: the same two stages and
-    teacher switch, their own loss). Also runs Table 4 (ablation) and Fig. 8 studies (docs/METHOD.md)."""
-    _run_plan(_load_plan(study, sets, results, ("recipe", "ablation", "fig8")), la, dry_run, verbose)
+    teacher switch, their own loss). Also runs Table 4 (ablation) and Fig. 8 studies (docs/METHOD.md).""")
 
 
 # -- single runs ------------------------------------------------------------------------------
@@ -300,10 +284,6 @@ def _parse_distiller(text: str) -> dict:
         k, v = item.split("=", 1)
         spec[k.strip()] = yaml.safe_load(v)
     return spec
-
-
-def _data(dataset: str, data_root: str | None, image_size: int | None) -> dict:
-    return {"dataset": dataset, "data_root": data_root, "image_size": image_size}
 
 
 def _print_runs(plan) -> None:
@@ -331,6 +311,21 @@ SCHED_OPTS = dict(
     warmup_epochs=typer.Option(0.0, "--warmup-epochs", help="Linear warm-up epochs."),
     batch_size=typer.Option(64, "--batch-size", help="Global batch size."),
 )
+DATA_ROOT = typer.Option(None, "--data-root", help="Where torchvision datasets live / download to.")
+IMAGE_SIZE = typer.Option(None, "--image-size", help="Folder/ImageNet crop size (default 224).")
+SEED = typer.Option(0, "--seed", help="Init, batch order and augmentation.")
+DRY_RUN_JOBS = typer.Option(False, "--dry-run", help="Print the job(s); train nothing.")
+
+
+def _train_single(name: str, dataset: str, data_root, image_size, model: str, seed: int, sched: dict,
+                  specs: list[dict], teachers: dict, role: str, results: str, la, dry_run: bool, verbose: bool) -> None:
+    from .studies import single_plan
+
+    plan = single_plan(name, {"dataset": dataset, "data_root": data_root, "image_size": image_size}, model, seed,
+                       sched["batch_size"], sched, specs, teachers, role, results)
+    _run_plan(plan, la, dry_run, verbose)
+    if not dry_run:
+        _print_runs(plan)
 
 
 @train_app.command("teacher")
@@ -338,23 +333,15 @@ SCHED_OPTS = dict(
 def train_teacher(dataset: str = typer.Option("digits", "--dataset", "-d", help="digits | synthetic | cifar10 | cifar100 | mnist | fashion-mnist | npz:PATH | folder:PATH | imagenet:PATH."),
                   model: str = typer.Option(..., "--model", "-m", help="e.g. mlp:256-256, resnet56, wrn_40_2, timm:resnet34d, tv:resnet34."),
                   name: Optional[str] = typer.Option(None, "--name", help="Folder under the results root (default teacher-<dataset>)."),
-                  data_root: Optional[str] = typer.Option(None, "--data-root", help="Where torchvision datasets live / download to."),
-                  image_size: Optional[int] = typer.Option(None, "--image-size", help="Folder/ImageNet crop size (default 224)."),
-                  seed: int = typer.Option(0, "--seed", help="Init, batch order and augmentation."),
+                  data_root: Optional[str] = DATA_ROOT, image_size: Optional[int] = IMAGE_SIZE, seed: int = SEED,
                   epochs: int = SCHED_OPTS["epochs"], lr: float = SCHED_OPTS["lr"],
                   weight_decay: float = SCHED_OPTS["weight_decay"], warmup_epochs: float = SCHED_OPTS["warmup_epochs"],
                   batch_size: int = SCHED_OPTS["batch_size"], results: str = RESULTS,
-                  dry_run: bool = typer.Option(False, "--dry-run", help="Print the job(s); train nothing."),
-                  verbose: bool = VERBOSE, la: LaunchArgs = None):
+                  dry_run: bool = DRY_RUN_JOBS, verbose: bool = VERBOSE, la: LaunchArgs = None):
     """Train one teacher on labels; prints where its model.pt is (pass it to --teacher)."""
-    from .studies import single_plan
-
     sched = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
-    plan = single_plan(name or f"teacher-{dataset.split(':')[0]}", _data(dataset, data_root, image_size), model, seed,
-                       batch_size, sched, [{"name": "none"}], {}, "teacher", results)
-    _run_plan(plan, la, dry_run, verbose)
-    if not dry_run:
-        _print_runs(plan)
+    _train_single(name or f"teacher-{dataset.split(':')[0]}", dataset, data_root, image_size, model, seed, sched,
+                  [{"name": "none"}], {}, "teacher", results, la, dry_run, verbose)
 
 
 @train_app.command("student")
@@ -365,16 +352,13 @@ def train_student(dataset: str = typer.Option("digits", "--dataset", "-d", help=
                   strong: Optional[str] = typer.Option(None, "--strong", help="A second, stronger teacher (replace, ckm)."),
                   distiller: List[str] = typer.Option(["kd"], "--distiller", "-D", help="Repeat to train a group on one data stream: none, kd, wsl, ckm, rkd, replace:scheme=full,subset=reg_cor, manipulate:kind=teacher_amp,delta=0.2,subset=reg."),
                   name: Optional[str] = typer.Option(None, "--name", help="Folder under the results root (default students-<dataset>)."),
-                  data_root: Optional[str] = typer.Option(None, "--data-root", help="Where torchvision datasets live / download to."),
-                  image_size: Optional[int] = typer.Option(None, "--image-size", help="Folder/ImageNet crop size (default 224)."),
-                  seed: int = typer.Option(0, "--seed", help="Init, batch order and augmentation."),
+                  data_root: Optional[str] = DATA_ROOT, image_size: Optional[int] = IMAGE_SIZE, seed: int = SEED,
                   epochs: int = SCHED_OPTS["epochs"], lr: float = SCHED_OPTS["lr"],
                   weight_decay: float = SCHED_OPTS["weight_decay"], warmup_epochs: float = SCHED_OPTS["warmup_epochs"],
                   batch_size: int = SCHED_OPTS["batch_size"], results: str = RESULTS,
-                  dry_run: bool = typer.Option(False, "--dry-run", help="Print the job(s); train nothing."),
-                  verbose: bool = VERBOSE, la: LaunchArgs = None):
+                  dry_run: bool = DRY_RUN_JOBS, verbose: bool = VERBOSE, la: LaunchArgs = None):
     """Train one student, or a group of students (one per --distiller) that share every batch."""
-    from .studies import resolve_teacher, single_plan
+    from .studies import resolve_teacher
 
     teachers = {}
     if teacher:
@@ -382,11 +366,8 @@ def train_student(dataset: str = typer.Option("digits", "--dataset", "-d", help=
     if strong:
         teachers["strong"] = resolve_teacher(strong)
     sched = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
-    plan = single_plan(name or f"students-{dataset.split(':')[0]}", _data(dataset, data_root, image_size), model, seed,
-                       batch_size, sched, [_parse_distiller(d) for d in distiller], teachers, "student", results)
-    _run_plan(plan, la, dry_run, verbose)
-    if not dry_run:
-        _print_runs(plan)
+    _train_single(name or f"students-{dataset.split(':')[0]}", dataset, data_root, image_size, model, seed, sched,
+                  [_parse_distiller(d) for d in distiller], teachers, "student", results, la, dry_run, verbose)
 
 
 # -- probes -----------------------------------------------------------------------------------

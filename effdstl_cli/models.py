@@ -75,6 +75,19 @@ class PlainCNN(nn.Module):
         return self.fc(self.features(x))
 
 
+def _he_init(net: nn.Module, zero_linear_bias: bool = False) -> None:
+    """The CIFAR ResNet/WRN init: He-normal convolutions (fan out), BatchNorm at 1 and 0, in module
+    order (so the random draws, hence every run's init, are those of the reference code)."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif zero_linear_bias and isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
 def _conv3(cin, cout, stride=1):
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
 
@@ -111,12 +124,7 @@ class CifarResNet(nn.Module):
         self.layer1, self.layer2, self.layer3 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)  # = AvgPool2d(8) at 32 px, and works at any size
         self.fc = nn.Linear(c, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        _he_init(self)
 
     def forward_features(self, x):
         x = self.relu(self.bn1(self.conv1(x)))
@@ -162,14 +170,7 @@ class WideResNet(nn.Module):
         self.block1, self.block2, self.block3 = _Stage(n, w[0], w[1], 1), _Stage(n, w[1], w[2], 2), _Stage(n, w[2], w[3], 2)
         self.bn1, self.relu = nn.BatchNorm2d(w[3]), nn.ReLU(inplace=True)
         self.fc = nn.Linear(w[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        _he_init(self, zero_linear_bias=True)
 
     def forward_features(self, x):
         x = self.block3(self.block2(self.block1(self.conv1(x))))

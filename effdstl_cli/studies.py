@@ -155,27 +155,32 @@ def _baselines(ctx: _Ctx, tr: dict, seed: int) -> list[dict]:
     return out
 
 
-def expand_replacement(ctx: _Ctx) -> list[Job]:
-    """Fig. 5: every replacement scheme x subset of the grid (default: every registered scheme,
-    the paper's subsets), beside the two single-teacher baselines, one group per triplet x seed."""
-    from .targets import SCHEMES, SUBSETS, grid_defaults
-
-    grid = ctx.study.get("grid") or {}
-    schemes = grid.get("scheme", grid_defaults(SCHEMES))
-    subsets = grid.get("subset", grid_defaults(SUBSETS))
+def _sweep(ctx: _Ctx, cells: list[tuple[dict, dict]]) -> list[Job]:
+    """Fig. 5 / 6: one group job per triplet x seed: the two single-teacher baselines, then one
+    student per cell (its distiller spec, its meta)."""
     jobs = []
     for ti, tr in enumerate(_triplets(ctx)):
         roles = {"weak": tr["weak"], "strong": tr["strong"]}
         for seed in ctx.seeds:
             cfgs = _baselines(ctx, tr, seed)
-            for scheme, subset in itertools.product(schemes, subsets):
-                dist = {"name": "replace", "teacher": "weak", "strong": "strong", "scheme": scheme,
-                        "subset": subset, **ctx.distill()}
-                cfgs.append(ctx.student(tr["student"], seed, [stage(ctx.schedule, dist)], roles,
-                                        distiller="replace", scheme=scheme, subset=subset,
-                                        label=f"{scheme} / {subset}"))
+            for dist, meta in cells:
+                cfgs.append(ctx.student(tr["student"], seed, [stage(ctx.schedule, copy.deepcopy(dist))], roles, **meta))
             jobs.append(ctx.group(f"group-t{ti}-s{seed}", cfgs, roles))
     return jobs
+
+
+def expand_replacement(ctx: _Ctx) -> list[Job]:
+    """Fig. 5: every replacement scheme x subset of the grid (default: every registered scheme,
+    the paper's subsets)."""
+    from .targets import SCHEMES, SUBSETS, grid_defaults
+
+    grid = ctx.study.get("grid") or {}
+    cells = [({"name": "replace", "teacher": "weak", "strong": "strong", "scheme": scheme, "subset": subset,
+               **ctx.distill()},
+              {"distiller": "replace", "scheme": scheme, "subset": subset, "label": f"{scheme} / {subset}"})
+             for scheme, subset in itertools.product(grid.get("scheme", grid_defaults(SCHEMES)),
+                                                     grid.get("subset", grid_defaults(SUBSETS)))]
+    return _sweep(ctx, cells)
 
 
 def _manip_params(name: str, grid: dict) -> list[dict]:
@@ -190,28 +195,21 @@ def _manip_params(name: str, grid: dict) -> list[dict]:
 
 
 def expand_manipulation(ctx: _Ctx) -> list[Job]:
-    """Fig. 6: every manipulation (and parameter value) x subset of the grid (default: every
-    registered manipulation, the paper's subsets), one group per triplet x seed."""
+    """Fig. 6: every manipulation (and value of its parameter) x subset of the grid (default: every
+    registered manipulation, the paper's subsets). The study file's key for them is ``kind``."""
     from .targets import MANIPULATIONS, SUBSETS, grid_defaults
 
     grid = ctx.study.get("grid") or {}
-    names = grid.get("kind", grid_defaults(MANIPULATIONS))  # the study file's key is 'kind'; it names manipulations
-    subsets = grid.get("subset", grid_defaults(SUBSETS))
-    jobs = []
-    for ti, tr in enumerate(_triplets(ctx)):
-        roles = {"weak": tr["weak"], "strong": tr["strong"]}
-        for seed in ctx.seeds:
-            cfgs = _baselines(ctx, tr, seed)
-            for name, subset in itertools.product(names, subsets):
-                for prm in _manip_params(name, grid):
-                    dist = {"name": "manipulate", "teacher": "weak", "kind": name, "subset": subset,
-                            **prm, **ctx.distill()}
-                    value = next(iter(prm.values()))
-                    cfgs.append(ctx.student(tr["student"], seed, [stage(ctx.schedule, dist)], roles,
-                                            distiller="manipulate", manipulation=name, subset=subset,
-                                            param=value, label=f"{name}({value}) / {subset}"))
-            jobs.append(ctx.group(f"group-t{ti}-s{seed}", cfgs, roles))
-    return jobs
+    cells = []
+    for name, subset in itertools.product(grid.get("kind", grid_defaults(MANIPULATIONS)),
+                                          grid.get("subset", grid_defaults(SUBSETS))):
+        for prm in _manip_params(name, grid):
+            value = next(iter(prm.values()))
+            cells.append(({"name": "manipulate", "teacher": "weak", "kind": name, "subset": subset, **prm,
+                           **ctx.distill()},
+                          {"distiller": "manipulate", "manipulation": name, "subset": subset, "param": value,
+                           "label": f"{name}({value}) / {subset}"}))
+    return _sweep(ctx, cells)
 
 
 RECIPE_DEFAULTS = {
