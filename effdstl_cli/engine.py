@@ -482,8 +482,7 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
         order = torch.randperm(n_train, generator=_gen(seed, epoch, 1))
         aug = _gen(seed, epoch, 2)
         for step, idx_local, x, y, var in train_batches(split, order, gbatch, steps, aug, device, env.stream(),
-                                                        env.rank, env.world, chl,
-                                                   with_variant=bool(caches)):
+                                                        env.rank, env.world, chl, with_variant=bool(caches)):
             with torch.no_grad(), autocast():
                 touts = {}
                 for n in need:
