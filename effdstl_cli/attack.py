@@ -10,7 +10,7 @@ confidence drops: ``p(x)[y] - p(x_adv)[y]``. Images are in pixel space [0, 1]
 
 from __future__ import annotations
 
-import io as _io
+import io
 from pathlib import Path
 
 import pandas as pd
@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from . import io as fio
+from . import files as fio
 from .data import data_for
+from .devices import resolve_device
 from .engine import load_teacher
 from .errors import EffdstlError
-from .models import build_model, load_checkpoint
+from .models import load_checkpoint, model_for
 from .targets import subset_mask, true_prob
 
 DEFAULT_EPS = (0.5 / 255, 1 / 255, 2 / 255, 4 / 255, 8 / 255)
@@ -40,8 +41,7 @@ def _load_run_model(run_dir: Path, cfg: dict, data) -> torch.nn.Module:
     path = Path(run_dir) / "model.pt"
     if not path.exists():
         raise EffdstlError(f"run {Path(run_dir).name} has no model.pt: train it first (effdstl sweep/train ...)")
-    net = build_model(cfg["model"], data.num_classes, in_chans=data.in_chans, image_size=data.image_size,
-                      mean=data.mean, std=data.std)
+    net = model_for(cfg["model"], data)
     load_checkpoint(net, str(path))
     return net.eval().requires_grad_(False)
 
@@ -96,8 +96,7 @@ def _manipulated(probe, teacher, student, split, all_idx, y_all, dev) -> tuple[t
 
 def run_probe(probe: dict, device: str = "auto") -> Path:
     """Run one probe (a dict from ``studies.probe_targets`` plus n, eps, out, seed); write the table."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     cfg = probe["cfg"]
     data = data_for(cfg)
     split = data.train
@@ -105,9 +104,7 @@ def run_probe(probe: dict, device: str = "auto") -> Path:
     nets = {"teacher": teacher, "student": _load_run_model(probe["run"], cfg, data).to(dev)}
     if probe.get("undistilled_hub"):  # e.g. the paper's MobileNet on ImageNet, with hub weights
         hub = probe["undistilled_hub"]
-        nets["undistilled"] = build_model(hub["model"], data.num_classes, in_chans=data.in_chans,
-                                          image_size=data.image_size, mean=data.mean, std=data.std,
-                                          pretrained=True).eval().requires_grad_(False).to(dev)
+        nets["undistilled"] = model_for(hub["model"], data, pretrained=True).eval().requires_grad_(False).to(dev)
     elif probe.get("undistilled"):
         ucfg = yaml.safe_load((Path(probe["undistilled"]) / "config.yaml").read_text())
         nets["undistilled"] = _load_run_model(probe["undistilled"], ucfg, data).to(dev)
@@ -140,7 +137,7 @@ def run_probe(probe: dict, device: str = "auto") -> Path:
     df = pd.concat(rows, ignore_index=True)
     out = Path(probe["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    buf = _io.BytesIO()
+    buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     fio.atomic_write_text(out.with_suffix(".csv"), df.to_csv(index=False))
     fio.write_json(out.with_suffix(".json"), {

@@ -39,6 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .runconfig import run_config, stage
+from .targets import SCHEMES, SUBSETS, grid_defaults
+
 DEFAULTS = {
     "cpu": dict(student="cnn:small", weak="resnet8", strong="resnet14", image_size=32, batch=64,
                 classes=10, steps=4, naive_steps=6, repeats=3, jpegs=384, jpeg_px=64, workers=2, k=14),
@@ -46,8 +49,6 @@ DEFAULTS = {
                  batch=256, classes=1000, steps=4, naive_steps=8, repeats=2, jpegs=3072, jpeg_px=0,
                  workers=min(16, os.cpu_count() or 4), k=14),
 }
-SCHEMES = ("full", "partial", "confidence")
-SUBSETS = ("reg_cor", "reg", "correct", "not_correct")
 SECTIONS = ("a", "b", "c", "d", "f")
 # (f): fused student groups vs the loop; MODEL@SIZE[xCHANNELS], K students, batch 64 (issue: a Fig. 5
 # triplet is 17 students of one small architecture)
@@ -167,25 +168,20 @@ class _DataMemo:
 
 
 def _stage(epochs: int, distiller: dict) -> dict:
-    return {"epochs": epochs, "distiller": distiller,
-            "optim": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False},
-            "sched": {"warmup_epochs": 0, "min_lr": 0.0}}
+    return stage({"epochs": epochs, "lr": 0.05}, distiller)
 
 
 def _run_cfg(a, dataset: str, distiller: dict, teachers: dict, label: str) -> dict:
     epochs = 1 + max(int(a.repeats), 1)
-    return {"role": "student", "dataset": dataset, "data_root": None, "image_size": None,
-            "model": a.student, "seed": 0, "batch_size": a.batch, "epochs": epochs,
-            "stages": [_stage(epochs, distiller)], "teachers": teachers,
-            "meta": {"study": "bench", "label": label}}
+    return run_config("student", {"dataset": dataset}, a.student, 0, a.batch, [_stage(epochs, distiller)], teachers,
+                      {"study": "bench", "label": label})
 
 
 def _group_cfgs(a, dataset: str, teachers: dict) -> list[dict]:
     kd = {"tau": 1.0, "lam": 0.9}
     cfgs = [_run_cfg(a, dataset, {"name": "kd", "teacher": w, **kd}, teachers, f"{w} teacher only")
             for w in ("weak", "strong")]
-    combos = [(s, u) for u in SUBSETS for s in SCHEMES] + [(s, "all") for s in SCHEMES] \
-        + [(s, "not_correct") for s in SCHEMES]
+    combos = [(s, u) for u in grid_defaults(SUBSETS) for s in SCHEMES]  # the Fig. 5 grid, subset by subset
     seen = set()
     for scheme, subset in combos:
         if len(cfgs) >= a.k:
@@ -203,7 +199,7 @@ def _train(cfgs: list[dict], root: Path, env) -> tuple[float, float, list[dict]]
     """(wall s of the call, sum over members of their median epoch_s after the first, records)."""
     from .config import config_hash
     from .engine import train_group
-    from .io import read_jsonl
+    from .files import read_jsonl
 
     pairs = [(c, root / config_hash(c)) for c in cfgs]
     t0 = time.perf_counter()
@@ -221,12 +217,11 @@ def _train(cfgs: list[dict], root: Path, env) -> tuple[float, float, list[dict]]
 def naive_loop(a, data, teacher_ckpt: str, device: torch.device, steps: int, warm: int = 2,
                repeats: int = 1) -> dict:
     """fp32, NCHW, default backend flags, teacher forward per student, ``loss.item()`` every step."""
-    from .models import build_model
+    from .models import model_for
 
     torch.manual_seed(0)
-    kw = dict(in_chans=data.in_chans, image_size=data.image_size, mean=data.mean, std=data.std)
-    student = build_model(a.student, data.num_classes, **kw).to(device).train()
-    teacher = build_model(a.weak, data.num_classes, ckpt=teacher_ckpt, **kw).to(device).eval()
+    student = model_for(a.student, data).to(device).train()
+    teacher = model_for(a.weak, data, ckpt=teacher_ckpt).to(device).eval()
     opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     split, b = data.train, a.batch
     gen = torch.Generator().manual_seed(0)
@@ -267,16 +262,15 @@ class EngineStep:
 
     def __init__(self, a, data, teacher_ckpt: str, device: torch.device, env):
         from . import engine
-        from .models import build_model
+        from .models import model_for
 
         self.engine, self.env, self.device = engine, env, device
         self.cuda = device.type == "cuda"
         self.amp = env.amp if env.amp is not None else self.cuda
         self.chl = env.channels_last if env.channels_last is not None else self.cuda
-        kw = dict(in_chans=data.in_chans, image_size=data.image_size, mean=data.mean, std=data.std)
         torch.manual_seed(0)
-        model = build_model(a.student, data.num_classes, **kw).to(device)
-        teacher = build_model(a.weak, data.num_classes, ckpt=teacher_ckpt, **kw).to(device).eval()
+        model = model_for(a.student, data).to(device)
+        teacher = model_for(a.weak, data, ckpt=teacher_ckpt).to(device).eval()
         teacher.requires_grad_(False)
         if self.chl:
             model.to(memory_format=torch.channels_last)
@@ -616,7 +610,7 @@ def fused_group_rates(spec: str, size: int, chans: int, k: int, batch: int, dev:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
     dists = [{"name": "kd", "teacher": t, "tau": 1.0, "lam": 0.9} for t in ("weak", "strong")]
     dists += [{"name": "replace", "teacher": "weak", "strong": "strong", "scheme": sc, "subset": su, "tau": 1.0,
-               "lam": 0.9} for su in SUBSETS + ("all", "not_reg") for sc in SCHEMES][:max(k - 2, 0)]
+               "lam": 0.9} for su in grid_defaults(SUBSETS) + ["not_reg"] for sc in SCHEMES][:max(k - 2, 0)]
     dists = (dists * k)[:k]
     gen = torch.Generator().manual_seed(0)
     xs = [torch.rand(batch, chans, size, size, generator=gen).to(dev) for _ in range(4)]
@@ -724,7 +718,8 @@ def _bench_fused(a, row, dev: torch.device, env) -> None:
 
 def _bench_data(a, res, row, work: Path, dev: torch.device, env, teacher_ckpt: str, engine_rate) -> None:
     from .data import KeyedView, build_data, decode_images
-    from .engine import Env, _decoded
+    from .data.stream import decoded
+    from .engine import Env
 
     b = a.batch
     skip = max(a.workers, 1)  # loaders: the first W batches come in a burst (see _timed)
@@ -769,7 +764,7 @@ def _bench_data(a, res, row, work: Path, dev: torch.device, env, teacher_ckpt: s
             yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
 
     def dev_loader(share: float = 0.0):  # the engine's device path (share > 0: mixed)
-        for x, y, _ in _decoded(split, batches, key, dev, Env(**{**env.__dict__, "cpu_share": share}), None):
+        for x, y, _ in decoded(split, batches, key, dev, Env(**{**env.__dict__, "cpu_share": share}).stream(), None):
             yield x, y
 
     where = "GPU (nvJPEG)" if cuda else "CPU, same code"

@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from . import io as fio
+from . import files as fio
 
 
 def weights_sha(net: torch.nn.Module) -> str:
@@ -166,19 +166,16 @@ class TeacherCache:
             return
         if self.path.is_file():
             self._load(merge=True)
-        import io as _io
-
-        buf = _io.BytesIO()
-        torch.save({"key": self.key, "n": self.n, "variants": self.variants,
-                    "slot": self.slot.clone(), "values": self.values[:self.count].cpu()}, buf)
-        fio.atomic_write_bytes(self.path, fio.checked_blob(buf.getvalue()))  # checksummed like a checkpoint
+        state = {"key": self.key, "n": self.n, "variants": self.variants,
+                 "slot": self.slot.clone(), "values": self.values[:self.count].cpu()}
+        fio.atomic_write_bytes(self.path, fio.checked_blob(fio.tensor_bytes(state)))  # checksummed like a checkpoint
         self.dirty = False
 
     def _load(self, merge: bool = False) -> None:
-        import io as _io
+        import io
 
         try:  # verified against the checksum written with it: a damaged row is never served
-            obj = torch.load(_io.BytesIO(fio.checked_payload(self.path.read_bytes())), map_location="cpu",
+            obj = torch.load(io.BytesIO(fio.checked_payload(self.path.read_bytes())), map_location="cpu",
                              weights_only=True)
         except Exception as exc:  # damaged (or an older unchecked file): said once, recomputed, rewritten
             if not merge and self.note is None:

@@ -52,20 +52,10 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 # -- launch plumbing -------------------------------------------------------------------------
 
 class LaunchArgs:
-    """The options every launching command shares."""
+    """The options every launching command shares: the library's LaunchOptions and --rerun."""
 
-    def __init__(self, executor, device, tasks, gpus_per_job, partition, account, qos, timeout_min,
-                 array_parallelism, max_parallel, compile_, workers, decode, wait, rerun=None,
-                 skip_bad_images=False, fuse="auto"):
-        from .launch import LaunchOptions
-
-        self.rerun = list(rerun or [])
-
-        self.opts = LaunchOptions(executor=executor, device=device, tasks=tasks, gpus_per_job=gpus_per_job,
-                                  partition=partition, account=account, qos=qos, timeout_min=timeout_min,
-                                  array_parallelism=array_parallelism, max_parallel=max_parallel,
-                                  compile=compile_, workers=workers, decode=decode, wait=wait,
-                                  skip_bad_images=skip_bad_images, fuse=fuse)
+    def __init__(self, opts, rerun=None):
+        self.opts, self.rerun = opts, list(rerun or [])
 
 
 def launch_options(
@@ -95,15 +85,20 @@ def launch_options(
                              "fused model: auto (MLPs always; convolutional students on a GPU at <= 64 px; what "
                              "`effdstl bench` measures) | on | off (one after another). --dry-run shows the choice."),
 ) -> LaunchArgs:
-    return LaunchArgs(executor, device, tasks, gpus_per_job, partition, account, qos, timeout_min,
-                      array_parallelism, max_parallel, compile_, workers, decode, wait, rerun, skip_bad_images, fuse)
+    from .launch import LaunchOptions
+
+    return LaunchArgs(LaunchOptions(executor=executor, device=device, tasks=tasks, gpus_per_job=gpus_per_job,
+                                    partition=partition, account=account, qos=qos, timeout_min=timeout_min,
+                                    array_parallelism=array_parallelism, max_parallel=max_parallel,
+                                    compile=compile_, workers=workers, decode=decode, wait=wait,
+                                    skip_bad_images=skip_bad_images, fuse=fuse), rerun)
 
 
 def _progress_poller(plan):
     """Progress bars from the run directories alone: the same for every executor."""
     from .rundir import RunDir
 
-    runs = [(c, RunDir(d)) for j in plan.jobs if j.kind == "train" for c, d in j.runs]
+    runs = [(c, RunDir(d)) for j in plan.jobs if j.work == "train" for c, d in j.runs]
     total_ep = sum(int(c["epochs"]) for c, _ in runs)
     prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=console, transient=False)
@@ -173,7 +168,7 @@ def _reruns(plan, names: list[str]) -> list:
     from .errors import unknown
     from .rundir import RunDir
 
-    have = {d.name: d for j in plan.jobs if j.kind == "train" for _, d in j.runs}
+    have = {d.name: d for j in plan.jobs if j.work == "train" for _, d in j.runs}
     out = []
     for name in names:
         if name not in have:
@@ -203,7 +198,7 @@ def _raise_failed_runs(plan) -> None:
     """Runs stopped on an error (failed.json: NaN loss, ...) make the command fail, every time it runs."""
     from .rundir import RunDir
 
-    failed = [(c, d) for j in plan.jobs if j.kind == "train" for c, d in j.runs if RunDir(d).state() == "failed"]
+    failed = [(c, d) for j in plan.jobs if j.work == "train" for c, d in j.runs if RunDir(d).state() == "failed"]
     if not failed:
         return
 
@@ -247,50 +242,34 @@ def _with_launch(fn):
     return wrapper
 
 
-@sweep_app.command("replacement")
-@_with_launch
-def sweep_replacement(study: Path = typer.Option(..., "--study", "-s", help="A study file, e.g. studies/figure5-digits.yaml."),
-                      sets: Optional[List[str]] = SETS, results: str = RESULTS,
-                      dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG and the jobs; submit nothing."),
-                      verbose: bool = VERBOSE,
-                      la: LaunchArgs = None):
-    """Fig. 5: replace the weak teacher's targets with the strong one's on a subset (full / partial / confidence)."""
-    _run_plan(_load_plan(study, sets, results, ("replacement",)), la, dry_run, verbose)
+def _study_command(typer_app, name: str, kinds: tuple[str, ...] | None, example: str, doc: str):
+    """A command that runs a study file of ``kinds`` (None: any) to the end."""
+    def command(study: Path = typer.Option(..., "--study", "-s", help=example),
+                sets: Optional[List[str]] = SETS, results: str = RESULTS,
+                dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG and the jobs; submit nothing."),
+                verbose: bool = VERBOSE,
+                la: LaunchArgs = None):
+        _run_plan(_load_plan(study, sets, results, kinds), la, dry_run, verbose)
+
+    command.__doc__ = doc
+    command.__name__ = command.__qualname__ = f"{name}_command"
+    return typer_app.command(name)(_with_launch(command))
 
 
-@sweep_app.command("manipulation")
-@_with_launch
-def sweep_manipulation(study: Path = typer.Option(..., "--study", "-s", help="A study file, e.g. studies/figure6-digits.yaml."),
-                       sets: Optional[List[str]] = SETS, results: str = RESULTS,
-                       dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG and the jobs; submit nothing."),
-                       verbose: bool = VERBOSE,
-                       la: LaunchArgs = None):
-    """Fig. 6: label smoothing / teacher amplification / student amplification on a subset."""
-    _run_plan(_load_plan(study, sets, results, ("manipulation",)), la, dry_run, verbose)
-
-
-@app.command("run")
-@_with_launch
-def run_study(study: Path = typer.Option(..., "--study", "-s", help="Any study file in studies/."),
-              sets: Optional[List[str]] = SETS, results: str = RESULTS,
-              dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG and the jobs; submit nothing."),
-              verbose: bool = VERBOSE,
-              la: LaunchArgs = None):
-    """Run any study (replacement, manipulation, recipe, ablation, fig8, fgsm) to the end."""
-    _run_plan(_load_plan(study, sets, results), la, dry_run, verbose)
-
-
-@train_app.command("recipe")
-@_with_launch
-def train_recipe(study: Path = typer.Option(..., "--study", "-s", help="e.g. studies/table1-digits.yaml."),
-                 sets: Optional[List[str]] = SETS, results: str = RESULTS,
-                 dry_run: bool = typer.Option(False, "--dry-run", help="Print the DAG and the jobs; submit nothing."),
-                 verbose: bool = VERBOSE,
-                 la: LaunchArgs = None):
+sweep_replacement = _study_command(
+    sweep_app, "replacement", ("replacement",), "A study file, e.g. studies/figure5-digits.yaml.",
+    "Fig. 5: replace the weak teacher's targets with the strong one's on a subset (full / partial / confidence).")
+sweep_manipulation = _study_command(
+    sweep_app, "manipulation", ("manipulation",), "A study file, e.g. studies/figure6-digits.yaml.",
+    "Fig. 6: label smoothing / teacher amplification / student amplification on a subset.")
+run_study = _study_command(
+    app, "run", None, "Any study file in studies/.",
+    "Run any study (replacement, manipulation, recipe, ablation, fig8, fgsm) to the end.")
+train_recipe = _study_command(
+    train_app, "recipe", ("recipe", "ablation", "fig8"), "e.g. studies/table1-digits.yaml.",
     """EffDstl (Table 1): stage 1 WSL from the weak teacher, stage 2 CKM from a stronger one, in one
     resumable run, with the baselines (no distill: one run; KD / RKD / WSL: the same two stages and
-    teacher switch, their own loss). Also runs Table 4 (ablation) and Fig. 8 studies (docs/METHOD.md)."""
-    _run_plan(_load_plan(study, sets, results, ("recipe", "ablation", "fig8")), la, dry_run, verbose)
+    teacher switch, their own loss). Also runs Table 4 (ablation) and Fig. 8 studies (docs/METHOD.md).""")
 
 
 # -- single runs ------------------------------------------------------------------------------
@@ -305,69 +284,6 @@ def _parse_distiller(text: str) -> dict:
         k, v = item.split("=", 1)
         spec[k.strip()] = yaml.safe_load(v)
     return spec
-
-
-def _resolve_teacher(text: str) -> dict:
-    """A teacher from: a model.pt, a run directory, a study folder with one teacher run, or a
-    hub model ``timm:NAME`` / ``tv:NAME`` (pretrained)."""
-    if text.startswith(("timm:", "tv:")):
-        return {"model": text, "pretrained": True}
-    p = Path(text)
-    if p.is_dir():
-        if (p / "model.pt").exists():
-            p = p / "model.pt"
-        else:
-            cands = [c for c in sorted(p.glob("runs/*/model.pt"))
-                     if yaml.safe_load((c.parent / "config.yaml").read_text()).get("role") == "teacher"]
-            if len(cands) != 1:
-                raise EffdstlError(f"--teacher {text}: expected one finished teacher run under it, found {len(cands)}")
-            p = cands[0]
-    if not p.exists():
-        raise EffdstlError(f"--teacher {text}: no such checkpoint or run directory")
-    import torch
-
-    try:
-        blob = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001
-        raise EffdstlError(f"checkpoint {p} is corrupt or truncated") from None
-    spec = blob.get("model_spec") if isinstance(blob, dict) else None
-    if not spec:
-        raise EffdstlError(f"--teacher {text}: the checkpoint does not say its model; pass a run's model.pt")
-    return {"model": spec, "ckpt": str(p.resolve())}
-
-
-def _single_plan(name: str, dataset: str, data_root, image_size, model: str, seed: int, batch_size: int,
-                 sched: dict, distillers: list[dict], teachers: dict, role: str, results: str):
-    from .config import config_hash, validate_schedule
-    from .studies import DEFAULT_SCHEDULE, Job, Plan, _stage, study_dir
-
-    validate_schedule("command line", {k: v for k, v in sched.items() if v is not None})
-    if image_size is not None and image_size < 1:
-        raise EffdstlError(f"--image-size must be a positive number of pixels, got {image_size}")
-    if seed < 0:
-        raise EffdstlError(f"--seed must be an integer >= 0, got {seed}")
-    sdir = study_dir(results, name)
-    from .distillers import build_distiller  # imports torch: after the cheap checks
-    runs = []
-    for d in distillers:
-        dist = build_distiller(d)  # validates names and parameters before anything trains
-        for t in dist.teachers:
-            if t not in teachers:
-                raise EffdstlError(f"distiller '{d['name']}' reads teacher '{t}': pass --teacher PATH"
-                                   + (" and --strong PATH" if t == "strong" else ""))
-        st = _stage({**DEFAULT_SCHEDULE, **{k: v for k, v in sched.items() if v is not None}}, d)
-        label = d["name"] + "".join(f" {k}={v}" for k, v in d.items() if k not in ("name", "teacher"))
-        cfg = {"role": role, "dataset": dataset, "data_root": data_root, "image_size": image_size, "model": model,
-               "seed": seed, "batch_size": batch_size, "epochs": st["epochs"], "stages": [st],
-               "teachers": {t: teachers[t] for t in dist.teachers},
-               "meta": {"study": name, "study_kind": role, "dataset": dataset, "student": model,
-                        "weak": teachers.get("weak", {}).get("model", ""), "strong": teachers.get("strong", {}).get("model", ""),
-                        "triplet": "", "distiller": d["name"], "scheme": d.get("scheme", d.get("kind", "")),
-                        "subset": d.get("subset", "") or "", "param": d.get("t", d.get("delta")), "baseline": "",
-                        "label": label, "seed": seed}}
-        runs.append((cfg, sdir / "runs" / config_hash(cfg)))
-    study = {"name": name, "kind": role, "dataset": dataset}
-    return Plan(study, sdir, [Job(f"{role}-group", "train", runs)])
 
 
 def _print_runs(plan) -> None:
@@ -395,6 +311,21 @@ SCHED_OPTS = dict(
     warmup_epochs=typer.Option(0.0, "--warmup-epochs", help="Linear warm-up epochs."),
     batch_size=typer.Option(64, "--batch-size", help="Global batch size."),
 )
+DATA_ROOT = typer.Option(None, "--data-root", help="Where torchvision datasets live / download to.")
+IMAGE_SIZE = typer.Option(None, "--image-size", help="Folder/ImageNet crop size (default 224).")
+SEED = typer.Option(0, "--seed", help="Init, batch order and augmentation.")
+DRY_RUN_JOBS = typer.Option(False, "--dry-run", help="Print the job(s); train nothing.")
+
+
+def _train_single(name: str, dataset: str, data_root, image_size, model: str, seed: int, sched: dict,
+                  specs: list[dict], teachers: dict, role: str, results: str, la, dry_run: bool, verbose: bool) -> None:
+    from .studies import single_plan
+
+    plan = single_plan(name, {"dataset": dataset, "data_root": data_root, "image_size": image_size}, model, seed,
+                       sched["batch_size"], sched, specs, teachers, role, results)
+    _run_plan(plan, la, dry_run, verbose)
+    if not dry_run:
+        _print_runs(plan)
 
 
 @train_app.command("teacher")
@@ -402,21 +333,15 @@ SCHED_OPTS = dict(
 def train_teacher(dataset: str = typer.Option("digits", "--dataset", "-d", help="digits | synthetic | cifar10 | cifar100 | mnist | fashion-mnist | npz:PATH | folder:PATH | imagenet:PATH."),
                   model: str = typer.Option(..., "--model", "-m", help="e.g. mlp:256-256, resnet56, wrn_40_2, timm:resnet34d, tv:resnet34."),
                   name: Optional[str] = typer.Option(None, "--name", help="Folder under the results root (default teacher-<dataset>)."),
-                  data_root: Optional[str] = typer.Option(None, "--data-root", help="Where torchvision datasets live / download to."),
-                  image_size: Optional[int] = typer.Option(None, "--image-size", help="Folder/ImageNet crop size (default 224)."),
-                  seed: int = typer.Option(0, "--seed", help="Init, batch order and augmentation."),
+                  data_root: Optional[str] = DATA_ROOT, image_size: Optional[int] = IMAGE_SIZE, seed: int = SEED,
                   epochs: int = SCHED_OPTS["epochs"], lr: float = SCHED_OPTS["lr"],
                   weight_decay: float = SCHED_OPTS["weight_decay"], warmup_epochs: float = SCHED_OPTS["warmup_epochs"],
                   batch_size: int = SCHED_OPTS["batch_size"], results: str = RESULTS,
-                  dry_run: bool = typer.Option(False, "--dry-run", help="Print the job(s); train nothing."),
-                  verbose: bool = VERBOSE, la: LaunchArgs = None):
+                  dry_run: bool = DRY_RUN_JOBS, verbose: bool = VERBOSE, la: LaunchArgs = None):
     """Train one teacher on labels; prints where its model.pt is (pass it to --teacher)."""
     sched = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
-    plan = _single_plan(name or f"teacher-{dataset.split(':')[0]}", dataset, data_root, image_size, model, seed,
-                        batch_size, sched, [{"name": "none"}], {}, "teacher", results)
-    _run_plan(plan, la, dry_run, verbose)
-    if not dry_run:
-        _print_runs(plan)
+    _train_single(name or f"teacher-{dataset.split(':')[0]}", dataset, data_root, image_size, model, seed, sched,
+                  [{"name": "none"}], {}, "teacher", results, la, dry_run, verbose)
 
 
 @train_app.command("student")
@@ -427,49 +352,25 @@ def train_student(dataset: str = typer.Option("digits", "--dataset", "-d", help=
                   strong: Optional[str] = typer.Option(None, "--strong", help="A second, stronger teacher (replace, ckm)."),
                   distiller: List[str] = typer.Option(["kd"], "--distiller", "-D", help="Repeat to train a group on one data stream: none, kd, wsl, ckm, rkd, replace:scheme=full,subset=reg_cor, manipulate:kind=teacher_amp,delta=0.2,subset=reg."),
                   name: Optional[str] = typer.Option(None, "--name", help="Folder under the results root (default students-<dataset>)."),
-                  data_root: Optional[str] = typer.Option(None, "--data-root", help="Where torchvision datasets live / download to."),
-                  image_size: Optional[int] = typer.Option(None, "--image-size", help="Folder/ImageNet crop size (default 224)."),
-                  seed: int = typer.Option(0, "--seed", help="Init, batch order and augmentation."),
+                  data_root: Optional[str] = DATA_ROOT, image_size: Optional[int] = IMAGE_SIZE, seed: int = SEED,
                   epochs: int = SCHED_OPTS["epochs"], lr: float = SCHED_OPTS["lr"],
                   weight_decay: float = SCHED_OPTS["weight_decay"], warmup_epochs: float = SCHED_OPTS["warmup_epochs"],
                   batch_size: int = SCHED_OPTS["batch_size"], results: str = RESULTS,
-                  dry_run: bool = typer.Option(False, "--dry-run", help="Print the job(s); train nothing."),
-                  verbose: bool = VERBOSE, la: LaunchArgs = None):
+                  dry_run: bool = DRY_RUN_JOBS, verbose: bool = VERBOSE, la: LaunchArgs = None):
     """Train one student, or a group of students (one per --distiller) that share every batch."""
+    from .studies import resolve_teacher
+
     teachers = {}
     if teacher:
-        teachers["weak"] = _resolve_teacher(teacher)
+        teachers["weak"] = resolve_teacher(teacher)
     if strong:
-        teachers["strong"] = _resolve_teacher(strong)
-    specs = [_parse_distiller(d) for d in distiller]
-    for s in specs:  # a single --teacher serves every distiller, ckm included
-        if s["name"] in ("kd", "wsl", "rkd", "ckm", "replace", "manipulate") and "teacher" not in s:
-            s["teacher"] = "strong" if (s["name"] == "ckm" and strong) else "weak"
+        teachers["strong"] = resolve_teacher(strong)
     sched = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
-    plan = _single_plan(name or f"students-{dataset.split(':')[0]}", dataset, data_root, image_size, model, seed,
-                        batch_size, sched, specs, teachers, "student", results)
-    _run_plan(plan, la, dry_run, verbose)
-    if not dry_run:
-        _print_runs(plan)
+    _train_single(name or f"students-{dataset.split(':')[0]}", dataset, data_root, image_size, model, seed, sched,
+                  [_parse_distiller(d) for d in distiller], teachers, "student", results, la, dry_run, verbose)
 
 
 # -- probes -----------------------------------------------------------------------------------
-
-def _drop_stale_probe(out_path: Path, n: int, eps: list, dry_run: bool) -> None:
-    """A probe table made with another n or eps is redone (not skipped as 'done')."""
-    from .io import read_json
-
-    info = out_path.with_suffix(".json")
-    if dry_run or not out_path.exists():
-        return
-    try:
-        j = read_json(info)
-        same = int(j.get("n", -1)) == n and [round(float(e), 12) for e in j.get("eps", [])] == [round(float(e), 12) for e in eps]
-    except (OSError, ValueError):
-        same = False
-    if not same:
-        out_path.unlink()
-
 
 @attack_app.command("fgsm")
 @_with_launch
@@ -483,7 +384,7 @@ def attack_fgsm(study: Path = typer.Option(..., "--study", "-s", help="A study w
 
     Trains whatever the study still needs first (skipping finished runs)."""
     from .attack import DEFAULT_EPS
-    from .studies import Job, probe_targets
+    from .studies import add_probes
 
     if n is not None and n < 1:
         raise EffdstlError(f"--n must be >= 1, got {n}")
@@ -493,19 +394,10 @@ def attack_fgsm(study: Path = typer.Option(..., "--study", "-s", help="A study w
     pcfg = plan.study.get("probe") or {}
     n = n if n is not None else int(pcfg.get("n", 1000))
     eps = list(eps or pcfg.get("eps") or DEFAULT_EPS)
-    targets = probe_targets(plan)
-    if not targets:
-        raise EffdstlError(f"study {study} has no distilled run with an altered subset to probe")
-    train_jobs = list(plan.jobs)
-    for i, tgt in enumerate(targets):
-        tgt.update(n=n, eps=eps, seed=tgt["cfg"]["seed"],
-                   out=str(plan.study_dir / "fgsm" / tgt["run"].name / "fgsm.parquet"))
-        _drop_stale_probe(Path(tgt["out"]), n, eps, dry_run)
-        job_of = next(j.name for j in train_jobs if any(d == tgt["run"] for _, d in j.runs))
-        plan.jobs.append(Job(f"probe-{tgt['run'].name}", "probe", [], [job_of], tgt))
+    targets = add_probes(plan, n, eps, forget_stale=not dry_run)
     _run_plan(plan, la, dry_run, verbose)
     if not dry_run:
-        from .io import read_json
+        from .files import read_json
 
         for tgt in targets:
             info = Path(tgt["out"]).with_suffix(".json")
@@ -542,7 +434,7 @@ def _study_dir(study: str, results: str) -> Path:
     return d
 
 
-def _declared_kind(study: str, results: str) -> str | None:
+def _declared_study_kind(study: str, results: str) -> str | None:
     """The kind a study says it is: its YAML file, its results folder's study.yaml, or
     studies/<name>.yaml; None when none of them can be read."""
     p = Path(study)
@@ -640,11 +532,11 @@ def plot(figure: str = typer.Argument(..., help="figure5 | figure6 | figure7 | f
     """Draw one of the paper's figures, or training curves (PNG + PDF under <study>/figures/)."""
     from . import plots
 
-    kinds = (*(f"figure{k}" for k in plots.FIGURES), "curves")
-    if figure not in kinds:
+    names = (*(f"figure{k}" for k in plots.FIGURES), "curves")
+    if figure not in names:
         from .errors import unknown
 
-        raise unknown("figure", figure, kinds)
+        raise unknown("figure", figure, names)
     d = _study_dir(study, results)
     paths = plots.curves(d, runs) if figure == "curves" else plots.FIGURES[figure.removeprefix("figure")](d)
     for p in (paths if isinstance(paths, (list, tuple)) else [paths]):
@@ -652,20 +544,20 @@ def plot(figure: str = typer.Argument(..., help="figure5 | figure6 | figure7 | f
 
 
 @app.command("table")
-def table(which: str = typer.Argument(..., help="table1 | table3 | table4"),
+def table(which: str = typer.Argument(..., help="table1 | table3 | table4 (tables.TABLES)"),
           study: str = typer.Argument(..., help="Study name, folder, or YAML file."), results: str = RESULTS):
     """Write one of the paper's tables (Markdown, CSV, LaTeX) with the paper's numbers beside ours."""
     from . import tables
 
-    kinds = ("table1", "table3", "table4")
-    if which not in kinds:
+    names = tuple(f"table{k}" for k in tables.TABLES)
+    if which not in names:
         from .errors import unknown
 
-        raise unknown("table", which, kinds)
-    declared = _declared_kind(study, results)  # refuse the wrong kind of study before reading runs
+        raise unknown("table", which, names)
+    declared = _declared_study_kind(study, results)  # refuse the wrong kind of study before reading runs
     if declared:
-        tables.require_kind(Path(study), which, {declared})
-    res = getattr(tables, which)(_study_dir(study, results))
+        tables.require_study_kind(Path(study), which, {declared})
+    res = tables.TABLES[which.removeprefix("table")](_study_dir(study, results))
     df, paths = res if isinstance(res, tuple) else (res, [])
     md = next((p for p in paths if str(p).endswith(".md")), None)
     out.print(Path(md).read_text() if md else df.to_string(index=False), markup=False, highlight=False)
@@ -681,7 +573,9 @@ def demo(results: str = RESULTS, executor: str = typer.Option("debug", "--execut
     from . import plots
     from .results import collect, write_table
 
-    la = LaunchArgs(executor, "auto", 1, None, None, None, None, 60, 16, None, False, 0, "auto", True)
+    from .launch import LaunchOptions
+
+    la = LaunchArgs(LaunchOptions(executor=executor, timeout_min=60, workers=0))
     study = Path(__file__).resolve().parent.parent / "studies" / "figure5-digits.yaml"
     if not study.exists():
         study = Path("studies/figure5-digits.yaml")

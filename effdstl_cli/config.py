@@ -12,7 +12,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -46,7 +46,7 @@ _STAGE2 = _STAGE_SCHED + ("tau_t", "tau_s", "smooth", "subset", "teacher")
 # (checked where it is used). A list section (triplets, ablations) holds mappings of those keys.
 # A child section is "<parent>.<key>" ("<parent>.*" under NAMES). New keys are one-line additions.
 NAMES = "names"
-SCHEMA: dict[str, tuple | str | None] = {
+SCHEMA: dict[str, tuple | str | Callable[[], tuple] | None] = {
     "": tuple(STUDY_KEYS),
     "schedule": SCHEDULE_KEYS,
     "teacher_schedule": SCHEDULE_KEYS,
@@ -56,7 +56,7 @@ SCHEMA: dict[str, tuple | str | None] = {
     "distill": ("tau", "lam"),
     "grid": ("scheme", "subset", "kind", "params"),
     "grid.params": NAMES,         # manipulation names: checked against the registry (targets.py)
-    "grid.params.*": ("t", "delta"),
+    "grid.params.*": lambda: _param_names(),  # each manipulation's parameter name (the registry may grow)
     "recipe": ("student", "teacher1", "teacher2", "stage1", "stage2"),
     "recipe.stage1": _STAGE1,
     "recipe.stage2": _STAGE2,
@@ -91,10 +91,18 @@ def data_keys(src: dict) -> dict:
     return out
 
 
+def _param_names() -> tuple[str, ...]:
+    from .targets import param_names  # at call time: data imports this module, and sits below targets
+
+    return param_names()
+
+
 def check_keys(study: dict, where: str) -> None:
     """Every key at every depth against ``SCHEMA``: an unknown one is one line with did-you-mean."""
     def walk(node: Any, section: str, shown: str) -> None:
         allowed = SCHEMA.get(section)
+        if callable(allowed):
+            allowed = allowed()
         if allowed is None:
             return
         if isinstance(node, list):

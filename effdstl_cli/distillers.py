@@ -1,8 +1,10 @@
 """One small class per target rule (mdistiller-style).
 
 A distiller turns (student logits, student features, teacher outputs, labels) into
-``{loss name: value}``; the engine only sums. Adding a scheme means adding one class here and
-registering it. Parameters are validated when the distiller is built, so a typo in a study file
+``{loss name: value}``; the engine only sums. A new target rule is one class here (listed in
+``REGISTRY``); what others need to know about it (its default teacher, whether it alters a subset)
+are its class attributes. Schemes, subsets and manipulations live in ``targets``' registries.
+Parameters are validated when the distiller is built, so a typo in a study file
 fails before any training starts.
 """
 
@@ -26,24 +28,38 @@ class TeacherOut:
 
 
 class Distiller:
-    """Base: ``params`` are validated against ``DEFAULTS``; subclasses implement ``losses``."""
+    """Base: ``params`` are validated against :meth:`defaults`; subclasses implement ``losses``.
+
+    What the rest of the code asks a distiller, it asks the class: ``default_teacher`` (the
+    teacher it reads when a spec names none; None: it reads no teacher), ``alters_subset`` (its
+    target is altered on a sample subset: what an FGSM probe can attack), ``needs_features``.
+    """
 
     name: ClassVar[str] = ""
     DEFAULTS: ClassVar[dict[str, Any]] = {}
+    default_teacher: ClassVar[str | None] = None
+    alters_subset: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False
+    NUMBERS: ClassVar[tuple[str, ...]] = ("tau", "T", "tau_t", "tau_s", "lam", "smooth", "ls", "w_ce", "w_wsl",
+                                          "w_dist", "w_angle")
 
     def __init__(self, **params: Any):
-        extra = set(params) - set(self.DEFAULTS) - {"name"}
+        defaults = self.defaults()
+        extra = set(params) - set(defaults) - {"name"}
         if extra:
             key = sorted(extra)[0]
-            raise unknown(f"parameter of distiller '{self.name}'", key, self.DEFAULTS)
-        self.p = {**self.DEFAULTS, **{k: v for k, v in params.items() if k != "name"}}
+            raise unknown(f"parameter of distiller '{self.name}'", key, defaults)
+        self.p = {**defaults, **{k: v for k, v in params.items() if k != "name"}}
         self.validate()
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every parameter with its default (``teacher`` first where the distiller reads one)."""
+        return {**({"teacher": cls.default_teacher} if cls.default_teacher else {}), **cls.DEFAULTS}
 
     # -- helpers -------------------------------------------------------------------------
     def validate(self) -> None:
-        for key in ("tau", "T", "tau_t", "tau_s", "lam", "t", "delta", "smooth", "ls", "w_ce", "w_wsl",
-                    "w_dist", "w_angle"):
+        for key in self.NUMBERS:
             v = self.p.get(key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise EffdstlError(f"distiller '{self.name}': {key} must be a number, got {v!r}")
@@ -52,6 +68,10 @@ class Distiller:
                 raise EffdstlError(f"distiller '{self.name}': {key} must be > 0, got {self.p[key]}")
         if "lam" in self.p and not 0.0 <= float(self.p["lam"]) <= 1.0:
             raise EffdstlError(f"distiller '{self.name}': lam must be in [0, 1], got {self.p['lam']}")
+
+    def check_subset(self) -> None:
+        if self.p["subset"] not in targets.SUBSETS:
+            raise unknown("subset", self.p["subset"], targets.SUBSETS)
 
     @property
     def teachers(self) -> tuple[str, ...]:
@@ -112,7 +132,8 @@ class KD(Distiller):
     """Hinton KD from one teacher: ``(1 - lam) CE + lam * L_KD(tau)``."""
 
     name = "kd"
-    DEFAULTS = {"teacher": "weak", "tau": 1.0, "lam": 1.0}
+    default_teacher = "weak"
+    DEFAULTS = {"tau": 1.0, "lam": 1.0}
 
     def losses(self, z_s, f_s, t, y):
         z_t = t[self.p["teacher"]].logits.float()
@@ -123,7 +144,8 @@ class WSL(Distiller):
     """EffDstl stage 1: ``w_ce * CE_LS(ls) + w_wsl * L_WSL(T)`` (docs/METHOD.md 'WSL')."""
 
     name = "wsl"
-    DEFAULTS = {"teacher": "weak", "T": 2.0, "ls": 0.1, "w_ce": 1.0, "w_wsl": 0.5}
+    default_teacher = "weak"
+    DEFAULTS = {"T": 2.0, "ls": 0.1, "w_ce": 1.0, "w_wsl": 0.5}
 
     def losses(self, z_s, f_s, t, y):
         z_t = t[self.p["teacher"]].logits.float()
@@ -135,12 +157,14 @@ class CKM(Distiller):
     """EffDstl stage 2: consistent knowledge mining only (Sec. 5.1). ``subset: null`` = CKM off."""
 
     name = "ckm"
-    DEFAULTS = {"teacher": "strong", "tau_t": 0.7, "tau_s": 1.0, "smooth": 0.99, "subset": "reg_cor"}
+    default_teacher = "strong"
+    alters_subset = True
+    DEFAULTS = {"tau_t": 0.7, "tau_s": 1.0, "smooth": 0.99, "subset": "reg_cor"}
 
     def validate(self):
         super().validate()
-        if self.p["subset"] is not None and self.p["subset"] not in targets.SUBSETS:
-            raise unknown("subset", self.p["subset"], targets.SUBSETS)
+        if self.p["subset"] is not None:
+            self.check_subset()
         if not 0.0 < float(self.p["smooth"]) <= 1.0:
             raise EffdstlError(f"distiller 'ckm': smooth must be in (0, 1], got {self.p['smooth']}")
 
@@ -155,7 +179,8 @@ class RKD(Distiller):
     """Relational KD baseline: ``CE + RKD(distance, angle)`` on penultimate features."""
 
     name = "rkd"
-    DEFAULTS = {"teacher": "weak", "w_ce": 1.0, "w_dist": 25.0, "w_angle": 50.0}
+    default_teacher = "weak"
+    DEFAULTS = {"w_ce": 1.0, "w_dist": 25.0, "w_angle": 50.0}
     needs_features = True
 
     def losses(self, z_s, f_s, t, y):
@@ -168,15 +193,16 @@ class Replace(Distiller):
     """Fig. 5: the weak teacher's target, replaced by the strong one's on a subset (Eq. 1, 2)."""
 
     name = "replace"
-    DEFAULTS = {"teacher": "weak", "strong": "strong", "scheme": "full", "subset": "all",
+    default_teacher = "weak"
+    alters_subset = True
+    DEFAULTS = {"strong": "strong", "scheme": "full", "subset": "all",
                 "tau": 1.0, "lam": 1.0}
 
     def validate(self):
         super().validate()
         if self.p["scheme"] not in targets.SCHEMES:
             raise unknown("replacement scheme", self.p["scheme"], targets.SCHEMES)
-        if self.p["subset"] not in targets.SUBSETS:
-            raise unknown("subset", self.p["subset"], targets.SUBSETS)
+        self.check_subset()
 
     def losses(self, z_s, f_s, t, y):
         tau = float(self.p["tau"])
@@ -207,34 +233,40 @@ class Replace(Distiller):
 
 
 class Manipulate(Distiller):
-    """Fig. 6: label smoothing / teacher or student amplification on a subset (Eq. 3-5)."""
+    """Fig. 6: a registered manipulation (``kind``: label smoothing, teacher or student
+    amplification, ...) of the teacher's target on a subset (Eq. 3-5). Its parameter is a key
+    named by the manipulation (``t``, ``delta``; targets.MANIPULATIONS)."""
 
     name = "manipulate"
-    DEFAULTS = {"teacher": "weak", "kind": "teacher_amp", "subset": "all", "t": None, "delta": None,
-                "tau": 1.0, "lam": 1.0}
+    default_teacher = "weak"
+    alters_subset = True
+    DEFAULTS = {"kind": "teacher_amp", "subset": "all", "tau": 1.0, "lam": 1.0}
+
+    @classmethod
+    def defaults(cls):
+        return {**super().defaults(), **{k: None for k in targets.param_names()}}
 
     def validate(self):
         super().validate()
-        kind = self.p["kind"]
-        if kind not in targets.MANIPULATIONS:
-            raise unknown("manipulation", kind, targets.MANIPULATIONS)
-        if self.p["subset"] not in targets.SUBSETS:
-            raise unknown("subset", self.p["subset"], targets.SUBSETS)
-        if kind == "label_smoothing":
-            t = self.p["t"]
-            if t is None or not 0.0 < float(t) <= 1.0:
-                raise EffdstlError(f"label_smoothing needs t in (0, 1], got {t}")
-        else:
-            d = self.p["delta"]
-            if d is None or not float(d) >= 0.0:
-                raise EffdstlError(f"{kind} needs delta >= 0, got {d}")
+        for key in targets.param_names():
+            v = self.p.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise EffdstlError(f"distiller '{self.name}': {key} must be a number, got {v!r}")
+        self.m = targets.manipulation(self.p["kind"])
+        targets.check_param(self.m.name, self.p[self.m.param])
+        self.check_subset()
+
+    @property
+    def value(self) -> float:
+        """The manipulation's parameter value."""
+        return float(self.p[self.m.param])
 
     def losses(self, z_s, f_s, t, y):
         tau = float(self.p["tau"])
         p_t = F.softmax(t[self.p["teacher"]].logits.float() / tau, dim=1)
         p_s = F.softmax(z_s.detach().float() / tau, dim=1)
         mask = targets.subset_mask(self.p["subset"], p_t, p_s, y)
-        alt = targets.manipulate(self.p["kind"], p_t, y, t=self.p["t"], delta=self.p["delta"], p_student=p_s)
+        alt = targets.manipulate(self.m.name, p_t, y, p_student=p_s, **{self.m.param: self.value})
         return self._soft(z_s, y, targets.apply_on(mask, alt, p_t)), mask
 
     def batch_key(self):
@@ -251,12 +283,13 @@ class Manipulate(Distiller):
         mask = targets.subset_masks([d.p["subset"] for d in ds], p_t, p_s, y)
         alt, rows = {}, []
         for i, d in enumerate(ds):
-            if d.p["kind"] == "student_amp":
-                rows.append(targets.manipulate("student_amp", p_t, y, delta=d.p["delta"], p_student=p_s[i]))
+            prm = {d.m.param: d.value}
+            if d.m.reads_student:
+                rows.append(targets.manipulate(d.m.name, p_t, y, p_student=p_s[i], **prm))
                 continue
-            key = (d.p["kind"], d.p["t"], d.p["delta"])
+            key = (d.m.name, d.value)
             if key not in alt:
-                alt[key] = targets.manipulate(d.p["kind"], p_t, y, t=d.p["t"], delta=d.p["delta"])
+                alt[key] = targets.manipulate(d.m.name, p_t, y, **prm)
             rows.append(alt[key])
         q = torch.where(mask.unsqueeze(-1), torch.stack(rows), p_t)
         return cls._soft_many(float(p0["lam"]), tau, z_s, y, q), mask
@@ -265,6 +298,16 @@ class Manipulate(Distiller):
 REGISTRY: dict[str, type[Distiller]] = {
     cls.name: cls for cls in (NoDistill, KD, WSL, CKM, RKD, Replace, Manipulate)
 }
+
+
+def with_teacher(spec: dict[str, Any], available) -> dict[str, Any]:
+    """``spec`` with its teacher filled in where it names none: the distiller's
+    ``default_teacher`` if that one is ``available``, else ``weak`` (a single teacher serves
+    every distiller, CKM included)."""
+    cls = REGISTRY.get(spec.get("name"))
+    if cls is None or cls.default_teacher is None or "teacher" in spec:
+        return spec
+    return {**spec, "teacher": cls.default_teacher if cls.default_teacher in available else "weak"}
 
 
 def build_distiller(spec: dict[str, Any]) -> Distiller:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import queue
-import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -31,15 +29,17 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 
-from . import io as fio
+from . import files as fio
 from . import tblog
 from .cache import TeacherCache, cache_key, weights_sha
 from .config import DATA_KEYS, config_hash, data_keys
-from .data import KeyedView, MixedView, build_data, collate_mixed, data_args, decode_mixed, mixed_batches
+from .data import build_data, data_args
+from .data.stream import StreamOptions, eval_batches, train_batches
+from .devices import resolve_device
 from .distillers import Distiller, TeacherOut, build_distiller
 from .errors import EffdstlError
 from .fused import FusedStudents, NotFusable, fuse, part, policy
-from .models import build_model, load_checkpoint, save_weights
+from .models import load_checkpoint, model_for, save_weights
 
 Progress = Callable[[str, dict], None]
 
@@ -70,15 +70,12 @@ class Env:
     progress: Progress | None = None
     log: Callable[[str], None] = print
 
+    def stream(self) -> StreamOptions:
+        """How batches are read and decoded (data.stream): the data side of these options."""
+        return StreamOptions(workers=self.workers, gpu_decode=self.gpu_decode, cpu_share=self.cpu_share)
+
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            if torch.cuda.is_available():
-                return torch.device("cuda", torch.cuda.current_device())
-            return torch.device("cpu")
-        dev = torch.device(self.device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise EffdstlError("--device cuda asked for, but no CUDA GPU is visible here")
-        return dev
+        return resolve_device(self.device)
 
 
 # Teacher-cache counters of the last group trained in this process (read by `effdstl bench`).
@@ -138,8 +135,7 @@ def load_teacher(name: str, tcfg: dict, data) -> torch.nn.Module:
         fio.check_teacher_file(name, tcfg)  # its run failed or is damaged, or the file changed: one line
     if ckpt is not None and not Path(ckpt).exists():
         raise EffdstlError(f"teacher '{name}': checkpoint {ckpt} does not exist (train the teacher first)")
-    net = build_model(tcfg["model"], data.num_classes, in_chans=data.in_chans, image_size=data.image_size,
-                      mean=data.mean, std=data.std, pretrained=bool(tcfg.get("pretrained")))
+    net = model_for(tcfg["model"], data, pretrained=bool(tcfg.get("pretrained")))
     if ckpt is not None:
         load_checkpoint(net, ckpt)
     net.eval().requires_grad_(False)
@@ -398,9 +394,7 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
     for m in members:
         # Same seed -> same init for every student of an architecture: paired comparisons.
         torch.manual_seed(seed)
-        m.model = build_model(m.cfg["model"], data.num_classes, in_chans=data.in_chans,
-                              image_size=data.image_size, mean=data.mean, std=data.std,
-                              pretrained=bool(m.cfg.get("pretrained", False)))
+        m.model = model_for(m.cfg["model"], data, pretrained=bool(m.cfg.get("pretrained", False)))
         m.rng = torch.get_rng_state()
         m.n_train = len(data.train)
         state, note = fio.load_checkpoint(m.run_dir)
@@ -487,8 +481,8 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
         t0 = time.time()
         order = torch.randperm(n_train, generator=_gen(seed, epoch, 1))
         aug = _gen(seed, epoch, 2)
-        for step, idx_local, x, y, var in _batches(split, order, gbatch, steps, aug, device, env, chl,
-                                                   with_variant=bool(caches)):
+        for step, idx_local, x, y, var in train_batches(split, order, gbatch, steps, aug, device, env.stream(),
+                                                        env.rank, env.world, chl, with_variant=bool(caches)):
             with torch.no_grad(), autocast():
                 touts = {}
                 for n in need:
@@ -549,117 +543,6 @@ def _teacher_caches(teachers: dict, tcfgs: dict, split, cfg: dict, env: Env, dev
         out[n] = TeacherCache(key, len(split), split.num_variants, device,
                               max_bytes=int(env.teacher_cache_mb) << 20, path=path)
     return out
-
-
-def _batches(split, order, gbatch, steps, gen, device, env: Env, chl, with_variant: bool = False):
-    """Yield (step, local indices, x, y, variant ids or None) of this rank's share of each global batch.
-
-    In-memory splits augment the whole global batch with the epoch's generator and slice this
-    rank's rows, so a DDP job sees exactly the samples and augmentations of a single process.
-    On-disk splits go through DataLoader workers (same order): with device decoding (default on
-    CUDA) the workers only read bytes and the device decodes + augments each batch one batch ahead
-    in a side thread (``Env.cpu_share`` of each batch decoded by PIL in the workers instead); else
-    workers decode with PIL. Either way a sample's crop and flip are keyed by (an epoch key from
-    the epoch's generator, its index), so they do not depend on the decoder, the number of workers
-    or the DDP rank that handles it.
-    """
-    per = gbatch // env.world
-    lo = env.rank * per
-    glob = [order[s * gbatch:(s + 1) * gbatch] for s in range(steps)]
-    if getattr(split, "in_memory", False):
-        labels = split.labels.to(device)
-        for s, idx in enumerate(glob):
-            if with_variant:
-                x, var = split.get_batch(idx, gen, device, return_variant=True)
-                x, var = x[lo:lo + per], var[lo:lo + per]
-            else:
-                x, var = split.get_batch(idx, gen, device)[lo:lo + per], None
-            idx_l = idx[lo:lo + per]
-            if chl and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield s, idx_l, x, labels[idx_l.to(device)], var
-        return
-    local = [idx[lo:lo + per].tolist() for idx in glob]
-    key = int(torch.randint(0, 2 ** 62, (1,), generator=gen))  # the epoch's augmentation key
-    if _device_decode(env, device, split):
-        for s, (x, y, idx_l) in enumerate(_decoded(split, local, key, device, env, None)):
-            if chl:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield s, idx_l, x, y, None
-        return
-    loader = torch.utils.data.DataLoader(
-        KeyedView(split, key), batch_sampler=local, num_workers=env.workers, pin_memory=device.type == "cuda",
-        persistent_workers=False)
-    for s, (x, y, idx_l) in enumerate(loader):
-        x = x.to(device, non_blocking=True)
-        if chl:
-            x = x.contiguous(memory_format=torch.channels_last)
-        yield s, idx_l, x, y.to(device, non_blocking=True), None
-
-
-def _device_decode(env: Env, device, split) -> bool:
-    if not hasattr(split, "decode_batch"):
-        return False
-    return env.gpu_decode if env.gpu_decode is not None else device.type == "cuda"
-
-
-def _decoded(split, batches: list[list[int]], epoch_key: int | None, device, env: Env, augment):
-    """(x, y, indices) per batch: DataLoader workers read the files (and decode ``env.cpu_share``
-    of each batch with PIL), ``data.decode_mixed`` decodes and transforms the rest on ``device``.
-    On CUDA a side thread prepares the next batches on its own stream (nvJPEG's host part and the
-    launches overlap the training step); on the CPU inline."""
-    loader = torch.utils.data.DataLoader(
-        MixedView(split, epoch_key, augment), batch_sampler=mixed_batches(batches, env.cpu_share, epoch_key),
-        num_workers=env.workers, collate_fn=collate_mixed, pin_memory=device.type == "cuda",
-        persistent_workers=False)
-    if device.type != "cuda":
-        for item in loader:
-            yield decode_mixed(split, item, device, augment, epoch_key)
-        return
-    q: queue.Queue = queue.Queue(maxsize=2)
-    stop = threading.Event()
-    side = torch.cuda.Stream(device)
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def work():
-        try:
-            with torch.cuda.device(device), torch.cuda.stream(side):
-                for item in loader:
-                    x, y, idx = decode_mixed(split, item, device, augment, epoch_key)
-                    ev = torch.cuda.Event()
-                    ev.record(side)
-                    if not put((x, y, idx, ev)):
-                        return
-            put(None)
-        except BaseException as exc:  # handed to the consumer, raised there
-            put(exc)
-
-    th = threading.Thread(target=work, name="effdstl-decode", daemon=True)
-    th.start()
-    try:
-        cur = torch.cuda.current_stream(device)
-        while True:
-            item = q.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            x, y, idx, ev = item
-            cur.wait_event(ev)
-            x.record_stream(cur)
-            y.record_stream(cur)
-            yield x, y, idx
-    finally:
-        stop.set()
-        th.join(timeout=30)
 
 
 def _fuse_members(members: list[Member], data, env: Env, device, chl: bool) -> list[FusedMembers]:
@@ -843,18 +726,7 @@ def evaluate(model: torch.nn.Module, split, device, env: Env, chl: bool, autocas
     idx_all = torch.arange(len(split))[env.rank::env.world]
     k = model.k if isinstance(model, FusedStudents) else 1
     sums = torch.zeros(k, 4, device=device)  # per student: loss, top1, top5, n
-    if getattr(split, "in_memory", False):
-        labels = split.labels.to(device)
-        it = ((split.get_batch(i, None, device), labels[i.to(device)])
-              for i in idx_all.split(batch))
-    elif _device_decode(env, device, split):
-        it = ((x, y) for x, y, _ in _decoded(split, [i.tolist() for i in idx_all.split(batch)], None,
-                                              device, env, False))
-    else:
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(KeyedView(split, None, False), idx_all.tolist()),
-                                             batch_size=batch, num_workers=env.workers)
-        it = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y, _ in loader)
-    for x, y in it:
+    for x, y in eval_batches(split, idx_all, batch, device, env.stream()):
         if chl and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast():
@@ -913,14 +785,6 @@ def _end_epoch(m: Member, data, epoch, share_s, device, env: Env, chl, autocast,
         env.progress("epoch", {"run": m.hash, **row})
 
 
-def _tensor_bytes(obj) -> bytes:
-    import io as _io
-
-    buf = _io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
 def _finish(m: Member, env: Env, device) -> dict:
     if m.failed is not None:
         rec = {"status": "failed", "reason": m.failed, "epoch": m.epoch, "config_hash": m.hash,
@@ -942,7 +806,7 @@ def _finish(m: Member, env: Env, device) -> dict:
     if env.rank == 0:
         save_weights(m.model, m.run_dir / "model.pt")
         if m.hits is not None:
-            fio.atomic_write_bytes(m.run_dir / "subset.pt", _tensor_bytes(
+            fio.atomic_write_bytes(m.run_dir / "subset.pt", fio.tensor_bytes(
                 {"hits": m.hits, "epochs": torch.tensor(m.mask_epochs)}))
         fio.write_final(m.run_dir / "final.json", rec)  # written last, sealed: the run is done
     return rec

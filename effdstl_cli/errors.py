@@ -31,9 +31,3 @@ def unknown(kind: str, name: str, choices: Iterable[str]) -> EffdstlError:
     hint = f" (did you mean '{near[0]}'?)" if near else ""
     shown = ", ".join(choices[:12]) + (", ..." if len(choices) > 12 else "")
     return EffdstlError(f"unknown {kind} '{name}'{hint}; choices: {shown}")
-
-
-def check(cond: bool, message: str) -> None:
-    """Raise ``EffdstlError(message)`` unless ``cond``."""
-    if not cond:
-        raise EffdstlError(message)

@@ -23,14 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import io as fio
+from . import files as fio
 from .errors import EffdstlError
 from .fused import FUSE_MODES
 from .rundir import RunDir
 from .studies import Job, Plan, describe_run, run_state
 
 EXECUTORS = ("debug", "local", "slurm")
-DECODE = ("auto", "device", "workers", "mixed:F")
 
 
 @dataclass
@@ -125,10 +124,10 @@ class TrainJob:
         self.progress = None  # in-process (debug) runs report each epoch through this
 
     def __call__(self) -> list[dict]:
-        from . import data
+        from .data import folder
         from .engine import Env, train_group
 
-        data.SKIP_BAD_IMAGES = bool(getattr(self, "skip_bad_images", False))
+        folder.SKIP_BAD_IMAGES = bool(getattr(self, "skip_bad_images", False))
 
         env = Env(**self.env_kw, progress=self.progress)
         rank, world = _init_distributed(self.world, self.backend)
@@ -211,21 +210,10 @@ Report = Callable[[str], None]
 
 
 def decode_share(mode: str) -> tuple[bool | None, float]:
-    """``--decode`` -> (Env.gpu_decode, Env.cpu_share); one clear error for anything else."""
-    if mode in ("auto", "device", "workers"):
-        return {"auto": None, "device": True, "workers": False}[mode], 0.0
-    if mode.startswith("mixed:"):
-        try:
-            f = float(mode.split(":", 1)[1])
-        except ValueError:
-            f = -1.0
-        if 0.0 < f < 1.0:
-            return True, f
-        raise EffdstlError(f"--decode {mode}: mixed:F needs 0 < F < 1, the share of each batch PIL "
-                           "decodes in the workers (e.g. mixed:0.4)")
-    from .errors import unknown
+    """``--decode`` -> (Env.gpu_decode, Env.cpu_share): parsed by the batch stream, which uses it."""
+    from .data.stream import StreamOptions
 
-    raise unknown("--decode mode", mode, DECODE)
+    return StreamOptions.parse_decode(mode)
 
 
 def _env_kw(opts: LaunchOptions) -> dict:
@@ -235,7 +223,7 @@ def _env_kw(opts: LaunchOptions) -> dict:
 
 
 def _callable(job: Job, opts: LaunchOptions):
-    if job.kind == "probe":
+    if job.work == "probe":
         return ProbeJob(job.probe, opts.device)
     runs = [(c, str(d)) for c, d in job.runs]
     return TrainJob(runs, _env_kw(opts), opts.world(), opts.backend(), opts.skip_bad_images)
@@ -243,7 +231,7 @@ def _callable(job: Job, opts: LaunchOptions):
 
 def _queued_elsewhere(job: Job) -> str | None:
     """A Slurm job id recorded for this job's runs that squeue still lists (pending/running)."""
-    if job.kind == "probe" or not shutil.which("squeue"):
+    if job.work == "probe" or not shutil.which("squeue"):
         return None
     for _, d in job.runs:
         info = Path(d) / "job.json"
@@ -474,7 +462,7 @@ def _local_queue(plan: Plan, pending: list[Job], opts: LaunchOptions, report: Re
             waiting.remove(job)
             slot = free.pop(0)
             ex = submitit.LocalExecutor(folder=str(_log_folder(plan)))
-            params = {"timeout_min": opts.timeout_min, "tasks_per_node": opts.world() if job.kind == "train" else 1,
+            params = {"timeout_min": opts.timeout_min, "tasks_per_node": opts.world() if job.work == "train" else 1,
                       "nodes": 1}
             if slot is not None:
                 params.update(visible_gpus=slot, gpus_per_node=len(slot))
@@ -516,16 +504,16 @@ def _quiet_controller(plan: Plan):
         os.close(fd)
 
 
-def _job_resources(opts: LaunchOptions, kind: str = "train") -> tuple[int, int]:
+def _job_resources(opts: LaunchOptions, work: str = "train") -> tuple[int, int]:
     """(processes, GPUs) of one job: a training job is one DDP job over G GPUs; a probe is 1 process."""
     gpus = int(opts.gpus_per_job or 0)
-    return (opts.world(), gpus) if kind == "train" else (1, min(gpus, 1))
+    return (opts.world(), gpus) if work == "train" else (1, min(gpus, 1))
 
 
 def slurm_parameters(plan: Plan, opts: LaunchOptions, dep_ids: list[str] | None = None,
-                     kind: str = "train") -> dict[str, Any]:
+                     work: str = "train") -> dict[str, Any]:
     """submitit AutoExecutor parameters of one array of jobs (a training job on G GPUs = one DDP job)."""
-    tasks, gpus = _job_resources(opts, kind)
+    tasks, gpus = _job_resources(opts, work)
     params: dict[str, Any] = {
         "timeout_min": opts.timeout_min, "nodes": 1, "tasks_per_node": tasks,
         "cpus_per_task": opts.cpus_per_task or (8 if gpus else 1),
@@ -562,15 +550,15 @@ def _run_slurm(plan: Plan, pending: list[Job], opts: LaunchOptions, report: Repo
             ids[job.name] = queued
             report(f"{job.name}: already queued as Slurm job {queued}; not submitting it again")
     to_submit = [j for j in pending if j.name not in ids]
-    # Jobs of one kind with the same dependency set go out together as one array.
+    # Jobs of one work (train | probe) with the same dependency set go out together as one array.
     by_deps: dict[tuple, list[Job]] = {}
     order = {j.name: i for i, j in enumerate(plan.jobs)}
     for j in sorted(to_submit, key=lambda j: order[j.name]):
-        by_deps.setdefault((j.kind, tuple(j.deps)), []).append(j)
-    for (kind, deps), jobs in by_deps.items():
+        by_deps.setdefault((j.work, tuple(j.deps)), []).append(j)
+    for (work, deps), jobs in by_deps.items():
         ex = submitit.AutoExecutor(folder=str(_log_folder(plan)), cluster="slurm")
         dep_ids = [ids[d] for d in deps if d in ids]
-        ex.update_parameters(**slurm_parameters(plan, opts, dep_ids, kind))
+        ex.update_parameters(**slurm_parameters(plan, opts, dep_ids, work))
         with ex.batch():
             subs = [ex.submit(_callable(j, opts)) for j in jobs]
         for j, sj in zip(jobs, subs):
@@ -614,12 +602,9 @@ def dry_run_lines(plan: Plan, opts: LaunchOptions, verbose: bool = False) -> lis
              + (f", partition {opts.partition}" if opts.partition else "")
              + (f", array parallelism {opts.array_parallelism}" if opts.executor == "slurm" else "")]
     if str(plan.study["dataset"]).split(":")[0] in ("folder", "imagenet"):
-        gpu_decode, share = decode_share(opts.decode)
-        how = ("decoded on the GPU if there is one, else by PIL in the workers" if gpu_decode is None else
-               "decoded by PIL in the workers" if not gpu_decode else
-               "decoded on the device (nvJPEG on a GPU)" if not share else
-               f"{share:.0%} of each batch decoded by PIL in the workers, the rest on the device")
-        lines.append(f"images: {opts.workers} DataLoader workers per process read the files, {how} (--decode {opts.decode})")
+        from .data.stream import StreamOptions
+
+        lines.append(f"images: {StreamOptions.from_decode(opts.decode, opts.workers).describe()} (--decode {opts.decode})")
     from .engine import fusion_plan
 
     job_device = "cuda" if (gpus or opts.device.startswith("cuda")
@@ -640,16 +625,16 @@ def dry_run_lines(plan: Plan, opts: LaunchOptions, verbose: bool = False) -> lis
 
     for j in plan.jobs:
         state = j.state()
-        procs, jg = _job_resources(opts, j.kind)
-        lines.append(f"  {j.name:<18} {j.kind:<6} runs={len(j.runs):<3} gpus={jg} procs={procs} "
+        procs, jg = _job_resources(opts, j.work)
+        lines.append(f"  {j.name:<18} {j.work:<6} runs={len(j.runs):<3} gpus={jg} procs={procs} "
                      f"deps={','.join(j.deps) or '-':<28} [{state}{' -> skip' if state == 'done' else ''}]")
-        if j.kind == "train":
+        if j.work == "train":
             for ln in fusion_plan([c for c, _ in j.runs], job_device, opts.fuse):
                 lines.append(f"      fuse --{opts.fuse}: {ln}")
         shown = j.runs if verbose else j.runs[:3]
-        for c, d in shown if j.kind == "train" else []:
+        for c, d in shown if j.work == "train" else []:
             lines.append(f"      {d.name}  {c['model']:<18} bs {c['batch_size']}  ({c['meta']['label']})  "
                          f"{describe_run(c)}")
-        if j.kind == "train" and len(j.runs) > len(shown):
+        if j.work == "train" and len(j.runs) > len(shown):
             lines.append(f"      ... and {len(j.runs) - len(shown)} more runs (--verbose lists every run)")
     return lines

@@ -10,18 +10,18 @@ the plain timm/torchvision/RepDistiller one, so ``load_checkpoint`` loads foreig
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import re
 import zipfile
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
 
-from .data import online
+from .network import online
 from .errors import EffdstlError, unknown
 
 CIFAR_RESNETS = {  # name -> (depth, widths of stem, stage 1, 2, 3)
@@ -75,6 +75,19 @@ class PlainCNN(nn.Module):
         return self.fc(self.features(x))
 
 
+def _he_init(net: nn.Module, zero_linear_bias: bool = False) -> None:
+    """The CIFAR ResNet/WRN init: He-normal convolutions (fan out), BatchNorm at 1 and 0, in module
+    order (so the random draws, hence every run's init, are those of the reference code)."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif zero_linear_bias and isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
 def _conv3(cin, cout, stride=1):
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
 
@@ -111,12 +124,7 @@ class CifarResNet(nn.Module):
         self.layer1, self.layer2, self.layer3 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)  # = AvgPool2d(8) at 32 px, and works at any size
         self.fc = nn.Linear(c, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        _he_init(self)
 
     def forward_features(self, x):
         x = self.relu(self.bn1(self.conv1(x)))
@@ -162,14 +170,7 @@ class WideResNet(nn.Module):
         self.block1, self.block2, self.block3 = _Stage(n, w[0], w[1], 1), _Stage(n, w[1], w[2], 2), _Stage(n, w[2], w[3], 2)
         self.bn1, self.relu = nn.BatchNorm2d(w[3]), nn.ReLU(inplace=True)
         self.fc = nn.Linear(w[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        _he_init(self, zero_linear_bias=True)
 
     def forward_features(self, x):
         x = self.block3(self.block2(self.block1(self.conv1(x))))
@@ -185,18 +186,18 @@ class Net(nn.Module):
     """``net(x)`` -> logits; ``net(x, features=True)`` -> (logits, penultimate features (B, D)).
 
     ``x`` is pixel-space in [0, 1]; normalization happens here (buffers excluded from the
-    state_dict). ``kind`` says how features are read: 'own' (forward_features + fc), 'timm'
+    state_dict). ``family`` says how features are read: 'own' (forward_features + fc), 'timm'
     (forward_features + forward_head(pre_logits=True)), 'tv' (the input of the final Linear).
     """
 
-    def __init__(self, body: nn.Module, kind: str, head: str, spec: str, num_classes: int,
+    def __init__(self, body: nn.Module, family: str, head: str, spec: str, num_classes: int,
                  mean, std, in_chans: int):
         super().__init__()
         mean, std = tuple(mean), tuple(std)
         mean, std = mean * in_chans if len(mean) == 1 else mean, std * in_chans if len(std) == 1 else std
         if len(mean) != in_chans or len(std) != in_chans:
             raise EffdstlError(f"mean/std have {len(mean)}/{len(std)} values for {in_chans}-channel input")
-        self.body, self.kind, self.head_name = body, kind, head
+        self.body, self.family, self.head_name = body, family, head
         self.spec, self.num_classes, self.in_chans = spec, num_classes, in_chans
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
@@ -210,10 +211,10 @@ class Net(nn.Module):
         x = (x - self.mean) / self.std
         if not features:
             return self.body(x)
-        if self.kind == "own":
+        if self.family == "own":
             f = self.body.forward_features(x)
             return self.body.fc(f), f
-        if self.kind == "timm":
+        if self.family == "timm":
             f = self.body.forward_head(self.body.forward_features(x), pre_logits=True)
             return self.head(f), f
         seen = []  # tv: capture what enters the classifier during an ordinary forward
@@ -229,45 +230,52 @@ def check_model_spec(spec: str) -> None:
     """Raise the one-line error for a misspelt model spec without building it (cheap, for planning;
     timm/torchvision names are checked when the model is built)."""
     spec = str(spec).strip()
-    kind, _, arg = spec.partition(":")
-    if kind == "mlp":
+    family, _, arg = spec.partition(":")
+    if family == "mlp":
         hidden = [int(h) for h in arg.split("-") if h.isdigit()]
         if not hidden or len(hidden) != len(arg.split("-")) or min(hidden) < 1:
             raise EffdstlError(f"bad MLP spec '{spec}': give hidden widths like mlp:32 or mlp:256-256")
-    elif kind == "cnn":
+    elif family == "cnn":
         if arg not in CNNS:
             raise unknown("cnn size", arg, CNNS)
-    elif not (spec in CIFAR_RESNETS or spec in WRNS or (kind in ("timm", "tv") and arg)):
+    elif not (spec in CIFAR_RESNETS or spec in WRNS or (family in ("timm", "tv") and arg)):
         raise unknown("model", spec, MODELS)
+
+
+def model_for(spec: str, data: Any, **kw: Any) -> nn.Module:
+    """:func:`build_model` for a dataset (``data.Data``): its classes, channels, image size and
+    normalization; ``kw``: pretrained, ckpt."""
+    return build_model(spec, data.num_classes, in_chans=data.in_chans, image_size=data.image_size,
+                       mean=data.mean, std=data.std, **kw)
 
 
 def build_model(spec: str, num_classes: int, in_chans: int = 3, image_size: int = 32,
                 mean=(0.0,), std=(1.0,), pretrained: bool = False, ckpt: str | None = None) -> Net:
     """A Net by spec (see MODELS); ``ckpt`` loads weights after building (see load_checkpoint)."""
     spec = str(spec).strip()
-    kind, _, arg = spec.partition(":")
-    if pretrained and kind not in ("timm", "tv"):
+    family, _, arg = spec.partition(":")
+    if pretrained and family not in ("timm", "tv"):
         raise EffdstlError(f"pretrained: true needs a timm:NAME or tv:NAME model, not {spec}; use ckpt: PATH")
-    if kind == "mlp":
+    if family == "mlp":
         hidden = [int(h) for h in arg.split("-") if h.isdigit()]
         if not hidden or len(hidden) != len(arg.split("-")) or min(hidden) < 1:
             raise EffdstlError(f"bad MLP spec '{spec}': give hidden widths like mlp:32 or mlp:256-256")
-        body, head, kind = MLP(in_chans * image_size * image_size, hidden, num_classes), "fc", "own"
-    elif kind == "cnn":
+        body, head, family = MLP(in_chans * image_size * image_size, hidden, num_classes), "fc", "own"
+    elif family == "cnn":
         if arg not in CNNS:
             raise unknown("cnn size", arg, CNNS)
-        body, head, kind = PlainCNN(in_chans, *CNNS[arg], num_classes), "fc", "own"
+        body, head, family = PlainCNN(in_chans, *CNNS[arg], num_classes), "fc", "own"
     elif spec in CIFAR_RESNETS:
-        body, head, kind = CifarResNet(*CIFAR_RESNETS[spec], num_classes, in_chans), "fc", "own"
+        body, head, family = CifarResNet(*CIFAR_RESNETS[spec], num_classes, in_chans), "fc", "own"
     elif spec in WRNS:
-        body, head, kind = WideResNet(*WRNS[spec], num_classes, in_chans), "fc", "own"
-    elif kind == "timm" and arg:
+        body, head, family = WideResNet(*WRNS[spec], num_classes, in_chans), "fc", "own"
+    elif family == "timm" and arg:
         body, head = _timm(arg, num_classes, in_chans, pretrained)
-    elif kind == "tv" and arg:
+    elif family == "tv" and arg:
         body, head = _tv(arg, num_classes, in_chans, pretrained)
     else:
         raise unknown("model", spec, MODELS)
-    net = Net(body, kind, head, spec, num_classes, mean, std, in_chans)
+    net = Net(body, family, head, spec, num_classes, mean, std, in_chans)
     if ckpt:
         load_checkpoint(net, ckpt)
     return net
@@ -376,12 +384,11 @@ def _body(net: nn.Module) -> nn.Module:
 
 def save_weights(net: nn.Module, path: str | Path) -> None:
     """``{"model": body state_dict, "model_spec", "num_classes"}``, written atomically."""
-    from .io import atomic_write_bytes
+    from .files import atomic_write_bytes, tensor_bytes
 
-    buf = io.BytesIO()
-    torch.save({"model": {k: v.detach().cpu() for k, v in _body(net).state_dict().items()},
-                "model_spec": getattr(net, "spec", None), "num_classes": getattr(net, "num_classes", None)}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, tensor_bytes({"model": {k: v.detach().cpu() for k, v in _body(net).state_dict().items()},
+                                           "model_spec": getattr(net, "spec", None),
+                                           "num_classes": getattr(net, "num_classes", None)}))
 
 
 def _strip(sd: dict) -> dict:
@@ -396,14 +403,13 @@ def _eg(keys: list[str]) -> str:
     return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
 
 
-def load_checkpoint(net: nn.Module, path: str | Path) -> nn.Module:
-    """Load weights into ``net`` (its body for a Net) from our model.pt, {"state_dict": ...} or a raw
-    state_dict (timm/torchvision/RepDistiller files included); every failure is one clear line."""
+def _read_weights(path: str | Path) -> Any:
+    """``torch.load`` of a weights file (tensors only); every failure is one clear line."""
     path = Path(path)
     if not path.is_file():
         raise EffdstlError(f"checkpoint {path} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
         if found:  # a well-formed pickle of something weights_only refuses (not a corrupt file)
@@ -412,6 +418,19 @@ def load_checkpoint(net: nn.Module, path: str | Path) -> nn.Module:
         raise EffdstlError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__})") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, pickle.PickleError, KeyError) as exc:
         raise EffdstlError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__})") from None
+
+
+def saved_spec(path: str | Path) -> str | None:
+    """The model spec a model.pt written by :func:`save_weights` names (None for other files)."""
+    obj = _read_weights(path)
+    return obj.get("model_spec") if isinstance(obj, dict) else None
+
+
+def load_checkpoint(net: nn.Module, path: str | Path) -> nn.Module:
+    """Load weights into ``net`` (its body for a Net) from our model.pt, {"state_dict": ...} or a raw
+    state_dict (timm/torchvision/RepDistiller files included); every failure is one clear line."""
+    path = Path(path)
+    obj = _read_weights(path)
     meta = obj if isinstance(obj, dict) else {}
     sd = obj
     for key in ("model", "state_dict", "model_state_dict", "net"):

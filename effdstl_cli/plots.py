@@ -23,17 +23,10 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from .errors import EffdstlError  # noqa: E402
-from .io import atomic_write, read_jsonl as read_metrics  # noqa: E402
+from .files import atomic_write, read_jsonl as read_metrics  # noqa: E402
 from .results import collect, interval95, normalized  # noqa: E402
+from .targets import MANIPULATIONS, SCHEMES, SUBSETS  # noqa: E402 - order, labels, symbols: the registries
 
-SUBSET_ORDER = ("reg_cor", "reg", "correct", "not_correct", "all", "reg_not_cor", "not_reg_cor", "not_reg")
-SUBSET_LABEL = {"reg_cor": "reg ∩ correct", "reg": "reg", "correct": "correct", "not_correct": "not correct",
-                "all": "all", "reg_not_cor": "reg ∩ not correct", "not_reg_cor": "not reg ∩ correct",
-                "not_reg": "not reg"}
-SCHEME_ORDER = ("full", "partial", "confidence")
-KIND_ORDER = ("label_smoothing", "teacher_amp", "student_amp")
-KIND_LABEL = {"label_smoothing": "label smoothing", "teacher_amp": "teacher amplification",
-              "student_amp": "student amplification"}
 NETWORK_ORDER = ("teacher", "student", "undistilled")
 NETWORK_TITLE = {"teacher": "teacher", "student": "distilled student", "undistilled": "undistilled network"}
 FIG8_LABEL = {"reg_cor": "CKM on reg ∩ correct (keep incorrect)", "reg": "CKM on all reg (manipulate incorrect)"}
@@ -60,6 +53,12 @@ class FigureResult(list):
 
 # -- helpers -------------------------------------------------------------------------------
 
+def label(registry: dict, name: str) -> str:
+    """A scheme's, subset's or manipulation's label in figures (its registered ``label``, else its name)."""
+    entry = registry.get(name)
+    return entry.label if entry is not None else name
+
+
 def _ordered(values: Sequence[str], order: Sequence[str]) -> list[str]:
     present = list(dict.fromkeys(v for v in values))
     return [v for v in order if v in present] + sorted(v for v in present if v not in order)
@@ -67,8 +66,9 @@ def _ordered(values: Sequence[str], order: Sequence[str]) -> list[str]:
 
 def _subset_colors(subsets: Sequence[str]) -> dict[str, str]:
     out = {}
-    for i, s in enumerate(_ordered(subsets, SUBSET_ORDER)):
-        k = SUBSET_ORDER.index(s) if s in SUBSET_ORDER else len(SUBSET_ORDER) + i
+    order = tuple(SUBSETS)
+    for i, s in enumerate(_ordered(subsets, order)):
+        k = order.index(s) if s in order else len(order) + i
         out[s] = _PALETTE[k % len(_PALETTE)]
     return out
 
@@ -106,7 +106,8 @@ def _offsets(n: int, inner: float = 0.11, outer: float = 0.34) -> np.ndarray:
 def _fmt_param(kind: str, v: Any) -> str:
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return ""
-    name = "t" if kind == "label_smoothing" else "δ"
+    m = MANIPULATIONS.get(kind)
+    name = m.symbol if m else "param"
     return f"{name}={float(v):g}" if isinstance(v, (int, float, np.floating)) else f"{name}={v}"
 
 
@@ -118,12 +119,12 @@ def _teacher_lines(ax) -> None:
                     annotation_clip=False)
 
 
-# -- Fig. 5 / Fig. 6: normalized accuracy per scheme (kind) x subset ----------------------
+# -- Fig. 5 / Fig. 6: normalized accuracy per scheme (manipulation) x subset ----------------------
 
 def _strip_figure(norm: pd.DataFrame, outer_keys: list[tuple], outer_label: dict, xlabel: str,
                   suptitle: str) -> tuple[Figure, dict]:
     """One panel per triplet; x groups = outer keys, within each one column per subset."""
-    subsets = _ordered(norm["subset"].tolist(), SUBSET_ORDER)
+    subsets = _ordered(norm["subset"].tolist(), tuple(SUBSETS))
     colors = _subset_colors(subsets)
     triplets = list(dict.fromkeys(norm["triplet"]))
     S, G = len(subsets), len(outer_keys)
@@ -179,7 +180,7 @@ def _strip_figure(norm: pd.DataFrame, outer_keys: list[tuple], outer_label: dict
     pad = 0.08 * (ymax - ymin)
     axes[0].set_ylim(ymin - pad, ymax + pad)
     handles = [Line2D([], [], ls="none", marker="o", ms=5, color=colors[s]) for s in subsets]
-    labels = [SUBSET_LABEL.get(s, s) for s in subsets]
+    labels = [label(SUBSETS, s) for s in subsets]
     handles.append(Line2D([], [], ls="none", marker="D", ms=5, mfc="white", mec="black"))
     labels.append("mean ± 95% CI")
     fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6), fontsize=8,
@@ -213,10 +214,10 @@ def figure5(study_dir: str | Path, out_dir: str | Path | None = None, metric: st
     """Fig. 5: normalized accuracy per replacement scheme x subset; one panel per triplet."""
     study_dir = Path(study_dir)
     norm = _norm_for(study_dir, "replace", "replacement", metric)
-    schemes = _ordered(norm["scheme"].tolist(), SCHEME_ORDER)
+    schemes = _ordered(norm["scheme"].tolist(), tuple(SCHEMES))
     norm["_outer"] = [(s,) for s in norm["scheme"]]
     keys = [(s,) for s in schemes]
-    fig, info = _strip_figure(norm, keys, {k: k[0] for k in keys}, "replacement scheme",
+    fig, info = _strip_figure(norm, keys, {k: label(SCHEMES, k[0]) for k in keys}, "replacement scheme",
                               _title(norm, f"Fig. 5: replacing the weak teacher's targets ({metric})"))
     info["x_groups"] = schemes
     return _save(fig, study_dir, out_dir, "figure5", info)
@@ -227,19 +228,16 @@ def figure6(study_dir: str | Path, out_dir: str | Path | None = None, metric: st
     study_dir = Path(study_dir)
     norm = _norm_for(study_dir, "manipulate", "manipulation", metric)
     pkey = norm["param"].map(lambda v: None if v is None or (isinstance(v, float) and np.isnan(v)) else v)
-    norm["_outer"] = list(zip(norm["scheme"], pkey))
-    kinds = _ordered(norm["scheme"].tolist(), KIND_ORDER)
+    norm["_outer"] = list(zip(norm["manipulation"], pkey))
+    kinds = _ordered(norm["manipulation"].tolist(), tuple(MANIPULATIONS))
     keys: list[tuple] = []
     for k in kinds:
         ps = {p for (s, p) in norm["_outer"] if s == k}
         keys += [(k, p) for p in sorted(ps, key=lambda v: (v is None, str(v) if not isinstance(v, float) else v))]
-    label = {}
-    for k, p in keys:
-        name = KIND_LABEL.get(k, k)
-        label[(k, p)] = f"{name}\n{_fmt_param(k, p)}".rstrip()
-    fig, info = _strip_figure(norm, keys, label, "manipulation",
+    names = {key: f"{label(MANIPULATIONS, key[0])}\n{_fmt_param(*key)}".rstrip() for key in keys}
+    fig, info = _strip_figure(norm, keys, names, "manipulation",
                               _title(norm, f"Fig. 6: manipulating the weak teacher's targets ({metric})"))
-    info["x_groups"] = [label[k] for k in keys]
+    info["x_groups"] = [names[k] for k in keys]
     return _save(fig, study_dir, out_dir, "figure6", info)
 
 

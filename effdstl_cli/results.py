@@ -15,11 +15,11 @@ import numpy as np
 import pandas as pd
 
 from .errors import EffdstlError
-from .io import atomic_write
+from .files import atomic_write
 from .rundir import RunDir
 
 META_KEYS = ("study", "study_kind", "dataset", "student", "weak", "strong", "triplet", "distiller",
-             "scheme", "subset", "param", "baseline", "label", "seed", "pair", "setting", "part", "group")
+             "scheme", "manipulation", "subset", "param", "baseline", "label", "seed", "pair", "setting", "part", "group")
 FINAL_KEYS = ("best_top1", "last_top1", "best_top5", "last_top5", "best_epoch", "epochs", "wall_s",
               "gpu_hours", "device", "gpu_name", "world_size")
 COLUMNS = ("run", "state", "role", *META_KEYS, *FINAL_KEYS, "epochs_done", "fail_reason", "run_dir")
@@ -35,8 +35,10 @@ def _run_row(rd: Path) -> dict[str, Any]:
     row.update(run=rd.name, role=cfg.get("role", ""), run_dir=str(rd))
     for k in META_KEYS:
         row[k] = meta.get(k)
+    if "manipulation" not in meta and meta.get("distiller") == "manipulate":
+        row["manipulation"], row["scheme"] = meta.get("scheme"), ""  # runs planned before the column
     for k in ("study", "study_kind", "dataset", "student", "weak", "strong", "triplet", "distiller",
-              "scheme", "subset", "baseline", "label", "pair", "setting", "part", "group"):
+              "scheme", "manipulation", "subset", "baseline", "label", "pair", "setting", "part", "group"):
         row[k] = "" if row[k] is None else str(row[k])
     if row["seed"] is None:
         row["seed"] = cfg.get("seed")

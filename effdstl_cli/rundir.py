@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from . import io as fio
+from . import files as fio
 from .errors import EffdstlError
 
 STATES = ("done", "damaged", "failed", "running", "partial", "pending")

@@ -15,18 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import config_hash, data_keys
+from .config import config_hash
 from .errors import EffdstlError, unknown
 from .rundir import run_state  # noqa: F401 - the one definition of a run's state; re-exported
-
-DEFAULT_SCHEDULE = {"epochs": 10, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False,
-                    "warmup_epochs": 0, "min_lr": 0.0}
-
+from .runconfig import DEFAULT_SCHEDULE, run_config, stage
 
 @dataclass
 class Job:
     name: str
-    kind: str                                   # train | probe
+    work: str                                   # train | probe
     runs: list[tuple[dict, Path]]
     deps: list[str] = field(default_factory=list)
     probe: dict | None = None                   # for probe jobs: what to attack
@@ -34,7 +31,7 @@ class Job:
     def state(self) -> str:
         """damaged | running | partial | pending | failed | done, from the run directories alone
         (each run's verdict is ``rundir.RunDir.state``)."""
-        if self.kind == "probe":
+        if self.work == "probe":
             return "done" if Path(self.probe["out"]).exists() else "pending"
         states = [run_state(d) for _, d in self.runs]
         for s in ("damaged", "running", "partial", "pending"):
@@ -63,18 +60,6 @@ def study_dir(results_root: str | Path, name: str) -> Path:
 
 # -- building blocks -------------------------------------------------------------------------
 
-def _stage(sched: dict, distiller: dict) -> dict:
-    s = {**DEFAULT_SCHEDULE, **sched}
-    out = {"epochs": int(s["epochs"]), "distiller": distiller,
-           "optim": {"lr": float(s["lr"]), "momentum": float(s["momentum"]),
-                     "weight_decay": float(s["weight_decay"]), "nesterov": bool(s["nesterov"])},
-           "sched": {"warmup_epochs": float(s["warmup_epochs"]), "min_lr": float(s["min_lr"])}}
-    if s.get("kind", "cosine") == "step":  # cosine (the default) adds no key: its run hashes stay
-        out["sched"].update(kind="step", milestones=[float(m) for m in s.get("milestones") or []],
-                            gamma=float(s.get("gamma", 0.1)))
-    return out
-
-
 def _file_sha(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -90,7 +75,6 @@ class _Ctx:
         self.study, self.sdir = study, sdir
         self.teacher_jobs: dict[str, Job] = {}
         self.teacher_refs: dict[str, dict] = {}
-        base = data_keys(study)
         ts = {**DEFAULT_SCHEDULE, "batch_size": study.get("batch_size", 64), "seed": 0,
               **(study.get("teacher_schedule") or {})}
         for name, t in (study.get("teachers") or {}).items():
@@ -102,11 +86,10 @@ class _Ctx:
                 self.teacher_refs[name] = ref
                 continue
             sched = {**ts, **{k: v for k, v in t.items() if k not in ("model", "pretrained", "ckpt")}}
-            cfg = {"role": "teacher", **base, "model": t["model"], "seed": int(sched["seed"]),
-                   "batch_size": int(sched["batch_size"]), "epochs": int(sched["epochs"]),
-                   "stages": [_stage(sched, {"name": "none"})], "teachers": {},
-                   "meta": self.meta(study_kind="teacher", student=t["model"], distiller="none",
-                                     label=f"teacher {name}", seed=int(sched["seed"]))}
+            cfg = run_config("teacher", study, t["model"], sched["seed"], sched["batch_size"],
+                             [stage(sched, {"name": "none"})], {},
+                             self.meta(study_kind="teacher", student=t["model"], distiller="none",
+                                       label=f"teacher {name}", seed=int(sched["seed"])))
             h = config_hash(cfg)
             rd = sdir / "runs" / h
             self.teacher_jobs[name] = Job(f"teacher-{name}", "train", [(cfg, rd)])
@@ -115,7 +98,7 @@ class _Ctx:
     def meta(self, **kw) -> dict:
         m = {"study": self.study["name"], "study_kind": self.study["kind"], "dataset": self.study["dataset"],
              "student": "", "weak": "", "strong": "", "triplet": "", "distiller": "", "scheme": "",
-             "subset": "", "param": None, "baseline": "", "label": "", "seed": None,
+             "manipulation": "", "subset": "", "param": None, "baseline": "", "label": "", "seed": None,
              "pair": "", "setting": "", "part": "", "group": ""}
         m.update(kw)
         return m
@@ -129,11 +112,9 @@ class _Ctx:
             teachers[role] = copy.deepcopy(self.teacher_refs[tname])
         tmodels = {r: self.teacher_refs[t]["model"] for r, t in roles.items()}
         weak, strong = tmodels.get("weak", ""), tmodels.get("strong", "")
-        return {"role": "student", **data_keys(self.study), "model": model, "seed": int(seed),
-                "batch_size": int(self.study.get("batch_size", 64)),
-                "epochs": sum(int(s["epochs"]) for s in stages), "stages": stages, "teachers": teachers,
-                "meta": self.meta(student=model, weak=weak, strong=strong,
-                                  triplet=f"{weak}|{strong}|{model}", seed=int(seed), **meta)}
+        return run_config("student", self.study, model, seed, self.study.get("batch_size", 64), stages, teachers,
+                          self.meta(student=model, weak=weak, strong=strong, triplet=f"{weak}|{strong}|{model}",
+                                    seed=int(seed), **meta))
 
     def group(self, name: str, cfgs: list[dict], roles: dict[str, str]) -> Job:
         for c in cfgs:  # Table 3 adds up a group job's runs (meta is not part of the run's hash)
@@ -168,58 +149,67 @@ def _baselines(ctx: _Ctx, tr: dict, seed: int) -> list[dict]:
     d, roles = ctx.distill(), {"weak": tr["weak"], "strong": tr["strong"]}
     out = []
     for which in ("weak", "strong"):
-        st = [_stage(ctx.schedule, {"name": "kd", "teacher": which, **d})]
+        st = [stage(ctx.schedule, {"name": "kd", "teacher": which, **d})]
         out.append(ctx.student(tr["student"], seed, st, roles, distiller="kd", baseline=which,
                                label=f"{which} teacher only"))
     return out
 
 
-def expand_replacement(ctx: _Ctx) -> list[Job]:
-    grid = ctx.study.get("grid") or {}
-    schemes = grid.get("scheme", ["full", "partial", "confidence"])
-    subsets = grid.get("subset", ["reg_cor", "reg", "correct", "not_correct", "all"])
+def _sweep(ctx: _Ctx, cells: list[tuple[dict, dict]]) -> list[Job]:
+    """Fig. 5 / 6: one group job per triplet x seed: the two single-teacher baselines, then one
+    student per cell (its distiller spec, its meta)."""
     jobs = []
     for ti, tr in enumerate(_triplets(ctx)):
         roles = {"weak": tr["weak"], "strong": tr["strong"]}
         for seed in ctx.seeds:
             cfgs = _baselines(ctx, tr, seed)
-            for scheme, subset in itertools.product(schemes, subsets):
-                dist = {"name": "replace", "teacher": "weak", "strong": "strong", "scheme": scheme,
-                        "subset": subset, **ctx.distill()}
-                cfgs.append(ctx.student(tr["student"], seed, [_stage(ctx.schedule, dist)], roles,
-                                        distiller="replace", scheme=scheme, subset=subset,
-                                        label=f"{scheme} / {subset}"))
+            for dist, meta in cells:
+                cfgs.append(ctx.student(tr["student"], seed, [stage(ctx.schedule, copy.deepcopy(dist))], roles, **meta))
             jobs.append(ctx.group(f"group-t{ti}-s{seed}", cfgs, roles))
     return jobs
 
 
-def _manip_params(kind: str, grid: dict) -> list[dict]:
-    params = (grid.get("params") or {}).get(kind, {"label_smoothing": {"t": 0.9}}.get(kind, {"delta": 0.2}))
-    key = "t" if kind == "label_smoothing" else "delta"
-    vals = params.get(key)
+def expand_replacement(ctx: _Ctx) -> list[Job]:
+    """Fig. 5: every replacement scheme x subset of the grid (default: every registered scheme,
+    the paper's subsets)."""
+    from .targets import SCHEMES, SUBSETS, grid_defaults
+
+    grid = ctx.study.get("grid") or {}
+    cells = [({"name": "replace", "teacher": "weak", "strong": "strong", "scheme": scheme, "subset": subset,
+               **ctx.distill()},
+              {"distiller": "replace", "scheme": scheme, "subset": subset, "label": f"{scheme} / {subset}"})
+             for scheme, subset in itertools.product(grid.get("scheme", grid_defaults(SCHEMES)),
+                                                     grid.get("subset", grid_defaults(SUBSETS)))]
+    return _sweep(ctx, cells)
+
+
+def _manip_params(name: str, grid: dict) -> list[dict]:
+    """``{param: value}`` per value of the manipulation's one parameter (``grid.params.<name>``,
+    a value or a list; default: the registered default)."""
+    from .targets import manipulation
+
+    m = manipulation(name)
+    vals = ((grid.get("params") or {}).get(name) or {m.param: m.default}).get(m.param)
     vals = vals if isinstance(vals, list) else [vals]
-    return [{key: v} for v in vals]
+    return [{m.param: v} for v in vals]
 
 
 def expand_manipulation(ctx: _Ctx) -> list[Job]:
+    """Fig. 6: every manipulation (and value of its parameter) x subset of the grid (default: every
+    registered manipulation, the paper's subsets). The study file's key for them is ``kind``."""
+    from .targets import MANIPULATIONS, SUBSETS, grid_defaults
+
     grid = ctx.study.get("grid") or {}
-    kinds = grid.get("kind", ["label_smoothing", "teacher_amp", "student_amp"])
-    subsets = grid.get("subset", ["reg_cor", "reg", "correct", "not_correct", "all"])
-    jobs = []
-    for ti, tr in enumerate(_triplets(ctx)):
-        roles = {"weak": tr["weak"], "strong": tr["strong"]}
-        for seed in ctx.seeds:
-            cfgs = _baselines(ctx, tr, seed)
-            for kind, subset in itertools.product(kinds, subsets):
-                for prm in _manip_params(kind, grid):
-                    dist = {"name": "manipulate", "teacher": "weak", "kind": kind, "subset": subset,
-                            **prm, **ctx.distill()}
-                    cfgs.append(ctx.student(tr["student"], seed, [_stage(ctx.schedule, dist)], roles,
-                                            distiller="manipulate", scheme=kind, subset=subset,
-                                            param=next(iter(prm.values())),
-                                            label=f"{kind}({next(iter(prm.values()))}) / {subset}"))
-            jobs.append(ctx.group(f"group-t{ti}-s{seed}", cfgs, roles))
-    return jobs
+    cells = []
+    for name, subset in itertools.product(grid.get("kind", grid_defaults(MANIPULATIONS)),
+                                          grid.get("subset", grid_defaults(SUBSETS))):
+        for prm in _manip_params(name, grid):
+            value = next(iter(prm.values()))
+            cells.append(({"name": "manipulate", "teacher": "weak", "kind": name, "subset": subset, **prm,
+                           **ctx.distill()},
+                          {"distiller": "manipulate", "manipulation": name, "subset": subset, "param": value,
+                           "label": f"{name}({value}) / {subset}"}))
+    return _sweep(ctx, cells)
 
 
 RECIPE_DEFAULTS = {
@@ -269,9 +259,9 @@ def _effdstl_stages(ctx: _Ctx, r: dict, stage2_over: dict | None = None) -> tupl
     a fresh SGD (docs/METHOD.md 'The recipe'). Returns (stages, roles)."""
     s1, s2 = r["stage1"], {**r["stage2"], **(stage2_over or {})}
     t2 = s2.pop("teacher", r["teacher2"])
-    st1 = _stage({**ctx.schedule, **_sched(s1)}, {"name": "wsl", "teacher": "weak", **{k: s1[k] for k in _S1_LOSS}})
+    st1 = stage({**ctx.schedule, **_sched(s1)}, {"name": "wsl", "teacher": "weak", **{k: s1[k] for k in _S1_LOSS}})
     role2 = "weak" if t2 == r["teacher1"] else "strong"
-    st2 = _stage({**ctx.schedule, "warmup_epochs": 0, **_sched(s2)},
+    st2 = stage({**ctx.schedule, "warmup_epochs": 0, **_sched(s2)},
                  {"name": "ckm", "teacher": role2, **{k: s2[k] for k in _S2_LOSS}})
     roles = {"weak": r["teacher1"]}
     if role2 == "strong":
@@ -302,11 +292,11 @@ def _baseline_runs(ctx: _Ctx, r: dict, seed: int, baselines: list[str], meta: di
         if b not in specs:
             raise unknown("baseline", b, specs)
         if b == "none":
-            st = [_stage({**ctx.schedule, **_sched(s1), "epochs": total, **_sched(r.get("single") or {})}, specs[b])]
+            st = [stage({**ctx.schedule, **_sched(s1), "epochs": total, **_sched(r.get("single") or {})}, specs[b])]
             roles = {}
         else:
-            st = [_stage({**ctx.schedule, **_sched(s1)}, {**specs[b], "teacher": "weak"}),
-                  _stage({**ctx.schedule, "warmup_epochs": 0, **_sched(s2)},
+            st = [stage({**ctx.schedule, **_sched(s1)}, {**specs[b], "teacher": "weak"}),
+                  stage({**ctx.schedule, "warmup_epochs": 0, **_sched(s2)},
                          {**specs[b], "teacher": "strong" if r["teacher2"] != r["teacher1"] else "weak"})]
             roles = {"weak": r["teacher1"]}
             if r["teacher2"] != r["teacher1"]:
@@ -415,11 +405,10 @@ def expand_fgsm(ctx: _Ctx) -> list[Job]:
     und = _undistilled(ctx, tr["student"])
     jobs = []
     for seed in ctx.seeds:
-        cfgs = [ctx.student(tr["student"], seed, [_stage(ctx.schedule, dist)], roles,
-                            distiller=dist["name"], scheme=dist.get("kind", dist.get("scheme", "")),
-                            subset=dist["subset"], param=dist.get("t", dist.get("delta")), label="distilled")]
+        cfgs = [ctx.student(tr["student"], seed, [stage(ctx.schedule, dist)], roles, label="distilled",
+                            **distiller_meta(dist))]
         if not und.get("pretrained"):
-            cfgs.append(ctx.student(und["model"], seed, [_stage(ctx.schedule, {"name": "none"})], {},
+            cfgs.append(ctx.student(und["model"], seed, [stage(ctx.schedule, {"name": "none"})], {},
                                     distiller="none", label="undistilled"))
         jobs.append(ctx.group(f"group-s{seed}", cfgs, roles))
     return jobs
@@ -474,13 +463,24 @@ def validate_runs(p: Plan) -> None:
                                        f"'{d.get('name')}' {d} ({type(exc).__name__}: {exc})") from None
 
 
+def distiller_meta(dist: dict) -> dict:
+    """A run's meta columns that say what its distiller does: the distiller, and where it has one,
+    its replacement scheme, manipulation (with its parameter's value) and subset."""
+    from .targets import MANIPULATIONS
+
+    manip = dist.get("kind", "") if dist["name"] == "manipulate" else ""
+    param = dist.get(MANIPULATIONS[manip].param) if manip in MANIPULATIONS else None
+    return {"distiller": dist["name"], "scheme": dist.get("scheme", ""), "manipulation": manip,
+            "subset": dist.get("subset", "") or "", "param": param}
+
+
 def probe_targets(p: Plan) -> list[dict]:
     """The runs an FGSM probe can attack: distilled runs whose last stage alters a subset.
 
     For each: the run, the teacher (the one whose target was altered), the subset rule and the
     undistilled run of the same seed (a 'none' run of the study, if any).
     """
-    runs = [(c, d) for j in p.jobs if j.kind == "train" for c, d in j.runs if c["role"] == "student"]
+    runs = [(c, d) for j in p.jobs if j.work == "train" for c, d in j.runs if c["role"] == "student"]
     nones: dict = {}
     for c, d in runs:  # a run labelled 'undistilled' (fgsm studies) wins over any other 'none' run
         if c["stages"][-1]["distiller"]["name"] == "none" and (c["meta"].get("label") == "undistilled"
@@ -488,10 +488,12 @@ def probe_targets(p: Plan) -> list[dict]:
             nones[c["seed"]] = d
     und = (p.study.get("probe") or {}).get("undistilled")
     hub = dict(und) if isinstance(und, dict) and und.get("pretrained") else None
+    from .distillers import REGISTRY
+
     out = []
     for c, d in runs:
         dist = c["stages"][-1]["distiller"]
-        if dist["name"] not in ("ckm", "replace", "manipulate") or not dist.get("subset"):
+        if not REGISTRY[dist["name"]].alters_subset or not dist.get("subset"):
             continue
         if c["meta"].get("baseline"):
             continue
@@ -506,7 +508,7 @@ def _fmt(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def describe_stage(stage: dict, teachers: dict | None = None) -> str:
+def describestage(stage: dict, teachers: dict | None = None) -> str:
     """One stage in a line: epochs, the loss with every hyper-parameter and its teacher, the schedule.
 
     e.g. ``240 ep wsl[T 2, ls 0.1, w_ce 1, w_wsl 0.5; teacher weak=tv:resnet34] lr 0.5->1e-05 cos wd 4e-05``
@@ -533,13 +535,101 @@ def describe_stage(stage: dict, teachers: dict | None = None) -> str:
 
 def describe_run(cfg: dict) -> str:
     """A run's stages, ' | '-separated (the dry run's line per run)."""
-    return " | ".join(describe_stage(s, cfg.get("teachers")) for s in cfg["stages"])
+    return " | ".join(describestage(s, cfg.get("teachers")) for s in cfg["stages"])
 
 
-def describe(p: Plan) -> list[dict[str, Any]]:
-    """Rows for --dry-run and status: one per job."""
-    rows = []
-    for j in p.jobs:
-        rows.append({"job": j.name, "kind": j.kind, "runs": len(j.runs), "deps": ",".join(j.deps) or "-",
-                     "state": j.state()})
-    return rows
+# -- single runs (effdstl train teacher / student) ----------------------------------------------
+
+def resolve_teacher(text: str) -> dict:
+    """A teacher reference from: a model.pt, a run directory, a study folder with one teacher run,
+    or a hub model ``timm:NAME`` / ``tv:NAME`` (pretrained)."""
+    if text.startswith(("timm:", "tv:")):
+        return {"model": text, "pretrained": True}
+    p = Path(text)
+    if p.is_dir():
+        if (p / "model.pt").exists():
+            p = p / "model.pt"
+        else:
+            from .rundir import RunDir
+
+            cands = [c for c in sorted(p.glob("runs/*/model.pt")) if RunDir(c.parent).config.get("role") == "teacher"]
+            if len(cands) != 1:
+                raise EffdstlError(f"--teacher {text}: expected one finished teacher run under it, found {len(cands)}")
+            p = cands[0]
+    if not p.exists():
+        raise EffdstlError(f"--teacher {text}: no such checkpoint or run directory")
+    from .models import saved_spec
+
+    spec = saved_spec(p)
+    if not spec:
+        raise EffdstlError(f"--teacher {text}: the checkpoint does not say its model; pass a run's model.pt")
+    return {"model": spec, "ckpt": str(p.resolve())}
+
+
+def single_plan(name: str, data: dict, model: str, seed: int, batch_size: int, sched: dict,
+                distillers: list[dict], teachers: dict, role: str, results_root: str | Path) -> Plan:
+    """One group job of single runs (``effdstl train teacher`` / ``student``): one run per distiller
+    spec, all on ``data`` (dataset, data_root, image_size) with one schedule; ``teachers`` by role
+    (from :func:`resolve_teacher`). A spec without a teacher gets its distiller's default one."""
+    from .config import validate_schedule
+
+    sched = {k: v for k, v in sched.items() if v is not None}
+    validate_schedule("command line", sched)
+    if data.get("image_size") is not None and data["image_size"] < 1:
+        raise EffdstlError(f"--image-size must be a positive number of pixels, got {data['image_size']}")
+    if seed < 0:
+        raise EffdstlError(f"--seed must be an integer >= 0, got {seed}")
+    sdir = study_dir(results_root, name)
+    from .distillers import build_distiller, with_teacher  # imports torch: after the cheap checks
+
+    runs = []
+    for d in distillers:
+        d = with_teacher(d, teachers)
+        dist = build_distiller(d)  # validates names and parameters before anything trains
+        for t in dist.teachers:
+            if t not in teachers:
+                raise EffdstlError(f"distiller '{d['name']}' reads teacher '{t}': pass --teacher PATH"
+                                   + (" and --strong PATH" if t == "strong" else ""))
+        label = d["name"] + "".join(f" {k}={v}" for k, v in d.items() if k not in ("name", "teacher"))
+        meta = {"study": name, "study_kind": role, "dataset": data["dataset"], "student": model,
+                "weak": teachers.get("weak", {}).get("model", ""), "strong": teachers.get("strong", {}).get("model", ""),
+                "triplet": "", **distiller_meta(d), "baseline": "", "label": label, "seed": seed}
+        cfg = run_config(role, data, model, seed, batch_size, [stage(sched, d)],
+                         {t: teachers[t] for t in dist.teachers}, meta)
+        runs.append((cfg, sdir / "runs" / config_hash(cfg)))
+    study = {"name": name, "kind": role, "dataset": data["dataset"]}
+    return Plan(study, sdir, [Job(f"{role}-group", "train", runs)])
+
+
+# -- probes (effdstl attack fgsm) -----------------------------------------------------------------
+
+def add_probes(p: Plan, n: int, eps: list[float], forget_stale: bool = True) -> list[dict]:
+    """Append one FGSM probe job per :func:`probe_targets` run (after the job that trains it);
+    returns the targets. A probe table made with another ``n`` or ``eps`` is deleted (redone, not
+    skipped as done) unless ``forget_stale`` is false (a dry run)."""
+    targets = probe_targets(p)
+    if not targets:
+        raise EffdstlError(f"study {p.study.get('name')} has no distilled run with an altered subset to probe")
+    train_jobs = list(p.jobs)
+    for tgt in targets:
+        tgt.update(n=n, eps=eps, seed=tgt["cfg"]["seed"],
+                   out=str(p.study_dir / "fgsm" / tgt["run"].name / "fgsm.parquet"))
+        if forget_stale:
+            _drop_stale_probe(Path(tgt["out"]), n, eps)
+        job_of = next(j.name for j in train_jobs if any(d == tgt["run"] for _, d in j.runs))
+        p.jobs.append(Job(f"probe-{tgt['run'].name}", "probe", [], [job_of], tgt))
+    return targets
+
+
+def _drop_stale_probe(out_path: Path, n: int, eps: list) -> None:
+    from .files import read_json
+
+    if not out_path.exists():
+        return
+    try:
+        j = read_json(out_path.with_suffix(".json"))
+        same = int(j.get("n", -1)) == n and [round(float(e), 12) for e in j.get("eps", [])] == [round(float(e), 12) for e in eps]
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        out_path.unlink()

@@ -17,7 +17,7 @@ import pandas as pd
 import yaml
 
 from .errors import EffdstlError
-from .io import atomic_write, atomic_write_text
+from .files import atomic_write, atomic_write_text
 from .results import collect
 
 METHODS = ("none", "kd", "rkd", "wsl", "effdstl")
@@ -48,7 +48,7 @@ PAPER_TABLE3_NAMES = {"resnet18": "ResNet18", "mobilenetv1": "MobileNet V1",
                       "resnet34d": "ResNet34d"}
 PAPER_TABLE3 = {"method": "effdstl", "pair": REFERENCE_PAIR, "gpu_hours": 97.7, "device": "RTX 3090"}
 # Which study kinds each table can show (anything else: one line, exit 2).
-TABLE_KINDS = {"table1": ("recipe",), "table3": ("recipe",), "table4": ("ablation",)}
+TABLE_STUDY_KINDS = {"table1": ("recipe",), "table3": ("recipe",), "table4": ("ablation",)}
 ABLATION_ORDER = ("EffDstl (switch, tau 0.7, CKM)", "teacher switch", "no teacher switch", "tau 0.7",
                   "tau 0.8", "tau 1.0", "CKM on", "CKM off")
 ABLATION_PARTS = {"a": "(a) teacher pairs: stage-1 → stage-2 teacher",
@@ -72,13 +72,13 @@ def paper_table3_hours(student: str) -> tuple[float, str] | None:
     return None
 
 
-def require_kind(study_dir: Path, which: str, kinds_present: set[str]) -> None:
+def require_study_kind(study_dir: Path, which: str, kinds_present: set[str]) -> None:
     """A table refuses a study it cannot show: one line naming the kinds it accepts."""
-    ok = TABLE_KINDS[which]
+    ok = TABLE_STUDY_KINDS[which]
     kinds = sorted(k for k in kinds_present if k and k != "teacher")
     if kinds and not set(kinds) & set(ok):
         raise EffdstlError(f"{which} shows {' or '.join(ok)} studies; study {study_dir.name} is of kind "
-                           f"{', '.join(kinds)} (use {', '.join(w for w, k in TABLE_KINDS.items() if set(k) & set(kinds)) or 'effdstl plot'} for it)")
+                           f"{', '.join(kinds)} (use {', '.join(w for w, k in TABLE_STUDY_KINDS.items() if set(k) & set(kinds)) or 'effdstl plot'} for it)")
 
 
 def _squash(name: str) -> str:
@@ -187,10 +187,10 @@ def _joined(values: Sequence[str]) -> str:
     return ", ".join(v for v in dict.fromkeys(values) if v) or "-"
 
 
-def _kind_checked(study_dir: Path, which: str, what: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _study_kind_checked(study_dir: Path, which: str, what: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     df = collect(study_dir)
-    require_kind(study_dir, which, set(df["study_kind"].dropna()))
-    st = df[(df["role"] == "student") & (df["state"] == "done") & df["study_kind"].isin(TABLE_KINDS[which])]
+    require_study_kind(study_dir, which, set(df["study_kind"].dropna()))
+    st = df[(df["role"] == "student") & (df["state"] == "done") & df["study_kind"].isin(TABLE_STUDY_KINDS[which])]
     if st.empty:
         n = int((df["role"] == "student").sum())
         raise EffdstlError(f"no finished student runs in {study_dir} ({n} planned or unfinished): "
@@ -235,7 +235,7 @@ def table1(study_dir: str | Path, out_dir: str | Path | None = None) -> tuple[pd
     numbers as a reference, with a note that the setting differs. Recipe studies only.
     """
     study_dir = Path(study_dir)
-    df, st = _kind_checked(study_dir, "table1", "Table 1")
+    df, st = _study_kind_checked(study_dir, "table1", "Table 1")
     st = st.assign(_t1=[w if w else "" for w in st["weak"]])
     # no-distill runs have no teacher: they belong to the block of their (pair, setting, student)
     key_cols = ["dataset", "student", "pair", "setting"]
@@ -305,8 +305,8 @@ def table3(study_dir: str | Path, out_dir: str | Path | None = None) -> tuple[pd
     """
     study_dir = Path(study_dir)
     df = collect(study_dir)
-    require_kind(study_dir, "table3", set(df["study_kind"].dropna()))
-    done = df[(df["state"] == "done") & (df["study_kind"].isin(TABLE_KINDS["table3"]) | (df["role"] == "teacher"))]
+    require_study_kind(study_dir, "table3", set(df["study_kind"].dropna()))
+    done = df[(df["state"] == "done") & (df["study_kind"].isin(TABLE_STUDY_KINDS["table3"]) | (df["role"] == "teacher"))]
     if done.empty:
         raise EffdstlError(f"no finished runs in {study_dir}: run the study before building Table 3")
     job_gh = done.groupby("group")["gpu_hours"].apply(lambda v: float(v.fillna(0).sum())).to_dict()
@@ -390,7 +390,7 @@ def table4(study_dir: str | Path, out_dir: str | Path | None = None) -> tuple[pd
     official code gives it ('-' and a note where it does not). (b) MEAL V2 is left out and says so.
     Ablation studies only."""
     study_dir = Path(study_dir)
-    df, st = _kind_checked(study_dir, "table4", "Table 4")
+    df, st = _study_kind_checked(study_dir, "table4", "Table 4")
     st = st[st["label"] != ""]
     if st.empty:
         raise EffdstlError(f"no finished labelled runs in {study_dir}: run an ablation study first")

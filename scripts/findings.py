@@ -32,6 +32,7 @@ from effdstl_cli.effects import paired_effects  # noqa: E402
 from effdstl_cli.errors import EffdstlError  # noqa: E402
 from effdstl_cli.results import collect, interval95, normalized  # noqa: E402
 from effdstl_cli.rundir import RunDir  # noqa: E402
+from effdstl_cli.targets import MANIPULATIONS, SCHEMES, SUBSETS  # noqa: E402
 
 DATASETS = {"digits": "scikit-learn digits (1078 train / 719 test, 8x8)",
             "cifar10-1k": "CIFAR-10, 1000 train images per class (stratified, seeded), full 10k test set"}
@@ -123,7 +124,8 @@ def anchors_text(df: pd.DataFrame) -> tuple[str, float]:
             f"{ratio:.0f}× the larger seed standard deviation ({sd:.2f})"), ratio
 
 
-def norm_table(df: pd.DataFrame, col: str, order: tuple, sub_order=plots.SUBSET_ORDER) -> tuple[str, pd.DataFrame]:
+def norm_table(df: pd.DataFrame, col: str, order: tuple, sub_order=None) -> tuple[str, pd.DataFrame]:
+    sub_order = sub_order or tuple(SUBSETS)
     norm = normalized(df)
     g = norm.groupby([col, "subset"])["norm"]
     cells = {k: ci(v) for k, v in g}
@@ -136,7 +138,7 @@ def norm_table(df: pd.DataFrame, col: str, order: tuple, sub_order=plots.SUBSET_
 
 def section_fig5(name: str, df: pd.DataFrame, fig: str) -> tuple[str, str]:
     anchors, ratio = anchors_text(df)
-    tab, means = norm_table(df, "scheme", plots.SCHEME_ORDER)
+    tab, means = norm_table(df, "scheme", tuple(SCHEMES))
     conf_part = paired(df, "confidence / all", "partial / all")
     full_conf = paired(df, "full / all", "confidence / all")
     full_part = paired(df, "full / all", "partial / all")
@@ -173,19 +175,18 @@ Normalized accuracy (mean ± 95 % half-width over seeds; 0 = acc-, 1 = acc+):
 
 def section_fig6(name: str, df: pd.DataFrame, fig: str) -> tuple[str, str]:
     anchors, _ = anchors_text(df)
-    df = df.assign(kind=df["scheme"])
-    tab, means = norm_table(df, "kind", plots.KIND_ORDER)
+    tab, means = norm_table(df, "manipulation", tuple(MANIPULATIONS))
     lines, ok, bests = [], [], []
-    for kind in [k for k in plots.KIND_ORDER if (means["kind"] == k).any()]:
-        labels = sorted(set(df[(df["scheme"] == kind) & (df["subset"] == "reg_cor")]["label"]))
+    for kind in [k for k in tuple(MANIPULATIONS) if (means["manipulation"] == k).any()]:
+        labels = sorted(set(df[(df["manipulation"] == kind) & (df["subset"] == "reg_cor")]["label"]))
         if not labels:
             continue
         e = paired(df, labels[0], "weak teacher only")
-        m = means[(means["kind"] == kind) & (means["subset"] != "all")].sort_values("mean", ascending=False)
+        m = means[(means["manipulation"] == kind) & (means["subset"] != "all")].sort_values("mean", ascending=False)
         best = m["subset"].iloc[0]
         ok.append(e["pos"])
         bests.append(best)
-        lines.append(f"  - {plots.KIND_LABEL.get(kind, kind)} on reg ∩ correct − weak teacher only: {e['text']} "
+        lines.append(f"  - {plots.label(MANIPULATIONS, kind)} on reg ∩ correct − weak teacher only: {e['text']} "
                      f"({'higher' if e['pos'] else 'lower' if e['neg'] else 'no clear difference'}); best subset: "
                      f"`{best}` (normalized {m['mean'].iloc[0]:.2f})")
     v = "reproduced" if all(ok) else "partly reproduced" if any(ok) else "not reproduced"

@@ -115,7 +115,7 @@ def run_dirs(study_dir: Path) -> list[Path]:
 
 
 def metrics_epochs(run_dir: Path) -> list[int]:
-    from effdstl_cli.io import read_jsonl
+    from effdstl_cli.files import read_jsonl
 
     return [int(r["epoch"]) for r in read_jsonl(Path(run_dir) / "metrics.jsonl")]
 

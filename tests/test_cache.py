@@ -11,7 +11,7 @@ from effdstl_cli.cache import TeacherCache, cache_key, weights_sha
 from effdstl_cli.config import config_hash
 from effdstl_cli.data import CROP_FLIP_VARIANTS, TensorSplit
 from effdstl_cli.engine import Env, train_group
-from effdstl_cli.io import read_jsonl
+from effdstl_cli.files import read_jsonl
 from effdstl_cli.models import build_model, save_weights
 
 

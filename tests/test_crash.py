@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from conftest import cli_env
-from effdstl_cli.io import read_jsonl
+from effdstl_cli.files import read_jsonl
 
 TIMING = ("epoch_s",)                       # metrics fields that measure time, not learning
 FINAL_TIMING = ("wall_s", "gpu_hours", "files", "checksum")  # + the seal: checksums of files holding timings
@@ -249,7 +249,7 @@ def test_nan_student_fails_alone_and_stays_failed(tmp_path):
     (bad,) = [d for h, d in rd.items() if cfgs[h]["meta"]["label"] == "EffDstl"]
     failed = json.loads((bad / "failed.json").read_text())
     assert failed["status"] == "failed" and "non-finite" in failed["reason"] and failed["epoch"] == 1
-    from effdstl_cli.io import load_checkpoint
+    from effdstl_cli.files import load_checkpoint
 
     state, note = load_checkpoint(Path(failed["last_good_checkpoint"]).parent)
     assert note is None and state["epoch"] == 1 and Path(failed["last_good_checkpoint"]).exists()

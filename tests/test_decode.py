@@ -12,7 +12,7 @@ from effdstl_cli.config import config_hash
 from effdstl_cli.data import (augment_params, build_data, decode_images, keyed_uniforms,
                               resize_each, resize_windows, sample_keys)
 from effdstl_cli.engine import Env, train_group
-from effdstl_cli.io import read_jsonl
+from effdstl_cli.files import read_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_resize_windows_equals_per_image_interpolate(s, precrop):
 
 @pytest.mark.parametrize("precrop", [True, False])
 def test_resize_windows_chunks_keep_the_batch_order(monkeypatch, precrop):
-    import effdstl_cli.data as data
+    import effdstl_cli.data.resample as data
     g = torch.Generator().manual_seed(0)
     imgs = [torch.randint(0, 256, (3, int(h), int(w)), dtype=torch.uint8, generator=g)
             for h, w in torch.randint(20, 70, (11, 2), generator=g)]
@@ -174,7 +174,7 @@ def test_resize_windows_chunks_keep_the_batch_order(monkeypatch, precrop):
 
 
 def test_batched_resize_failure_on_a_device_falls_back_once_and_on_the_cpu_raises(monkeypatch, folder):
-    import effdstl_cli.data as data
+    import effdstl_cli.data.folder as data  # where decode_batch looks these up
     tr = build_data(f"folder:{folder}", image_size=12).train
     datas = [tr.read_bytes(i) for i in range(6)]
 

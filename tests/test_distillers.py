@@ -164,7 +164,7 @@ def test_replace_on_correct_rows_only(scheme):
 
 
 @PROPS
-@given(batches(), st.sampled_from(targets.SCHEMES),
+@given(batches(), st.sampled_from(list(targets.SCHEMES)),
        st.sampled_from([("reg", "not_reg"), ("correct", "not_correct")]), st.sampled_from([1.0, 3.0]))
 def test_replace_on_complementary_subsets(case, scheme, pair, tau):
     """Every row gets the altered target in exactly one of a subset and its complement, so
@@ -180,7 +180,7 @@ def test_replace_on_complementary_subsets(case, scheme, pair, tau):
 
 
 @PROPS
-@given(batches(), st.sampled_from(targets.SUBSETS), st.sampled_from([1.0, 2.0]))
+@given(batches(), st.sampled_from(list(targets.SUBSETS)), st.sampled_from([1.0, 2.0]))
 def test_mask_mean_is_subset_fraction(case, subset, tau):
     z_s, f_s, t, y = case
     _, mask = run({"name": "replace", "subset": subset, "tau": tau}, z_s, f_s, t, y)

@@ -11,7 +11,7 @@ import torch
 
 from effdstl_cli.config import config_hash
 from effdstl_cli.engine import Env, lr_at, train_group
-from effdstl_cli.io import read_jsonl
+from effdstl_cli.files import read_jsonl
 
 DATA = "synthetic"
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from effdstl_cli.engine import Env, FusedMembers, fusion_plan, make_optimizer, train_group
 from effdstl_cli.fused import NotFusable, fuse, policy
-from effdstl_cli.io import read_jsonl
+from effdstl_cli.files import read_jsonl
 from effdstl_cli.models import build_model
 
 from test_engine import run_cfg, stage, train, weights

@@ -12,7 +12,7 @@ from effdstl_cli.bench import make_jpegs
 from effdstl_cli.config import config_hash
 from effdstl_cli.data import augment_params, build_data, decode_images, resize_each, resize_windows
 from effdstl_cli.engine import Env, train_group
-from effdstl_cli.io import read_jsonl
+from effdstl_cli.files import read_jsonl
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -43,7 +43,7 @@ def tf32(request):
 
 
 def test_batched_resample_on_the_gpu_equals_the_cpu(jpegs, tf32, monkeypatch):
-    import effdstl_cli.data as data
+    import effdstl_cli.data.resample as data
     tr = build_data(f"folder:{jpegs}", image_size=224).train
     imgs = decode_images([tr.read_bytes(i) for i in range(48)], "cpu")  # the same pixels on both sides
     gimgs = [im.cuda() for im in imgs]

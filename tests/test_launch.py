@@ -28,7 +28,7 @@ def teachers(tmp_path_factory) -> dict[str, Path]:
     import torch
 
     from effdstl_cli.engine import Env, train_group
-    from effdstl_cli.studies import DEFAULT_SCHEDULE, _stage
+    from effdstl_cli.runconfig import DEFAULT_SCHEDULE, stage as _stage
 
     root = tmp_path_factory.mktemp("teachers")
     threads = torch.get_num_threads()
@@ -159,7 +159,7 @@ def test_slurm_parameters_of_a_4_gpu_job():
     assert p["slurm_additional_parameters"]["dependency"] == "afterok:12_0:12_1"
     assert opts.backend() == "nccl" and LaunchOptions(tasks=2).backend() == "gloo"
     assert _job_resources(opts, "probe") == (1, 1)  # a probe never runs 4 copies of itself
-    assert slurm_parameters(plan, opts, kind="probe")["tasks_per_node"] == 1
+    assert slurm_parameters(plan, opts, work="probe")["tasks_per_node"] == 1
 
 
 def test_result_of_a_multi_task_job():
@@ -277,7 +277,7 @@ def _wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = N
 
 @pytest.mark.parametrize("executor", ["local"])  # "debug" works the same (its log is the CLI's stdout)
 def test_kill9_mid_training_then_same_command_resumes(tmp_path, teachers, executor):
-    from effdstl_cli.io import load_checkpoint
+    from effdstl_cli.files import load_checkpoint
 
     epochs = 6
     name = f"kill-{executor}"

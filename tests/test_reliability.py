@@ -204,7 +204,7 @@ def test_nan_teacher_is_named_by_its_students(tmp_path):
 # -- item 9: locks ------------------------------------------------------------------------------------
 
 def test_half_written_lock_is_waited_for_then_taken_over(tmp_path):
-    from effdstl_cli.io import LockBusy, RunLock
+    from effdstl_cli.files import LockBusy, RunLock
 
     (tmp_path / "lock").write_text('{"pid": 12')                  # caught between creation and write
     t0 = time.time()
@@ -256,7 +256,7 @@ def test_two_identical_sweeps_at_once_on_the_local_executor_both_succeed(tmp_pat
 # -- item 10: Ctrl-C and kill with the local executor ------------------------------------------------
 
 def _alive(pid: int) -> bool:
-    from effdstl_cli.io import _alive as alive
+    from effdstl_cli.files import _alive as alive
 
     return alive(pid)
 

@@ -27,7 +27,7 @@ def _plan(name: str, tmp_path, sets=None):
 
 
 def _students(p):
-    return [(c, d, j) for j in p.jobs if j.kind == "train" for c, d in j.runs if c["role"] == "student"]
+    return [(c, d, j) for j in p.jobs if j.work == "train" for c, d in j.runs if c["role"] == "student"]
 
 
 def _teacher_models(c, stage):

@@ -82,7 +82,7 @@ def batches(draw, degenerate_only: bool = False):
 # ---------------------------------------------------------------------------------------------
 
 @PROPS
-@given(batches(), st.sampled_from(targets.SCHEMES))
+@given(batches(), st.sampled_from(list(targets.SCHEMES)))
 def test_replace_gives_distributions(b, scheme):
     q = targets.replace(scheme, b["p_w"], b["p_p"], b["y"])
     assert q.shape == b["p_w"].shape and q.dtype == b["dtype"]
@@ -90,7 +90,7 @@ def test_replace_gives_distributions(b, scheme):
 
 
 @PROPS
-@given(batches(degenerate_only=True), st.sampled_from(targets.SCHEMES))
+@given(batches(degenerate_only=True), st.sampled_from(list(targets.SCHEMES)))
 def test_replace_degenerate_rows_only(b, scheme):
     assert_rows_are_distributions(targets.replace(scheme, b["p_w"], b["p_p"], b["y"]))
 
@@ -105,7 +105,7 @@ def test_manipulate_gives_distributions(b, delta, t):
 
 
 @PROPS
-@given(batches(), st.sampled_from(targets.SUBSETS), st.sampled_from(targets.SCHEMES))
+@given(batches(), st.sampled_from(list(targets.SUBSETS)), st.sampled_from(list(targets.SCHEMES)))
 def test_apply_on_gives_distributions_and_picks_rows(b, subset, scheme):
     mask = targets.subset_mask(subset, b["p_w"], b["p_s"], b["y"])
     alt = targets.replace(scheme, b["p_w"], b["p_p"], b["y"])
@@ -116,7 +116,7 @@ def test_apply_on_gives_distributions_and_picks_rows(b, subset, scheme):
 
 
 @PROPS
-@given(batches(), st.sampled_from(targets.SUBSETS))
+@given(batches(), st.sampled_from(list(targets.SUBSETS)))
 def test_no_in_place_edits_and_no_autograd_leak(b, subset):
     p_w = b["p_w"].clone().requires_grad_(True)
     p_p = b["p_p"].clone().requires_grad_(True)

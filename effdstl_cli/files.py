@@ -167,12 +167,18 @@ def check_teacher_file(name: str, tcfg: dict) -> None:
 # Layout: MAGIC + 64 hex chars of sha256(payload) + payload (a torch.save'd dict).
 # ckpt-last.pt is the newest; ckpt-prev.pt the one before, the fallback when the newest is corrupt.
 
-def save_checkpoint(run_dir: Path, state: dict) -> None:
+def tensor_bytes(obj: Any) -> bytes:
+    """``torch.save(obj)`` as bytes: what every tensor file here is written from (atomically, by
+    :func:`atomic_write_bytes`, or checksummed with :func:`checked_blob`)."""
     import torch  # here, not at the top: the CLI imports this module and must start fast
 
     buf = io.BytesIO()
-    torch.save(state, buf)
-    blob = checked_blob(buf.getvalue())
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def save_checkpoint(run_dir: Path, state: dict) -> None:
+    blob = checked_blob(tensor_bytes(state))
     last, prev = run_dir / "ckpt-last.pt", run_dir / "ckpt-prev.pt"
     fd, tmp = tempfile.mkstemp(prefix=".ckpt.", suffix=".tmp", dir=run_dir)
     try:
