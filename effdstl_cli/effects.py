@@ -56,6 +56,16 @@ def verdict(low: float, high: float) -> str:
     return "higher" if low > 0 else "lower" if high < 0 else "no clear difference"
 
 
+def paired_difference(mine: dict[int, float], ref: dict[int, float]) -> dict:
+    """``mine - ref`` over the seeds both have: n, mean, 95 % half-width, interval and verdict."""
+    seeds = sorted(set(mine) & set(ref))
+    mean, _, n, half = interval95([mine[s] - ref[s] for s in seeds])
+    lo, hi = mean - half, mean + half
+    return {"n": n, "acc": sum(mine[s] for s in seeds) / n if n else float("nan"),
+            "acc_anchor": sum(ref[s] for s in seeds) / n if n else float("nan"),
+            "diff": mean, "ci95": half, "ci_low": lo, "ci_high": hi, "verdict": verdict(lo, hi)}
+
+
 def paired_effects(df: pd.DataFrame, anchor: str | None = None, metric: str = "best_top1",
                    labels: Sequence[str] | None = None) -> pd.DataFrame:
     """One row per (unit, label): the per-seed differences ``metric(label) - metric(anchor)``
@@ -82,16 +92,9 @@ def paired_effects(df: pd.DataFrame, anchor: str | None = None, metric: str = "b
         ref = anchors.get(tuple(str(v) for v in u))
         if not ref:
             continue
-        mine = {int(s): float(v) for s, v in zip(g["seed"], g[metric])}
-        seeds = sorted(set(mine) & set(ref))
-        if not seeds:
-            continue
-        diffs = [mine[s] - ref[s] for s in seeds]
-        mean, _, n, half = interval95(diffs)
-        lo, hi = mean - half, mean + half
-        rows.append({**dict(zip(unit, u)), "label": label, "anchor": anchor, "metric": metric, "n": n,
-                     "acc": sum(mine[s] for s in seeds) / n, "acc_anchor": sum(ref[s] for s in seeds) / n,
-                     "diff": mean, "ci95": half, "ci_low": lo, "ci_high": hi, "verdict": verdict(lo, hi)})
+        d = paired_difference({int(s): float(v) for s, v in zip(g["seed"], g[metric])}, ref)
+        if d["n"]:
+            rows.append({**dict(zip(unit, u)), "label": label, "anchor": anchor, "metric": metric, **d})
     out = pd.DataFrame(rows)
     if not out.empty:
         out = out.sort_values([*unit, "label"], kind="stable", ignore_index=True)

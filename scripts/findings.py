@@ -14,8 +14,6 @@ config hash: studies that are already done are not trained again.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import shutil
 import subprocess
 import sys
@@ -28,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from effdstl_cli import plots, tables  # noqa: E402
-from effdstl_cli.effects import paired_effects  # noqa: E402
+from effdstl_cli.effects import effect_text, paired_difference, paired_effects  # noqa: E402
 from effdstl_cli.errors import EffdstlError  # noqa: E402
 from effdstl_cli.results import collect, interval95, normalized  # noqa: E402
 from effdstl_cli.rundir import RunDir  # noqa: E402
@@ -69,19 +67,16 @@ def fmt(mean: float, half: float, n: int | None = None, nd: int = 2, sign: bool 
 
 
 def paired(df: pd.DataFrame, a: str, b: str, metric: str = "best_top1", **where) -> dict:
-    """Seed-paired ``metric(a) - metric(b)`` within the rows matching ``where``: mean, 95 % half-width."""
+    """Seed-paired ``metric(a) - metric(b)`` within the rows matching ``where`` (effects.paired_difference)."""
     st = df[(df["state"] == "done") & (df["role"] == "student")]
     for k, v in where.items():
         st = st[st[k] == v]
-    A = st[st["label"] == a].set_index("seed")[metric]
-    B = st[st["label"] == b].set_index("seed")[metric]
-    seeds = sorted(set(A.index) & set(B.index))
-    d = [float(A[s]) - float(B[s]) for s in seeds]
-    mean, half, n = ci(d)
-    lo, hi = mean - half, mean + half
-    return {"a": a, "b": b, "mean": mean, "half": half, "n": n, "lo": lo, "hi": hi,
-            "sig": n > 1 and (lo > 0 or hi < 0), "pos": n > 1 and lo > 0, "neg": n > 1 and hi < 0,
-            "text": f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}] (n={n})" if half == half else f"{mean:+.2f} (n={n})"}
+    runs = {lab: {int(s): float(x) for s, x in zip(g["seed"], g[metric])} for lab, g in st.groupby("label")}
+    d = paired_difference(runs.get(a, {}), runs.get(b, {}))
+    sig = d["n"] > 1 and d["verdict"] != "no clear difference"
+    return {"mean": d["diff"], "half": d["ci95"], "n": d["n"], "lo": d["ci_low"], "hi": d["ci_high"],
+            "sig": sig, "pos": sig and d["verdict"] == "higher", "neg": sig and d["verdict"] == "lower",
+            "text": effect_text(d)}
 
 
 def teachers_line(df: pd.DataFrame) -> str:
