@@ -314,14 +314,16 @@ SCHED_OPTS = dict(
 DATA_ROOT = typer.Option(None, "--data-root", help="Where torchvision datasets live / download to.")
 IMAGE_SIZE = typer.Option(None, "--image-size", help="Folder/ImageNet crop size (default 224).")
 SEED = typer.Option(0, "--seed", help="Init, batch order and augmentation.")
+AUGMENT = typer.Option(True, "--augment/--no-augment", help="Train with the dataset's augmentation (CIFAR: crop + flip).")
 DRY_RUN_JOBS = typer.Option(False, "--dry-run", help="Print the job(s); train nothing.")
 
 
-def _train_single(name: str, dataset: str, data_root, image_size, model: str, seed: int, sched: dict,
+def _train_single(name: str, dataset: str, data_root, image_size, augment: bool, model: str, seed: int, sched: dict,
                   specs: list[dict], teachers: dict, role: str, results: str, la, dry_run: bool, verbose: bool) -> None:
     from .studies import single_plan
 
-    plan = single_plan(name, {"dataset": dataset, "data_root": data_root, "image_size": image_size}, model, seed,
+    data = {"dataset": dataset, "data_root": data_root, "image_size": image_size, "augment": augment}
+    plan = single_plan(name, data, model, seed,
                        sched["batch_size"], sched, specs, teachers, role, results)
     _run_plan(plan, la, dry_run, verbose)
     if not dry_run:
@@ -333,14 +335,15 @@ def _train_single(name: str, dataset: str, data_root, image_size, model: str, se
 def train_teacher(dataset: str = typer.Option("digits", "--dataset", "-d", help="digits | synthetic | cifar10 | cifar100 | mnist | fashion-mnist | npz:PATH | folder:PATH | imagenet:PATH."),
                   model: str = typer.Option(..., "--model", "-m", help="e.g. mlp:256-256, resnet56, wrn_40_2, timm:resnet34d, tv:resnet34."),
                   name: Optional[str] = typer.Option(None, "--name", help="Folder under the results root (default teacher-<dataset>)."),
-                  data_root: Optional[str] = DATA_ROOT, image_size: Optional[int] = IMAGE_SIZE, seed: int = SEED,
+                  data_root: Optional[str] = DATA_ROOT, image_size: Optional[int] = IMAGE_SIZE, augment: bool = AUGMENT,
+                  seed: int = SEED,
                   epochs: int = SCHED_OPTS["epochs"], lr: float = SCHED_OPTS["lr"],
                   weight_decay: float = SCHED_OPTS["weight_decay"], warmup_epochs: float = SCHED_OPTS["warmup_epochs"],
                   batch_size: int = SCHED_OPTS["batch_size"], results: str = RESULTS,
                   dry_run: bool = DRY_RUN_JOBS, verbose: bool = VERBOSE, la: LaunchArgs = None):
     """Train one teacher on labels; prints where its model.pt is (pass it to --teacher)."""
     sched = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
-    _train_single(name or f"teacher-{dataset.split(':')[0]}", dataset, data_root, image_size, model, seed, sched,
+    _train_single(name or f"teacher-{dataset.split(':')[0]}", dataset, data_root, image_size, augment, model, seed, sched,
                   [{"name": "none"}], {}, "teacher", results, la, dry_run, verbose)
 
 
@@ -352,7 +355,8 @@ def train_student(dataset: str = typer.Option("digits", "--dataset", "-d", help=
                   strong: Optional[str] = typer.Option(None, "--strong", help="A second, stronger teacher (replace, ckm)."),
                   distiller: List[str] = typer.Option(["kd"], "--distiller", "-D", help="Repeat to train a group on one data stream: none, kd, wsl, ckm, rkd, replace:scheme=full,subset=reg_cor, manipulate:kind=teacher_amp,delta=0.2,subset=reg."),
                   name: Optional[str] = typer.Option(None, "--name", help="Folder under the results root (default students-<dataset>)."),
-                  data_root: Optional[str] = DATA_ROOT, image_size: Optional[int] = IMAGE_SIZE, seed: int = SEED,
+                  data_root: Optional[str] = DATA_ROOT, image_size: Optional[int] = IMAGE_SIZE, augment: bool = AUGMENT,
+                  seed: int = SEED,
                   epochs: int = SCHED_OPTS["epochs"], lr: float = SCHED_OPTS["lr"],
                   weight_decay: float = SCHED_OPTS["weight_decay"], warmup_epochs: float = SCHED_OPTS["warmup_epochs"],
                   batch_size: int = SCHED_OPTS["batch_size"], results: str = RESULTS,
@@ -366,7 +370,7 @@ def train_student(dataset: str = typer.Option("digits", "--dataset", "-d", help=
     if strong:
         teachers["strong"] = resolve_teacher(strong)
     sched = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
-    _train_single(name or f"students-{dataset.split(':')[0]}", dataset, data_root, image_size, model, seed, sched,
+    _train_single(name or f"students-{dataset.split(':')[0]}", dataset, data_root, image_size, augment, model, seed, sched,
                   [_parse_distiller(d) for d in distiller], teachers, "student", results, la, dry_run, verbose)
 
 

@@ -23,7 +23,7 @@ KINDS = ("replacement", "manipulation", "fgsm", "fig8", "recipe", "ablation")
 STUDY_KEYS = {
     "name": str, "kind": str, "description": str, "dataset": str, "data_root": (str, type(None)),
     "image_size": (int, type(None)), "train_per_class": (int, type(None)),
-    "test_per_class": (int, type(None)), "seeds": list, "batch_size": int, "teachers": dict,
+    "test_per_class": (int, type(None)), "augment": (bool, dict), "seeds": list, "batch_size": int, "teachers": dict,
     "teacher_schedule": dict, "triplets": list, "schedule": dict, "distill": dict, "grid": dict,
     "recipe": dict, "pairs": list, "settings": list, "baselines": list, "ablations": list, "fgsm": dict, "probe": dict,
     "slurm": dict, "paper": dict,
@@ -36,6 +36,7 @@ PAIR_KEYS = ("name", "student", "teacher1", "teacher2")
 SETTING_KEYS = ("name", "stage1", "stage2", "single")
 ABLATION_KEYS = ("label", "part", "student", "teacher1", "teacher2", "stage1", "stage2")
 PROBE_KEYS = ("distiller", "undistilled", "n", "eps")
+ROLES = ("teacher", "student")
 _STAGE_SCHED = ("epochs", "lr", "momentum", "weight_decay", "nesterov", "warmup_epochs", "min_lr",
                 "kind", "milestones", "gamma")
 _STAGE1 = _STAGE_SCHED + ("T", "ls", "w_ce", "w_wsl")
@@ -69,6 +70,7 @@ SCHEMA: dict[str, tuple | str | Callable[[], tuple] | None] = {
     "ablations.stage1": _STAGE1,
     "ablations.stage2": _STAGE2,
     "probe": PROBE_KEYS,
+    "augment": ROLES,             # per role: {teacher: true, student: false}
     "probe.distiller": None,      # a distiller spec: checked by distillers.build_distiller (validate_runs)
     "probe.undistilled": None,    # a model spec, or a mapping: checked where the probe is planned
     "probe.eps": None,
@@ -80,14 +82,26 @@ SCHEMA: dict[str, tuple | str | Callable[[], tuple] | None] = {
 
 # The keys of a study or run config that say which data a run sees (one list: studies copy them into
 # run configs, groups must share them, teacher-output caches are keyed by them).
-DATA_KEYS = ("dataset", "data_root", "image_size", "train_per_class", "test_per_class")
+DATA_KEYS = ("dataset", "data_root", "image_size", "train_per_class", "test_per_class", "augment")
 
 
-def data_keys(src: dict) -> dict:
-    """The data keys of a study or run config. The subset keys appear only when set, so configs
-    written before they existed keep their hashes."""
+def augment_for(src: dict, role: str | None = None) -> bool:
+    """Whether ``role``'s runs train with the dataset's augmentation. A study's ``augment`` is a
+    bool or ``{teacher: bool, student: bool}`` (missing = true); a run config holds the resolved bool."""
+    aug = src.get("augment", True)
+    if isinstance(aug, dict):
+        return bool(aug.get(role, True)) if role else all(bool(v) for v in aug.values())
+    return bool(aug)
+
+
+def data_keys(src: dict, role: str | None = None) -> dict:
+    """The data keys of a study or run config (``role``: whose augmentation, for a study's
+    per-role ``augment``). The subset keys appear only when set, and ``augment`` only when off, so
+    configs written before they existed keep their hashes."""
     out = {k: src.get(k) for k in DATA_KEYS[:3]}
-    out.update({k: int(src[k]) for k in DATA_KEYS[3:] if src.get(k) is not None})
+    out.update({k: int(src[k]) for k in ("train_per_class", "test_per_class") if src.get(k) is not None})
+    if not augment_for(src, role):
+        out["augment"] = False
     return out
 
 
@@ -260,6 +274,12 @@ def validate_study(study: dict, where: str) -> None:
     for key in ("image_size", "train_per_class", "test_per_class"):
         if study.get(key) is not None:
             _positive(where, key, study[key], integer=True)
+    aug = study.get("augment", True)
+    for k, v in (aug.items() if isinstance(aug, dict) else [("", aug)]):
+        if k and k not in ROLES:
+            raise unknown(f"key of augment in study {where}", k, ROLES)
+        if not isinstance(v, bool):
+            raise EffdstlError(f"{where}: augment{'.' + k if k else ''} must be true or false, got {v!r}")
     validate_schedule(f"{where} schedule", study.get("schedule", {}))
     validate_schedule(f"{where} teacher_schedule", study.get("teacher_schedule", {}))
     for tname, t in (study.get("teachers") or {}).items():

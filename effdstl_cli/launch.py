@@ -633,7 +633,7 @@ def dry_run_lines(plan: Plan, opts: LaunchOptions, verbose: bool = False) -> lis
                 lines.append(f"      fuse --{opts.fuse}: {ln}")
         shown = j.runs if verbose else j.runs[:3]
         for c, d in shown if j.work == "train" else []:
-            lines.append(f"      {d.name}  {c['model']:<18} bs {c['batch_size']}  ({c['meta']['label']})  "
+            lines.append(f"      {d.name}  {c['model']:<18} bs {c['batch_size']}{' no-aug' if c.get('augment') is False else ''}  ({c['meta']['label']})  "
                          f"{describe_run(c)}")
         if j.work == "train" and len(j.runs) > len(shown):
             lines.append(f"      ... and {len(j.runs) - len(shown)} more runs (--verbose lists every run)")

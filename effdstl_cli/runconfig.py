@@ -32,7 +32,7 @@ def stage(sched: dict, distiller: dict) -> dict:
 def run_config(role: str, data: dict, model: str, seed: int, batch_size: int, stages: list[dict],
                teachers: dict, meta: dict) -> dict:
     """A run: ``role`` (teacher | student), the data keys of ``data`` (a study or a mapping with
-    ``dataset`` ...), the model spec, seed, global batch, its stages (epochs add up), the teachers
+    ``dataset`` ...; ``augment`` resolved for ``role``), the model spec, seed, global batch, its stages (epochs add up), the teachers
     it reads by role (``{'weak': {model, run, ckpt} | {model, pretrained} ...}``) and its meta."""
-    return {"role": role, **data_keys(data), "model": model, "seed": int(seed), "batch_size": int(batch_size),
+    return {"role": role, **data_keys(data, role), "model": model, "seed": int(seed), "batch_size": int(batch_size),
             "epochs": sum(int(s["epochs"]) for s in stages), "stages": stages, "teachers": teachers, "meta": meta}

@@ -283,7 +283,8 @@ def section_table1(name: str, df: pd.DataFrame, study_dir: Path) -> tuple[str, s
                 rows.append([lab, fmt(*ci(v)[:2]), e["text"] if e else "—"])
         nd = g[g["label"] == "no distill"]
         fit = (f"no distillation ends at train top-1 {np.mean([last_metric(r, 'train_top1') for r in nd['run_dir']]):.2f} "
-               f"(on augmented batches) and test top-1 {np.mean([last_metric(r, 'test_top1') for r in nd['run_dir']]):.2f}"
+               f"({'on augmented batches' if RunDir(Path(nd['run_dir'].iloc[0])).config.get('augment', True) else 'no augmentation'}) "
+               f"and test top-1 {np.mean([last_metric(r, 'test_top1') for r in nd['run_dir']]):.2f}"
                if len(nd) else "")
         kd = paired(df, "KD", "no distill", **w)
         ew = paired(df, "EffDstl", "WSL", **w)

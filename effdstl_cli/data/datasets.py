@@ -76,9 +76,9 @@ def data_args(cfg: dict) -> dict:
             **{k: d[k] for k in DATA_KEYS[3:] if k in d}}
 
 
-def data_for(cfg: dict, augment: bool = True) -> "Data":
+def data_for(cfg: dict) -> "Data":
     """The data of a run config."""
-    return build_data(**data_args(cfg), augment=augment)
+    return build_data(**data_args(cfg))
 
 
 def per_class_subset(labels: torch.Tensor, n: int, num_classes: int, what: str, seed: int = 0) -> torch.Tensor:
