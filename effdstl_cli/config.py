@@ -23,7 +23,7 @@ KINDS = ("replacement", "manipulation", "fgsm", "fig8", "recipe", "ablation")
 STUDY_KEYS = {
     "name": str, "kind": str, "description": str, "dataset": str, "data_root": (str, type(None)),
     "image_size": (int, type(None)), "train_per_class": (int, type(None)),
-    "test_per_class": (int, type(None)), "augment": (bool, dict), "seeds": list, "batch_size": int, "teachers": dict,
+    "test_per_class": (int, type(None)), "augment": object, "seeds": list, "batch_size": int, "teachers": dict,
     "teacher_schedule": dict, "triplets": list, "schedule": dict, "distill": dict, "grid": dict,
     "recipe": dict, "pairs": list, "settings": list, "baselines": list, "ablations": list, "fgsm": dict, "probe": dict,
     "slurm": dict, "paper": dict,

@@ -265,3 +265,50 @@ def test_cli_table_refuses_a_sweep_in_one_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr
     assert "table1 shows recipe studies" in lines[0] and "manipulation" in lines[0]
+
+
+# -- augmentation by role ----------------------------------------------------------------------------
+
+def test_augment_by_role_keeps_teacher_hashes_and_reaches_the_students_data(tmp_path):
+    """``augment: {teacher: true, student: false}``: teachers plan exactly as without the key (their
+    hashes, hence finished runs, are kept), students' configs say ``augment: false`` (a new hash),
+    and the data a student run builds has no augmentation while a teacher's keeps crop + flip."""
+    import numpy as np
+
+    from effdstl_cli.config import config_hash
+    from effdstl_cli.data import data_for
+
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "tiny.npz"
+    np.savez(npz, x_train=rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8), y_train=np.arange(40) % 4,
+             x_test=rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8), y_test=np.arange(8) % 4)
+    sets = [f"dataset=npz:{npz}", "seeds=[0]"]
+    base = _plan("figure5-digits", tmp_path / "a", sets)
+    split = _plan("figure5-digits", tmp_path / "b", sets + ["augment={teacher: true, student: false}"])
+    roles = lambda p: {r: [c for j in p.jobs for c, _ in j.runs if c["role"] == r] for r in ("teacher", "student")}
+    b, s = roles(base), roles(split)
+    assert [config_hash(c) for c in b["teacher"]] == [config_hash(c) for c in s["teacher"]]
+    assert all("augment" not in c for c in b["teacher"] + b["student"] + s["teacher"])
+    assert s["student"] and all(c["augment"] is False for c in s["student"])
+    assert not {config_hash(c) for c in b["student"]} & {config_hash(c) for c in s["student"]}
+    assert data_for(s["teacher"][0]).train.augment == "crop_flip"
+    assert data_for(s["student"][0]).train.augment == "none"
+    everyone = _plan("figure5-digits", tmp_path / "c", sets + ["augment=false"])
+    assert all(c["augment"] is False for j in everyone.jobs for c, _ in j.runs)
+
+
+@pytest.mark.parametrize("value, msg", [("3", "augment must be true or false"),
+                                        ("{students: false}", "unknown key of augment .*'students'"),
+                                        ("{student: maybe}", "augment.student must be true or false")])
+def test_augment_bad_values_are_one_line(value, msg, tmp_path):
+    with pytest.raises(EffdstlError, match=msg):
+        _plan("figure5-digits", tmp_path, [f"augment={value}"])
+
+
+def test_cli_no_augment_reaches_single_runs_and_the_dry_run(tmp_path):
+    args = ("train", "teacher", "-m", "mlp:8", "--epochs", "1", "--dry-run", "--results", str(tmp_path))
+    on, off = _cli(*args), _cli(*args, "--no-augment")
+    assert on.returncode == off.returncode == 0, on.stderr + off.stderr
+    run = lambda r: next(ln.split()[0] for ln in r.stdout.splitlines() if "mlp:8" in ln and "bs " in ln)
+    assert "no-aug" in off.stdout and "no-aug" not in on.stdout
+    assert run(on) != run(off)                       # a different run (hash), not a relabelled one
