@@ -430,8 +430,10 @@ def header(results: Path) -> str:
     if any(str(x).startswith("npz:") for x in specs):
         where = (f"The CIFAR-10 studies here ran on a JPEG re-encoded copy of CIFAR-10 "
                  f"(`--set dataset={sorted(specs)[0]}`), so their accuracies sit a little under torchvision's CIFAR-10.")
-    else:
+    elif specs:
         where = "The CIFAR-10 studies here ran on torchvision's CIFAR-10."
+    else:
+        where = "No CIFAR-10 study has run yet."
     return HEADER.replace("{where}", where)
 
 

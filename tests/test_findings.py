@@ -134,7 +134,7 @@ def digits_study(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("findings")
     _run(["run", "--study", ROOT / "studies" / "figure5-digits.yaml", "--results", tmp / "r", "-x", "debug",
           "--device", "cpu", "--set", "seeds=[0,1]", "--set", "schedule.epochs=3",
-          "--set", "grid.scheme=[full,partial]", "--set", "grid.subset=[reg]"], tmp)
+          "--set", "grid.scheme=[full,partial,confidence]", "--set", "grid.subset=[reg,reg_cor]"], tmp)
     return tmp, tmp / "r" / "figure5-digits"
 
 
@@ -143,7 +143,7 @@ def test_every_run_writes_one_scalar_series_per_metric_for_tensorboard(digits_st
 
     _, sd = digits_study
     df = collect(sd)
-    assert len(df) == 10 and set(df["state"]) == {"done"}    # 2 teachers + 2 seeds x (2 baselines + 2)
+    assert len(df) == 18 and set(df["state"]) == {"done"}    # 2 teachers + 2 seeds x (2 baselines + 3 x 2)
     seen = set()
     for _, r in df.iterrows():
         (logdir,) = (Path(r["run_dir"]) / "tb").iterdir()
@@ -159,7 +159,7 @@ def test_every_run_writes_one_scalar_series_per_metric_for_tensorboard(digits_st
         last = ea.Scalars("test/top1")[-1].value
         metrics = [ln for ln in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines() if ln]
         assert last == pytest.approx(json.loads(metrics[-1])["test_top1"], rel=1e-6)
-    assert len(seen) == 10  # labels and seeds make every TensorBoard run name unique in the study
+    assert len(seen) == 18  # labels and seeds make every TensorBoard run name unique in the study
 
 
 def test_a_resumed_run_rewrites_its_events_without_repeating_an_epoch(tmp_path):
@@ -189,8 +189,28 @@ def test_plot_curves_and_results_effects_from_the_cli(digits_study):
     p = _run(["results", "figure5-digits", "--results", tmp / "r"], tmp)
     assert "paired differences to 'weak teacher only'" in p.stdout
     eff = pd.read_csv(sd / "tables" / "effects.csv")
-    assert set(eff["label"]) == {"strong teacher only", "full / reg", "partial / reg"} and set(eff["n"]) == {2}
+    assert set(eff["label"]) == {"strong teacher only"} | {f"{a} / {b}" for a in ("full", "partial", "confidence")
+                                                                for b in ("reg", "reg_cor")} and set(eff["n"]) == {2}
     bad = subprocess.run(CLI + ["plot", "curves", "figure5-digits", "--results", str(tmp / "r"), "--runs", "nope"],
                          cwd=tmp, env=cli_env(), capture_output=True, text=True)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr + bad.stdout
     assert "unknown label in study figure5-digits 'nope'" in bad.stdout + bad.stderr
+
+
+def test_the_findings_report_from_a_real_study(digits_study, tmp_path, monkeypatch):
+    """scripts/findings.py on a real (tiny) Fig. 5 digits study: its row carries a verdict and the
+    study's elapsed time; studies that never ran say 'not measured' instead of failing the report."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("findings_script", ROOT / "scripts" / "findings.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "FIGDIR", tmp_path / "figs")        # the repo's docs/ stay untouched
+    text = mod.build(digits_study[1].parent)
+    row = next(ln for ln in text.splitlines() if ln.startswith("| Fig. 5 | figure5-digits |"))
+    verdict, minutes = row.split(" | ")[2], row.rstrip(" |").split(" | ")[-1]
+    assert "full ≈ confidence ≫ partial" in verdict
+    assert minutes == "< 0.1" or float(minutes) > 0
+    assert "| Table 1 | table1-cifar10-1k | not measured | — |" in text
+    assert "No CIFAR-10 study has run yet." in text
+    assert (tmp_path / "figs" / "figure5-digits.png").stat().st_size > 0
