@@ -218,30 +218,41 @@ def section_fig7(name: str, study_dir: Path, fig: str) -> tuple[str, str]:
         for net in [n for n in plots.NETWORK_ORDER if n in per]:
             cells[net] = ci(per[net].dropna())
         dd = per["student"] - per["undistilled"] if {"student", "undistilled"} <= set(per) else pd.Series(dtype=float)
-        gaps[e] = (cells, ci(dd.abs()) if len(dd) else (float("nan"),) * 3,
+        # in the teacher's direction: how much more of the teacher's gap the student shows than the undistilled net
+        toward = float(np.sign(cells["teacher"][0])) if "teacher" in cells else 1.0
+        gaps[e] = (cells, ci((toward * dd).dropna()) if len(dd) else (float("nan"),) * 3,
                    ci((per["student"].abs() - per["undistilled"].abs()).dropna()) if len(dd) else (float("nan"),) * 3)
         rows.append([f"{e:.4g}"] + [fmt(*cells[n][:2], nd=4, sign=True) if n in cells else "" for n in plots.NETWORK_ORDER]
-                    + [fmt(*gaps[e][2][:2], nd=4, sign=True)])
+                    + [fmt(*gaps[e][2][:2], nd=4, sign=True), fmt(*gaps[e][1][:2], nd=4, sign=True)])
     n = int(d["run"].nunique())
     e_mid = eps_all[len(eps_all) // 2]
-    cells, _, diff = gaps[e_mid]
+    cells, toward, diff = gaps[e_mid]
     same_sign = ("teacher" in cells and "student" in cells and np.sign(cells["teacher"][0]) == np.sign(cells["student"][0])
                  and abs(cells["student"][0]) > cells["student"][1])
     larger = diff[0] - diff[1] > 0
     v = "reproduced" if same_sign and larger else "partly reproduced" if same_sign or larger else "not reproduced"
+    und = cells.get("undistilled", (float("nan"), float("nan"), 0))
+    und_text = ("not clearly different from zero" if abs(und[0]) <= und[1] else
+                "the teacher's sign" if np.sign(und[0]) == np.sign(cells.get("teacher", (1,))[0]) else
+                "the opposite sign")
     text = f"""### {name}
 
 Mean true-class confidence drop under FGSM (from the teacher), manipulated minus kept samples,
-per network (mean ± 95 % half-width over {n} seeds, one distilled run per seed); the last column is
-|gap of the distilled student| − |gap of the undistilled network|, paired by seed:
+per network (mean ± 95 % half-width over {n} seed{'s' if n != 1 else ''}, one distilled run per seed). Paired by seed, the
+last two columns compare the distilled student's gap with the undistilled network's: by size
+(|student| − |undistilled|) and in the direction of the teacher's gap (student − undistilled, signed
+so that positive means closer to the teacher):
 
-{md_table(["eps", "teacher", "distilled student", "undistilled network", "|student| − |undistilled|"], rows)}
+{md_table(["eps", "teacher", "distilled student", "undistilled network", "|student| − |undistilled|",
+           "student − undistilled (teacher's direction)"], rows)}
 
 {fig}
 
 - *Distillation transfers the teacher's boundary on the manipulated samples* — **{v}** at eps
   {e_mid:.4g}: the distilled student's gap has {'the teacher' + chr(39) + 's sign' if same_sign else 'not clearly the teacher' + chr(39) + 's sign'},
   and it is {'larger' if larger else 'not clearly larger'} than the undistilled network's ({fmt(*diff[:2], nd=4, sign=True)}).
+  The undistilled network's own gap ({fmt(*und[:2], nd=4, sign=True)}) has {und_text}; in the teacher's
+  direction the student is {fmt(*toward[:2], nd=4, sign=True)} from the undistilled network.
 """
     return text, v
 
@@ -283,7 +294,7 @@ def section_table1(name: str, df: pd.DataFrame, study_dir: Path) -> tuple[str, s
                 rows.append([lab, fmt(*ci(v)[:2]), e["text"] if e else "—"])
         nd = g[g["label"] == "no distill"]
         fit = (f"no distillation ends at train top-1 {np.mean([last_metric(r, 'train_top1') for r in nd['run_dir']]):.2f} "
-               f"({'on augmented batches' if RunDir(Path(nd['run_dir'].iloc[0])).config.get('augment', True) else 'no augmentation'}) "
+               f"(on its training batches{'' if RunDir(Path(nd['run_dir'].iloc[0])).config.get('augment', True) else ', without augmentation'}) "
                f"and test top-1 {np.mean([last_metric(r, 'test_top1') for r in nd['run_dir']]):.2f}"
                if len(nd) else "")
         kd = paired(df, "KD", "no distill", **w)
