@@ -12,7 +12,7 @@ help:
 	@echo "make demo         offline Fig. 5 replacement study on digits (CPU, under a minute)"
 	@echo "make test         the full test suite (starts a local Slurm cluster when it can)"
 	@echo "make test-fast    tests without Slurm"
-	@echo "make findings     every small-data study (digits, CIFAR-10 1k/class) and docs/FINDINGS.md (CPU, ~1.5 h)"
+	@echo "make findings     every small-data study (digits, CIFAR-10 1k/class) and docs/FINDINGS.md (2 CPU cores, ~80 min)"
 	@echo "                  DATASET=npz:data/cifar10.npz runs the CIFAR-10 ones on a local copy"
 	@echo "make bench        effdstl bench on this machine's device"
 	@echo "make slurm-start  a real one-node Slurm cluster on localhost (root, Debian)"
