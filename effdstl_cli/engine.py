@@ -802,7 +802,7 @@ def _finish(m: Member, env: Env, device) -> dict:
            "epochs": m.epoch, "wall_s": round(m.wall_s, 3), "device": device.type,
            "gpu_name": torch.cuda.get_device_name(device) if cuda else None,
            "world_size": env.world, "gpu_hours": round(m.wall_s / 3600 * env.world, 6) if cuda else 0.0,
-           "config_hash": m.hash}
+           "config_hash": m.hash, "finished_at": round(time.time(), 3)}  # survives copying the results tree
     if env.rank == 0:
         save_weights(m.model, m.run_dir / "model.pt")
         if m.hits is not None:

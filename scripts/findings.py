@@ -417,7 +417,8 @@ def build(results: Path) -> str:
 
 def minutes(study_dir: Path) -> str:
     """The study's elapsed time: its first job's submission (job.json) to its last run's end
-    (final.json), as it ran on this machine (jobs in parallel where the launcher ran them so)."""
+    (final.json's ``finished_at``; its file time for runs written before that key), as it ran on
+    the machine that trained it (jobs in parallel where the launcher ran them so)."""
     import json
 
     runs = sorted((study_dir / "runs").glob("*/final.json"))
@@ -426,7 +427,8 @@ def minutes(study_dir: Path) -> str:
     starts = [float(t) for t in starts if t]
     if not runs or not starts:
         return "—"
-    m = (max(p.stat().st_mtime for p in runs) - min(starts)) / 60
+    ends = [json.loads(p.read_text()).get("finished_at") or p.stat().st_mtime for p in runs]
+    m = (max(ends) - min(starts)) / 60
     return f"{m:.1f}" if m >= 0.1 else "< 0.1"
 
 

@@ -4,6 +4,7 @@ solo == group, the two-stage teacher switch, and non-finite losses."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,7 @@ def test_group_of_three_all_learn(teacher, tmp_path):
     for c in cfgs:
         if c["stages"][0]["distiller"]["name"] == "none":
             c["teachers"] = {}
+    t0 = time.time()
     pairs, recs = train(cfgs, tmp_path)
     for (cfg, d), rec in zip(pairs, recs):
         assert rec["status"] == "done", rec
@@ -79,6 +81,7 @@ def test_group_of_three_all_learn(teacher, tmp_path):
         assert rows[-1]["train_loss"] < rows[0]["train_loss"]
         final = json.loads((d / "final.json").read_text())
         assert final["config_hash"] == d.name and final["epochs"] == 4
+        assert t0 < final["finished_at"] <= time.time()   # the end time travels with the run, unlike the file's mtime
 
 
 def test_resume_equals_uninterrupted(teacher, tmp_path):
