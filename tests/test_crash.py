@@ -34,7 +34,7 @@ from conftest import cli_env
 from effdstl_cli.files import read_jsonl
 
 TIMING = ("epoch_s",)                       # metrics fields that measure time, not learning
-FINAL_TIMING = ("wall_s", "gpu_hours", "files", "checksum")  # + the seal: checksums of files holding timings
+FINAL_TIMING = ("wall_s", "gpu_hours", "finished_at", "files", "checksum")  # + the seal: checksums of files holding timings
 REPORT: dict = {}
 
 
