@@ -89,9 +89,7 @@ def augment_for(src: dict, role: str | None = None) -> bool:
     """Whether ``role``'s runs train with the dataset's augmentation. A study's ``augment`` is a
     bool or ``{teacher: bool, student: bool}`` (missing = true); a run config holds the resolved bool."""
     aug = src.get("augment", True)
-    if isinstance(aug, dict):
-        return bool(aug.get(role, True)) if role else all(bool(v) for v in aug.values())
-    return bool(aug)
+    return bool(aug.get(role, True)) if isinstance(aug, dict) else bool(aug)
 
 
 def data_keys(src: dict, role: str | None = None) -> dict:
