@@ -53,3 +53,16 @@ def test_bench_sections_and_bad_options(tmp_path):
     p = run_cli("bench", "--device", "cpu", "--profile", tmp_path / "file" / "prof", cwd=tmp_path, check=False)
     assert p.returncode != 0 and "--profile" in p.stderr and "Traceback" not in p.stderr
     assert "img/s" not in p.stdout                                     # refused before any timing
+
+
+def test_cache_hit_rate_limits_and_hand_computed_case():
+    """The projection's teacher-cache hit rate: E draws from V equally likely variants per image."""
+    from effdstl_cli.bench import CIFAR_VARIANTS, cache_hit_rate
+
+    assert abs(cache_hit_rate(1, 162)) < 1e-12                 # one epoch: nothing seen before
+    assert abs(cache_hit_rate(2, 2) - 0.25) < 1e-12            # V=2, E=2: E[distinct] = 1.5 of 2 draws
+    assert abs(cache_hit_rate(2, 1) - 0.5) < 1e-12             # one variant: every epoch after the first hits
+    assert cache_hit_rate(10_000, CIFAR_VARIANTS) > 0.98       # long schedules: almost every lookup hits
+    assert 0.47 < cache_hit_rate(240) < 0.49                   # the paper's 240 epochs over 162 crop/flip variants
+    rates = [cache_hit_rate(e) for e in (1, 10, 100, 240, 1000)]
+    assert rates == sorted(rates)                              # more epochs, more hits
