@@ -78,9 +78,9 @@ class LaunchOptions:
                 raise EffdstlError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
         if self.gpus_per_job is not None and self.gpus_per_job < 0:
             raise EffdstlError(f"--gpus-per-job must be >= 0, got {self.gpus_per_job}")
-        want = self.gpus_per_job or 0
-        if self.executor != "slurm" and (want or self.device.startswith("cuda")):  # else no GPU count (torch)
-            have = _local_gpus()
+        if self.executor != "slurm":
+            have = _local_gpus() if (self.gpus_per_job or self.device.startswith("cuda")) else 0  # none asked: no count
+            want = self.gpus_per_job or 0
             if want > have:
                 raise EffdstlError(f"--gpus-per-job {want} asked for, but this machine has {have} GPU(s); "
                                    "use --executor slurm for a cluster, or fewer GPUs")

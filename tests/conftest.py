@@ -160,3 +160,19 @@ def slurm_cluster():
     if why:
         pytest.skip(f"{why}; start it with `bash scripts/local-slurm.sh start` (make test does)")
     return True
+
+
+# -- parallel runs (pytest-xdist; `make test` passes -n and --dist loadgroup) ----------------------
+
+# Test files whose tests must stay on one xdist worker: a module fixture that trains or runs
+# every case at once would otherwise be paid once per worker (test_bad_inputs' ``outcomes`` runs
+# every selected case), and the local Slurm cluster takes one test's jobs at a time.
+SERIAL_FILES = {"test_bad_inputs.py": "bad-inputs", "test_crash.py": "crash", "test_findings.py": "findings",
+                "test_slurm.py": "slurm", "test_planning.py": "planning"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = SERIAL_FILES.get(item.path.name)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))

@@ -116,7 +116,7 @@ def test_dry_run_refuses_bad_names_without_torch(tmp_path):
     errors = [r["error"] or "" for r in rows]
     assert "unknown model 'resnet2O'" in errors[0] and "resnet20" in errors[0], errors[0]
     assert "unknown dataset 'cifar-10'" in errors[1] and "cifar10" in errors[1], errors[1]
-    assert "tau must be a number" in errors[2], errors[2]
+    assert "tau" in errors[2] and "'abc'" in errors[2], errors[2]
     assert "tau must be > 0" in errors[3], errors[3]
     assert "--fuse mode" in errors[4] and "sometimes" in errors[4], errors[4]
     assert not (tmp_path / "r").exists()
