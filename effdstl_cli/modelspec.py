@@ -4,6 +4,11 @@
 
 from __future__ import annotations
 
+import io
+import pickle
+import zipfile
+from pathlib import Path
+
 from .errors import EffdstlError, unknown
 
 CIFAR_RESNETS = {  # name -> (depth, widths of stem, stage 1, 2, 3)
@@ -30,3 +35,39 @@ def check_model_spec(spec: str) -> None:
             raise unknown("cnn size", arg, CNNS)
     elif not (spec in CIFAR_RESNETS or spec in WRNS or (family in ("timm", "tv") and arg)):
         raise unknown("model", spec, MODELS)
+
+
+class _SpecOnly(pickle.Unpickler):
+    """Unpickles the dict of a ``torch.save`` file with every tensor left out (None): torch's own
+    rebuild functions and storage types become no-ops, nothing else may be named (no code runs)."""
+
+    def find_class(self, module: str, name: str):
+        if module == "collections" and name == "OrderedDict":
+            return dict
+        if module == "torch" or module.startswith("torch."):
+            return _nothing
+        raise pickle.UnpicklingError(f"global {module}.{name}")
+
+    def persistent_load(self, pid):
+        return None
+
+
+def _nothing(*args, **kwargs):
+    return None
+
+
+def read_saved_spec(path: str | Path) -> str | None:
+    """The model spec a ``models.save_weights`` file names, read without torch (planning: a dry run
+    of ``train student --teacher model.pt``); None whenever this cannot tell (no spec, a foreign,
+    damaged or unusual file): then ``models.saved_spec`` reads it with torch and says what is wrong.
+    The archive's checksums are verified first, so a damaged file is never taken as readable."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            if z.testzip() is not None:
+                return None
+            (pkl,) = [n for n in z.namelist() if n.endswith("/data.pkl")]
+            obj = _SpecOnly(io.BytesIO(z.read(pkl))).load()
+    except Exception:  # noqa: BLE001 - anything unexpected: torch reads it and names the problem
+        return None
+    spec = obj.get("model_spec") if isinstance(obj, dict) else None
+    return spec if isinstance(spec, str) and spec else None

@@ -558,9 +558,13 @@ def resolve_teacher(text: str) -> dict:
             p = cands[0]
     if not p.exists():
         raise EffdstlError(f"--teacher {text}: no such checkpoint or run directory")
-    from .models import saved_spec
+    from .modelspec import read_saved_spec
 
-    spec = saved_spec(p)
+    spec = read_saved_spec(p)  # our own model.pt, without torch (a dry run); else torch reads it
+    if not spec:
+        from .models import saved_spec
+
+        spec = saved_spec(p)
     if not spec:
         raise EffdstlError(f"--teacher {text}: the checkpoint does not say its model; pass a run's model.pt")
     return {"model": spec, "ckpt": str(p.resolve())}

@@ -70,6 +70,8 @@ def finished(tmp_path_factory) -> Path:
 def test_planning_commands_import_no_torch(finished):
     res = str(finished / "results")
     fig5 = ROOT / "studies" / "figure5-cifar10.yaml"
+    teacher = next(p for p in sorted((finished / "results" / "tiny" / "runs").glob("*/model.pt"))
+                   if yaml.safe_load((p.parent / "config.yaml").read_text())["role"] == "teacher")
     cmds = [
         ["--help"],
         ["sweep", "replacement", "--study", fig5, "--dry-run", "--results", res],  # the paper's scale
@@ -88,6 +90,8 @@ def test_planning_commands_import_no_torch(finished):
         ["plot", "figure5", "tiny", "--results", res],
         ["plot", "curves", "tiny", "--results", res],
         ["table", "table1", "rec", "--results", res],
+        ["train", "student", "-d", "synthetic", "-m", "mlp:8", "--teacher", teacher, "-D", "kd", "--dry-run",
+         "--results", res],  # the teacher's model spec read from its model.pt without torch
     ]
     rows = _probe(cmds, finished)
     for row in rows:
@@ -98,6 +102,7 @@ def test_planning_commands_import_no_torch(finished):
     assert "students of resnet8x4" in rows[1]["output"], rows[1]["output"]  # the fusion plan is shown
     assert "[done -> skip]" in rows[8]["output"], rows[8]["output"]
     assert "done" in rows[9]["output"] and "wrote" in rows[12]["output"] and "wrote" in rows[14]["output"]
+    assert "mlp:8" in rows[15]["output"] and "kd[" in rows[15]["output"], rows[15]["output"]
 
 
 def test_dry_run_refuses_bad_names_without_torch(tmp_path):
@@ -122,3 +127,31 @@ def test_dry_run_refuses_bad_names_without_torch(tmp_path):
     assert not (tmp_path / "r").exists()
     for row in rows:
         assert row["exit"] != 0 and not row["torch"], row
+
+
+def test_the_torch_free_spec_reader_defers_every_doubtful_file_to_torch(tmp_path):
+    """``read_saved_spec`` answers only for an intact model.pt of ours; a damaged, truncated,
+    foreign or object-holding file gets None, so ``models.saved_spec`` (torch) reads it and names
+    the problem exactly as before."""
+    import collections
+
+    import torch
+
+    from effdstl_cli.errors import EffdstlError
+    from effdstl_cli.models import build_model, save_weights, saved_spec
+    from effdstl_cli.modelspec import read_saved_spec
+
+    good = tmp_path / "model.pt"
+    save_weights(build_model("mlp:16", 10, 1, 8), good)
+    assert read_saved_spec(good) == saved_spec(good) == "mlp:16"
+    blob = good.read_bytes()
+    i = len(blob) // 2
+    (tmp_path / "flipped.pt").write_bytes(blob[:i] + bytes([blob[i] ^ 0xFF]) + blob[i + 1:])
+    (tmp_path / "cut.pt").write_bytes(blob[:-100])
+    torch.save({"model_spec": "mlp:16", "x": collections.Counter()}, tmp_path / "object.pt")
+    torch.save(build_model("mlp:16", 10, 1, 8).state_dict(), tmp_path / "raw.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint\n")
+    for name in ("flipped", "cut", "object", "raw", "text"):
+        assert read_saved_spec(tmp_path / f"{name}.pt") is None, name
+    with pytest.raises(EffdstlError, match="corrupt or truncated"):
+        saved_spec(tmp_path / "cut.pt")
