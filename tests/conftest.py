@@ -164,15 +164,23 @@ def slurm_cluster():
 
 # -- parallel runs (pytest-xdist; `make test` passes -n and --dist loadgroup) ----------------------
 
-# Test files whose tests must stay on one xdist worker: a module fixture that trains or runs
-# every case at once would otherwise be paid once per worker (test_bad_inputs' ``outcomes`` runs
-# every selected case), and the local Slurm cluster takes one test's jobs at a time.
-SERIAL_FILES = {"test_bad_inputs.py": "bad-inputs", "test_crash.py": "crash", "test_findings.py": "findings",
-                "test_slurm.py": "slurm", "test_planning.py": "planning"}
+# Test files whose tests must stay on one xdist worker, in order: a module fixture that trains or
+# runs every case at once would otherwise be paid once per worker (test_bad_inputs' ``outcomes``
+# runs every selected case), and the local Slurm cluster takes one test's jobs at a time. Every
+# other test goes to whichever worker is free.
+SERIAL_FILES = ("test_bad_inputs.py", "test_crash.py", "test_findings.py", "test_slurm.py", "test_planning.py")
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        group = SERIAL_FILES.get(item.path.name)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` with the groups above. (xdist's own grouping by ``xdist_group`` marks
+    renames the tests' node ids, which pytest 9 no longer lets it do: it silently does not group.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SerialFiles(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return file if Path(file).name in SERIAL_FILES else nodeid
+
+    return SerialFiles(config, log)
