@@ -171,6 +171,7 @@ def slurm_cluster():
 SERIAL_FILES = ("test_bad_inputs.py", "test_crash.py", "test_findings.py", "test_slurm.py", "test_planning.py")
 
 
+@pytest.hookimpl(optionalhook=True)  # a venv without pytest-xdist still runs the suite (one process)
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadgroup`` with the groups above. (xdist's own grouping by ``xdist_group`` marks
     renames the tests' node ids, which pytest 9 no longer lets it do: it silently does not group.)"""
