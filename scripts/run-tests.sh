@@ -22,6 +22,10 @@ cleanup() {
     while [[ -n $slurm_done && ! -e $slurm_done ]]; do sleep 1; done
     bash "$SLURM" stop >/dev/null || echo "run-tests: WARNING: '$SLURM stop' failed" >&2
   fi
+  if [[ -n $slurm_done ]]; then
+    [[ $(cat "$slurm_done") != 0 ]] || rm -f "$slurm_log"   # a failed start's log is kept
+    rm -f "$slurm_done"
+  fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT; trap 'exit 143' TERM   # the EXIT trap still stops Slurm
@@ -36,7 +40,8 @@ if [[ $(id -u) == 0 && -f /etc/debian_version ]]; then
     started=1   # stopped at the end, whether the start worked or half-did
     slurm_log=$(mktemp -t effdstl-slurm-start.XXXXXX)
     slurm_done=$slurm_log.done
-    ( rc=0; bash "$SLURM" start >"$slurm_log" 2>&1 || rc=$?; echo "$rc" >"$slurm_done" ) &
+    ( rc=0; bash "$SLURM" start >"$slurm_log" 2>&1 || rc=$?; echo "$rc" >"$slurm_done.tmp"
+      mv "$slurm_done.tmp" "$slurm_done" ) &   # whole, or not there yet
     export EFFDSTL_SLURM_STARTING=$slurm_done
     echo "run-tests: starting the local Slurm cluster beside the tests (log: $slurm_log)"
   fi
