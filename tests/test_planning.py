@@ -38,7 +38,7 @@ def _probe(argvs: list[list[str]], cwd: Path) -> list[dict]:
     """Run each ``effdstl ARGV`` in order in one new interpreter; per command: exit code, the
     EffdstlError it raised (None), its output and whether torch was loaded by then."""
     p = subprocess.run([sys.executable, "-c", PROBE, json.dumps([[str(a) for a in v] for v in argvs])],
-                       cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=300)
+                       cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=900)  # a busy machine
     assert p.returncode == 0, p.stderr[-4000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
 
