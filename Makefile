@@ -28,7 +28,7 @@ test: $(STAMP)
 	bash scripts/run-tests.sh $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slurm" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup -m "not slurm" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/effdstl demo

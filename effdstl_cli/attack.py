@@ -24,9 +24,8 @@ from .devices import resolve_device
 from .engine import load_teacher
 from .errors import EffdstlError
 from .models import load_checkpoint, model_for
+from .studies import DEFAULT_EPS  # torch-free: the CLI plans probes without importing this module
 from .targets import subset_mask, true_prob
-
-DEFAULT_EPS = (0.5 / 255, 1 / 255, 2 / 255, 4 / 255, 8 / 255)
 
 
 def fgsm(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:

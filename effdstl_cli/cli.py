@@ -387,8 +387,7 @@ def attack_fgsm(study: Path = typer.Option(..., "--study", "-s", help="A study w
     """Fig. 7: FGSM on kept vs manipulated samples; saves the per-sample confidence change table.
 
     Trains whatever the study still needs first (skipping finished runs)."""
-    from .attack import DEFAULT_EPS
-    from .studies import add_probes
+    from .studies import DEFAULT_EPS, add_probes
 
     if n is not None and n < 1:
         raise EffdstlError(f"--n must be >= 1, got {n}")

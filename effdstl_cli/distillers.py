@@ -11,14 +11,20 @@ fails before any training starts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-
-from . import losses, targets
+from . import targets
 from .errors import EffdstlError, unknown
+from .lazy import LazyModule
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+# Imported when a loss is first computed: planning builds distillers (a study's names and
+# parameters are validated before anything trains) and must not pay for torch.
+torch = LazyModule("torch")
+F = LazyModule("torch.nn.functional")
+losses = LazyModule(f"{__package__}.losses")
 
 
 @dataclass

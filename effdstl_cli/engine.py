@@ -38,7 +38,8 @@ from .data.stream import StreamOptions, eval_batches, train_batches
 from .devices import resolve_device
 from .distillers import Distiller, TeacherOut, build_distiller
 from .errors import EffdstlError
-from .fused import FusedStudents, NotFusable, fuse, part, policy
+from .fused import FusedStudents, NotFusable, fuse, part
+from .fusion import fusion_key, fusion_plan, policy  # noqa: F401 - fusion_plan: re-exported
 from .models import load_checkpoint, model_for, save_weights
 
 Progress = Callable[[str, dict], None]
@@ -265,32 +266,6 @@ class FusedMembers:
                 buf = self.opt.state.get(fp, {}).get("momentum_buffer")
                 if buf is not None:
                     m.opt.state[p]["momentum_buffer"] = part(buf, k, i).clone()
-
-
-def fusion_key(cfg: dict, epoch: int = 0) -> tuple:
-    """Students fuse when they share architecture, schedule and optimizer settings (everything of
-    their stages but the distiller) and where they are in training."""
-    stages = [(s["epochs"], sorted(s["optim"].items()), sorted((s.get("sched") or {}).items()))
-              for s in cfg["stages"]]
-    return (str(cfg["model"]), bool(cfg.get("pretrained", False)), repr(stages), epoch)
-
-
-def fusion_plan(cfgs: list[dict], device_type: str, mode: str) -> list[str]:
-    """What ``--fuse mode`` does with a group's runs on ``device_type``, one line per set of
-    runs that could share a fused model (the dry run prints it; the engine still checks each
-    model on a probe batch and loops where it cannot fuse)."""
-    sets: dict[tuple, int] = {}
-    for c in cfgs:
-        sets[fusion_key(c)] = sets.get(fusion_key(c), 0) + 1
-    lines = []
-    for key, n in sets.items():
-        spec = key[0]
-        if n < 2:
-            continue
-        size = cfgs[0].get("image_size") or (224 if str(cfgs[0]["dataset"]).split(":")[0] in ("imagenet", "folder") else 32)
-        on, why = policy(mode, spec, device_type, int(size))
-        lines.append(f"{n} students of {spec}: " + ("fused into one model" if on else "stepped in a loop") + f" ({why})")
-    return lines
 
 
 def _validate_group(cfgs: list[dict]) -> None:

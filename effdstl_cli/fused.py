@@ -30,38 +30,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FUSE_MODES = ("auto", "on", "off")
+from .fusion import FUSE_MODES, family, policy  # noqa: F401 - torch-free (planning); re-exported
 
 
 class NotFusable(Exception):
     """Why a group's students cannot be fused (the engine then loops over them)."""
-
-
-def family(spec: str) -> str:
-    """The model family the fusion policy distinguishes: 'mlp' (matmuls only) or 'conv'."""
-    return "mlp" if str(spec).startswith("mlp:") else "conv"
-
-
-def policy(mode: str, spec: str, device_type: str, image_size: int | None = None) -> tuple[bool, str]:
-    """Whether ``--fuse mode`` fuses students of ``spec`` on ``device_type``, and why.
-
-    ``auto`` follows what ``effdstl bench`` measures (docs/PERFORMANCE.md): on a CPU fused MLPs win
-    (one GEMM instead of K) while grouped convolutions lose to K plain ones. On a GPU small
-    students (CIFAR-sized images, MLPs) are launch-bound, which fusion removes (HFTA, MLSys 2021);
-    students on ImageNet-sized images are compute-bound and stay in the loop until the bench's
-    224 px row (``scripts/gpu-check.sh``) shows fusion winning there.
-    """
-    if mode == "off":
-        return False, "--fuse off"
-    if mode == "on":
-        return True, "--fuse on"
-    if family(spec) == "mlp":
-        return True, "auto: MLPs fuse"
-    if device_type != "cuda":
-        return False, "auto: convolutions loop on the CPU (grouped convolutions are slower there)"
-    if image_size is not None and image_size > 64:
-        return False, f"auto: {image_size} px convolutions are compute-bound on a GPU; --fuse on to fuse"
-    return True, "auto: small convolutional students fuse on a GPU"
 
 
 # -- fused layers --------------------------------------------------------------------------------

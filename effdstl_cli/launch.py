@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from . import files as fio
 from .errors import EffdstlError
-from .fused import FUSE_MODES
+from .fusion import FUSE_MODES, fusion_plan
 from .rundir import RunDir
 from .studies import Job, Plan, describe_run, run_state
 
@@ -79,7 +79,7 @@ class LaunchOptions:
         if self.gpus_per_job is not None and self.gpus_per_job < 0:
             raise EffdstlError(f"--gpus-per-job must be >= 0, got {self.gpus_per_job}")
         if self.executor != "slurm":
-            have = _local_gpus()
+            have = _local_gpus() if (self.gpus_per_job or self.device.startswith("cuda")) else 0  # none asked: no count
             want = self.gpus_per_job or 0
             if want > have:
                 raise EffdstlError(f"--gpus-per-job {want} asked for, but this machine has {have} GPU(s); "
@@ -95,6 +95,10 @@ class LaunchOptions:
 
 
 def _local_gpus() -> int:
+    """CUDA GPUs this process sees. Without an NVIDIA (or ROCm) device node there are none, and
+    planning (a dry run, status) need not import torch to learn it."""
+    if sys.platform.startswith("linux") and not (any(Path("/dev").glob("nvidia[0-9]*")) or Path("/dev/kfd").exists()):
+        return 0
     try:
         import torch
 
@@ -211,7 +215,7 @@ Report = Callable[[str], None]
 
 def decode_share(mode: str) -> tuple[bool | None, float]:
     """``--decode`` -> (Env.gpu_decode, Env.cpu_share): parsed by the batch stream, which uses it."""
-    from .data.stream import StreamOptions
+    from .data.spec import StreamOptions  # torch-free: validate() parses --decode for a dry run too
 
     return StreamOptions.parse_decode(mode)
 
@@ -602,11 +606,9 @@ def dry_run_lines(plan: Plan, opts: LaunchOptions, verbose: bool = False) -> lis
              + (f", partition {opts.partition}" if opts.partition else "")
              + (f", array parallelism {opts.array_parallelism}" if opts.executor == "slurm" else "")]
     if str(plan.study["dataset"]).split(":")[0] in ("folder", "imagenet"):
-        from .data.stream import StreamOptions
+        from .data.spec import StreamOptions
 
         lines.append(f"images: {StreamOptions.from_decode(opts.decode, opts.workers).describe()} (--decode {opts.decode})")
-    from .engine import fusion_plan
-
     job_device = "cuda" if (gpus or opts.device.startswith("cuda")
                             or (opts.device == "auto" and opts.executor != "slurm" and _local_gpus())) else "cpu"
     tl = []

@@ -433,9 +433,9 @@ def plan(study: dict, results_root: str | Path = "results") -> Plan:
 def validate_runs(p: Plan) -> None:
     """Check every run's names and parameters (dataset, models, distillers) before anything trains,
     so a typo in a study fails in one line instead of after its teachers have trained."""
-    from .data import check_dataset_spec
+    from .data.spec import check_dataset_spec  # the torch-free checks: a dry run imports no torch
     from .distillers import build_distiller
-    from .models import check_model_spec
+    from .modelspec import check_model_spec
 
     where: dict[Path, str] = {}
     for j in p.jobs:
@@ -558,9 +558,13 @@ def resolve_teacher(text: str) -> dict:
             p = cands[0]
     if not p.exists():
         raise EffdstlError(f"--teacher {text}: no such checkpoint or run directory")
-    from .models import saved_spec
+    from .modelspec import read_saved_spec
 
-    spec = saved_spec(p)
+    spec = read_saved_spec(p)  # our own model.pt, without torch (a dry run); else torch reads it
+    if not spec:
+        from .models import saved_spec
+
+        spec = saved_spec(p)
     if not spec:
         raise EffdstlError(f"--teacher {text}: the checkpoint does not say its model; pass a run's model.pt")
     return {"model": spec, "ckpt": str(p.resolve())}
@@ -602,6 +606,9 @@ def single_plan(name: str, data: dict, model: str, seed: int, batch_size: int, s
 
 
 # -- probes (effdstl attack fgsm) -----------------------------------------------------------------
+
+DEFAULT_EPS = (0.5 / 255, 1 / 255, 2 / 255, 4 / 255, 8 / 255)  # FGSM steps in pixel units (attack.run_probe)
+
 
 def add_probes(p: Plan, n: int, eps: list[float], forget_stale: bool = True) -> list[dict]:
     """Append one FGSM probe job per :func:`probe_targets` run (after the job that trains it);

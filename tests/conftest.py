@@ -160,3 +160,28 @@ def slurm_cluster():
     if why:
         pytest.skip(f"{why}; start it with `bash scripts/local-slurm.sh start` (make test does)")
     return True
+
+
+# -- parallel runs (pytest-xdist; `make test` passes -n and --dist loadgroup) ----------------------
+
+# Test files whose tests must stay on one xdist worker, in order: a module fixture that trains or
+# runs every case at once would otherwise be paid once per worker (test_bad_inputs' ``outcomes``
+# runs every selected case), and the local Slurm cluster takes one test's jobs at a time. Every
+# other test goes to whichever worker is free.
+SERIAL_FILES = ("test_bad_inputs.py", "test_crash.py", "test_findings.py", "test_slurm.py", "test_planning.py")
+
+
+@pytest.hookimpl(optionalhook=True)  # a venv without pytest-xdist still runs the suite (one process)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` with the groups above. (xdist's own grouping by ``xdist_group`` marks
+    renames the tests' node ids, which pytest 9 no longer lets it do: it silently does not group.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SerialFiles(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return file if Path(file).name in SERIAL_FILES else nodeid
+
+    return SerialFiles(config, log)

@@ -233,6 +233,7 @@ def test_folder_test_class_missing_from_train(c10_folder, tmp_path):
 
 def test_cifar10_offline_and_absent_fails_fast_with_the_cure(tmp_path, monkeypatch):
     monkeypatch.setenv("EFFDSTL_OFFLINE", "1")
+    import torchvision.datasets  # noqa: F401 - before the clock: it times the refusal (no download wait), not an import
     t = time.time()
     msg = _err(rf"cifar10 is not under {tmp_path} and cannot be downloaded \(offline\?\)", "cifar10",
                data_root=str(tmp_path))

@@ -6,6 +6,7 @@ Skipped, with the reason, when the cluster does not answer. `make test` starts i
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -20,8 +21,13 @@ pytestmark = pytest.mark.slurm
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _cluster(slurm_cluster):
-    return slurm_cluster
+def _cluster(request):
+    """The cluster, once `make test`'s start of it (beside the other tests) has ended."""
+    done = os.environ.get("EFFDSTL_SLURM_STARTING")  # scripts/run-tests.sh writes the start's status there
+    end = time.time() + 900
+    while done and not Path(done).exists() and time.time() < end:
+        time.sleep(1)
+    return request.getfixturevalue("slurm_cluster")
 
 
 def _scancel_leftovers(root: Path) -> None:

@@ -15,17 +15,32 @@ statistics they were trained with.
 The names below are the package's public ones (``from effdstl_cli.data import build_data``).
 """
 
-from .datasets import (DATASETS, DEBIAN_FASHION, Data, build_data, check_dataset_spec, data_args, data_for,
-                       per_class_subset)
-from .folder import (BadImage, FolderSplit, KeyedView, MixedView, collate_mixed, decode_images, decode_mixed,
-                     mixed_batches, skipped_images)
-from .keyed import augment_params, keyed_uniforms, sample_keys
-from .memory import CROP_FLIP_VARIANTS, CROP_PAD, TensorSplit
-from .resample import RESIZE_CHUNK_PX, resize_each, resize_windows
-from .stream import StreamOptions, eval_batches, train_batches
+import importlib
 
-__all__ = ["DATASETS", "DEBIAN_FASHION", "Data", "build_data", "check_dataset_spec", "data_args", "data_for",
-           "per_class_subset", "BadImage", "FolderSplit", "KeyedView", "MixedView", "collate_mixed", "decode_images",
-           "decode_mixed", "mixed_batches", "skipped_images", "augment_params", "keyed_uniforms", "sample_keys",
-           "CROP_FLIP_VARIANTS", "CROP_PAD", "TensorSplit", "RESIZE_CHUNK_PX", "resize_each", "resize_windows",
-           "StreamOptions", "eval_batches", "train_batches"]
+# name -> submodule. Imported on first use (PEP 562), not here: ``spec`` is torch-free and what
+# planning reads (``from effdstl_cli.data.spec import ...`` would otherwise pay for torch).
+_WHERE = {
+    **dict.fromkeys(("DATASETS", "check_dataset_spec", "StreamOptions"), "spec"),
+    **dict.fromkeys(("DEBIAN_FASHION", "Data", "build_data", "data_args", "data_for", "per_class_subset"), "datasets"),
+    **dict.fromkeys(("BadImage", "FolderSplit", "KeyedView", "MixedView", "collate_mixed", "decode_images",
+                     "decode_mixed", "mixed_batches", "skipped_images"), "folder"),
+    **dict.fromkeys(("augment_params", "keyed_uniforms", "sample_keys"), "keyed"),
+    **dict.fromkeys(("CROP_FLIP_VARIANTS", "CROP_PAD", "TensorSplit"), "memory"),
+    **dict.fromkeys(("RESIZE_CHUNK_PX", "resize_each", "resize_windows"), "resample"),
+    **dict.fromkeys(("eval_batches", "train_batches"), "stream"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value  # once: later look-ups do not come here
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_WHERE})
+
+
+__all__ = list(_WHERE)

@@ -20,10 +20,8 @@ from ..network import online
 from . import folder as fs
 from .folder import BadImage, FolderSplit
 from .memory import TensorSplit
+from .spec import DATASETS, check_dataset_spec  # noqa: F401 - torch-free (planning); re-exported
 
-DATASETS = ("digits", "synthetic", "mnist", "fashion-mnist", "cifar10", "cifar100",
-            "npz:PATH", "folder:PATH", "imagenet:PATH")
-_PATH_KINDS = ("npz", "folder", "imagenet")
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -56,18 +54,6 @@ class Data:
 
 
 # -- builders --------------------------------------------------------------------------------
-
-def check_dataset_spec(spec: str) -> None:
-    """Raise the one-line error for a misspelt dataset spec (no file is read: cheap, for planning)."""
-    spec = str(spec).strip()
-    kind, colon, arg = spec.partition(":")
-    kind = kind.lower()
-    if kind in _PATH_KINDS:
-        if not arg:
-            raise EffdstlError(f"dataset '{spec}' needs a path: {kind}:PATH")
-    elif colon or kind not in DATASETS:
-        raise unknown("dataset", spec, DATASETS)
-
 
 def data_args(cfg: dict) -> dict:
     """``build_data``'s arguments for a run config (its ``config.data_keys``)."""

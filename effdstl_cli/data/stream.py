@@ -3,68 +3,19 @@ an epoch (this rank's share, with augmentation) and the evaluation batches of a 
 in-memory tensors, PIL in DataLoader workers, or bytes decoded on the device.
 
 ``StreamOptions`` is its own small options object (workers, device decoding, the PIL share of a
-batch); ``--decode`` is parsed here (:meth:`StreamOptions.parse_decode`), where it is used.
+batch); ``--decode`` is parsed by it (:meth:`StreamOptions.parse_decode`). It lives in ``spec``,
+which imports no torch, so a dry run can parse and describe it.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
 
 import torch
 
-from ..errors import EffdstlError, unknown
 from .folder import KeyedView, MixedView, collate_mixed, decode_mixed, mixed_batches
-
-DECODE = ("auto", "device", "workers", "mixed:F")
-
-
-@dataclass
-class StreamOptions:
-    """How batches of an on-disk split are read: ``workers`` DataLoader processes; ``gpu_decode``
-    (workers read bytes, the device decodes + augments; None: on CUDA only); ``cpu_share`` (with
-    device decoding, this fraction of each batch is decoded by PIL in the workers instead, so the
-    CPU cores and the GPU's decoder add up). In-memory splits ignore them."""
-
-    workers: int = 4
-    gpu_decode: bool | None = None
-    cpu_share: float = 0.0
-
-    @staticmethod
-    def parse_decode(mode: str) -> tuple[bool | None, float]:
-        """``--decode`` -> (gpu_decode, cpu_share); one clear error for anything else."""
-        if mode in ("auto", "device", "workers"):
-            return {"auto": None, "device": True, "workers": False}[mode], 0.0
-        if mode.startswith("mixed:"):
-            try:
-                f = float(mode.split(":", 1)[1])
-            except ValueError:
-                f = -1.0
-            if 0.0 < f < 1.0:
-                return True, f
-            raise EffdstlError(f"--decode {mode}: mixed:F needs 0 < F < 1, the share of each batch PIL "
-                               "decodes in the workers (e.g. mixed:0.4)")
-        raise unknown("--decode mode", mode, DECODE)
-
-    @classmethod
-    def from_decode(cls, mode: str, workers: int = 4) -> "StreamOptions":
-        gpu_decode, share = cls.parse_decode(mode)
-        return cls(workers=workers, gpu_decode=gpu_decode, cpu_share=share)
-
-    def describe(self) -> str:
-        """One line for a dry run: who reads and who decodes the images."""
-        how = ("decoded on the GPU if there is one, else by PIL in the workers" if self.gpu_decode is None else
-               "decoded by PIL in the workers" if not self.gpu_decode else
-               "decoded on the device (nvJPEG on a GPU)" if not self.cpu_share else
-               f"{self.cpu_share:.0%} of each batch decoded by PIL in the workers, the rest on the device")
-        return f"{self.workers} DataLoader workers per process read the files, {how}"
-
-    def device_decode(self, device, split) -> bool:
-        """Whether ``split``'s images are decoded on ``device`` (only on-disk splits can be)."""
-        if not hasattr(split, "decode_batch"):
-            return False
-        return self.gpu_decode if self.gpu_decode is not None else device.type == "cuda"
+from .spec import DECODE, StreamOptions  # noqa: F401 - torch-free (a dry run parses --decode); re-exported
 
 
 def train_batches(split, order, gbatch: int, steps: int, gen, device, opts: StreamOptions, rank: int = 0,
