@@ -489,12 +489,20 @@ def main() -> None:
     ap.add_argument("--results", default=str(ROOT / "results"))
     ap.add_argument("--dataset", default=None, help="--set dataset=... for the CIFAR-10 studies (e.g. npz:data/cifar10.npz)")
     ap.add_argument("--no-run", action="store_true", help="write the report from the runs already there")
+    ap.add_argument("--only", default="", help="comma-separated studies to run (default: every study); "
+                    "the report still covers every study")
     a = ap.parse_args()
     results = Path(a.results)
+    studies = [f"{kind}-{ds}" for kind in KINDS for ds in DATASETS]
+    only = [x.strip() for x in a.only.split(",") if x.strip()]
+    unknown_ = sorted(set(only) - set(studies))
+    if unknown_:
+        raise SystemExit(f"findings: --only names no study of the report: {', '.join(unknown_)} "
+                         f"(studies: {', '.join(studies)})")
     if not a.no_run:
-        for kind in KINDS:
-            for ds in DATASETS:
-                run_study(f"{kind}-{ds}", results, a.dataset)
+        for study in sorted(studies, key=lambda x: only.index(x) if x in only else len(only)):
+            if not only or study in only:
+                run_study(study, results, a.dataset)
     FIGDIR.mkdir(parents=True, exist_ok=True)
     text = build(results)
     tmp = DOC.with_suffix(".md.tmp")
