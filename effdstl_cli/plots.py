@@ -22,6 +22,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from .effects import METRIC, metric_label  # noqa: E402
 from .errors import EffdstlError  # noqa: E402
 from .files import atomic_write, read_jsonl as read_metrics  # noqa: E402
 from .results import collect, interval95, normalized  # noqa: E402
@@ -210,7 +211,7 @@ def _title(norm: pd.DataFrame, fig_name: str) -> str:
     return f"{fig_name} — study {studies} ({datasets}); {len(set(norm['triplet']))} triplet(s)"
 
 
-def figure5(study_dir: str | Path, out_dir: str | Path | None = None, metric: str = "best_top1") -> FigureResult:
+def figure5(study_dir: str | Path, out_dir: str | Path | None = None, metric: str = METRIC) -> FigureResult:
     """Fig. 5: normalized accuracy per replacement scheme x subset; one panel per triplet."""
     study_dir = Path(study_dir)
     norm = _norm_for(study_dir, "replace", "replacement", metric)
@@ -218,12 +219,12 @@ def figure5(study_dir: str | Path, out_dir: str | Path | None = None, metric: st
     norm["_outer"] = [(s,) for s in norm["scheme"]]
     keys = [(s,) for s in schemes]
     fig, info = _strip_figure(norm, keys, {k: label(SCHEMES, k[0]) for k in keys}, "replacement scheme",
-                              _title(norm, f"Fig. 5: replacing the weak teacher's targets ({metric})"))
+                              _title(norm, f"Fig. 5: replacing the weak teacher's targets ({metric_label(metric)})"))
     info["x_groups"] = schemes
     return _save(fig, study_dir, out_dir, "figure5", info)
 
 
-def figure6(study_dir: str | Path, out_dir: str | Path | None = None, metric: str = "best_top1") -> FigureResult:
+def figure6(study_dir: str | Path, out_dir: str | Path | None = None, metric: str = METRIC) -> FigureResult:
     """Fig. 6: normalized accuracy per manipulation kind (and parameter) x subset."""
     study_dir = Path(study_dir)
     norm = _norm_for(study_dir, "manipulate", "manipulation", metric)
@@ -236,7 +237,7 @@ def figure6(study_dir: str | Path, out_dir: str | Path | None = None, metric: st
         keys += [(k, p) for p in sorted(ps, key=lambda v: (v is None, str(v) if not isinstance(v, float) else v))]
     names = {key: f"{label(MANIPULATIONS, key[0])}\n{_fmt_param(*key)}".rstrip() for key in keys}
     fig, info = _strip_figure(norm, keys, names, "manipulation",
-                              _title(norm, f"Fig. 6: manipulating the weak teacher's targets ({metric})"))
+                              _title(norm, f"Fig. 6: manipulating the weak teacher's targets ({metric_label(metric)})"))
     info["x_groups"] = [names[k] for k in keys]
     return _save(fig, study_dir, out_dir, "figure6", info)
 

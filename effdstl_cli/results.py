@@ -137,9 +137,10 @@ def _is_done(df: pd.DataFrame) -> pd.Series:
     return df["state"] == "done"
 
 
-def normalized(df: pd.DataFrame, metric: str = "best_top1") -> pd.DataFrame:
+def normalized(df: pd.DataFrame, metric: str = "last_top1") -> pd.DataFrame:
     """Altered runs with ``norm = (acc - acc-) / (acc+ - acc-)`` (docs/METHOD.md, Fig. 5/6).
 
+    ``metric``: the final epoch's accuracy by default (``best_*`` picks its epoch on the test set).
     Per (study, triplet): acc- / acc+ are the MEAN over seeds of the finished baseline runs
     (meta.baseline 'weak' / 'strong'). Altered runs are finished student runs with baseline ''.
     Adds acc_minus, acc_plus, n_minus, n_plus, acc (= ``metric``) and norm.
