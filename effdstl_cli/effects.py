@@ -75,12 +75,14 @@ def verdict(low: float, high: float) -> str:
 
 MIN_SEEDS = 3          # fewer paired seeds than this: not measurable here
 MARGIN_NORM = 0.10     # "A ≈ B" on normalized accuracy: within ±0.10 (a tenth of the gap acc+ − acc-)
+MARGIN_POINTS = 0.5    # "A ≈ B" on accuracy (Table 4 (d): tau 0.8 against 0.7): within ±0.5 points
 RULES = (
     f"Every comparison is a seed-paired difference A − B (the same seed shares initialisation and "
     f"batches) with its 95 % t-interval over seeds. **A > B** when the interval lies above 0, **A < B** "
     f"when below; otherwise **no clear difference**. **A ≈ B** when both ends of the interval lie inside "
     f"the equivalence margin ±{MARGIN_NORM:.2f} in normalized accuracy (a tenth of the distance between "
-    f"the students of the weak and the strong teacher); an interval that reaches past the margin but "
+    f"the students of the weak and the strong teacher), or ±{MARGIN_POINTS:g} points of accuracy where a claim is "
+    f"in accuracy (Table 4 (d)); an interval that reaches past the margin but "
     f"contains 0 is **undecided**, one that excludes 0 and leaves the margin is **different**. **Best "
     f"subset**: the subset with the highest mean, only if it beats the runner-up by an interval; "
     f"otherwise a **tie** of the two is named. **Fig. 7**: the sign and size of the manipulated − kept "

@@ -493,3 +493,36 @@ def figure8(study_dir: str | Path, out_dir: str | Path | None = None) -> FigureR
 
 
 FIGURES = {"5": figure5, "6": figure6, "7": figure7, "8": figure8}
+
+
+# -- forest plots: every comparison of a study with its interval ---------------------------------
+
+def forest(rows: Sequence[dict], out_dir: str | Path, stem: str, title: str, unit: str,
+           margin: float | None = None) -> FigureResult:
+    """One line per comparison: its seed-paired mean difference and 95 % interval (``diff``,
+    ``ci_low``, ``ci_high``, ``label``, ``verdict``; rows with a ``margin`` of their own shade
+    theirs), a line at 0, and the equivalence margin ``±margin`` shaded where the study's claims
+    use one (effects.RULES). A comparison without an interval is drawn as its mean alone."""
+    if not rows:
+        raise EffdstlError(f"no comparisons to draw for {stem}")
+    fig = _new_figure(8.5, 0.9 + 0.38 * len(rows))
+    ax = fig.add_subplot()
+    ys = np.arange(len(rows))[::-1]
+    for y, r in zip(ys, rows):
+        m = r.get("margin", margin)
+        if m:
+            ax.fill_between([-m, m], y - 0.4, y + 0.4, color="#2ca02c", alpha=0.15, lw=0, zorder=0)
+        d, lo, hi = float(r["diff"]), float(r["ci_low"]), float(r["ci_high"])
+        v = str(r.get("verdict", ""))
+        color = "0.45" if v.startswith("not measurable") or "no clear" in v or "undecided" in v else "#1f77b4"
+        if lo == lo and hi == hi:
+            ax.plot([lo, hi], [y, y], color=color, lw=2.2, solid_capstyle="butt", zorder=2)
+        ax.plot([d], [y], "o", color=color, ms=5, zorder=3)
+    ax.axvline(0.0, color="0.3", lw=0.9, zorder=1)
+    ax.set_yticks(ys, [f"{r['label']}  [{r.get('verdict', '')}]" for r in rows], fontsize=8)
+    ax.set_xlabel(unit + ("" if not margin else f"  (shaded: the equivalence margin ±{margin:g})"), fontsize=8)
+    ax.set_title(title, fontsize=9, loc="left")
+    ax.grid(axis="x", color="0.9", lw=0.6)
+    ax.set_ylim(-0.6, len(rows) - 0.4)
+    info = {"labels": [r["label"] for r in rows], "margin": margin}
+    return _save(fig, Path(out_dir), out_dir, stem, info)
