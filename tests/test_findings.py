@@ -136,7 +136,7 @@ def _run(args: list, cwd: Path, timeout: float = 400) -> subprocess.CompletedPro
 def digits_study(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("findings")
     _run(["run", "--study", ROOT / "studies" / "figure5-digits.yaml", "--results", tmp / "r", "-x", "debug",
-          "--device", "cpu", "--set", "seeds=[0,1]", "--set", "schedule.epochs=3",
+          "--device", "cpu", "--set", "seeds=[0,1,2]", "--set", "schedule.epochs=3",
           "--set", "grid.scheme=[full,partial,confidence]", "--set", "grid.subset=[reg,reg_cor]"], tmp)
     return tmp, tmp / "r" / "figure5-digits"
 
@@ -146,7 +146,7 @@ def test_every_run_writes_one_scalar_series_per_metric_for_tensorboard(digits_st
 
     _, sd = digits_study
     df = collect(sd)
-    assert len(df) == 18 and set(df["state"]) == {"done"}    # 2 teachers + 2 seeds x (2 baselines + 3 x 2)
+    assert len(df) == 26 and set(df["state"]) == {"done"}    # 2 teachers + 3 seeds x (2 baselines + 3 x 2)
     seen = set()
     for _, r in df.iterrows():
         (logdir,) = (Path(r["run_dir"]) / "tb").iterdir()
@@ -162,7 +162,7 @@ def test_every_run_writes_one_scalar_series_per_metric_for_tensorboard(digits_st
         last = ea.Scalars("test/top1")[-1].value
         metrics = [ln for ln in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines() if ln]
         assert last == pytest.approx(json.loads(metrics[-1])["test_top1"], rel=1e-6)
-    assert len(seen) == 18  # labels and seeds make every TensorBoard run name unique in the study
+    assert len(seen) == 26  # labels and seeds make every TensorBoard run name unique in the study
 
 
 def test_a_resumed_run_rewrites_its_events_without_repeating_an_epoch(tmp_path):
@@ -193,7 +193,7 @@ def test_plot_curves_and_results_effects_from_the_cli(digits_study):
     assert "paired differences to 'weak teacher only'" in p.stdout
     eff = pd.read_csv(sd / "tables" / "effects.csv")
     assert set(eff["label"]) == {"strong teacher only"} | {f"{a} / {b}" for a in ("full", "partial", "confidence")
-                                                                for b in ("reg", "reg_cor")} and set(eff["n"]) == {2}
+                                                                for b in ("reg", "reg_cor")} and set(eff["n"]) == {3}
     bad = subprocess.run(CLI + ["plot", "curves", "figure5-digits", "--results", str(tmp / "r"), "--runs", "nope"],
                          cwd=tmp, env=cli_env(), capture_output=True, text=True)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr + bad.stdout
@@ -201,8 +201,9 @@ def test_plot_curves_and_results_effects_from_the_cli(digits_study):
 
 
 def test_the_findings_report_from_a_real_study(digits_study, tmp_path, monkeypatch):
-    """scripts/findings.py on a real (tiny) Fig. 5 digits study: its row carries a verdict and the
-    study's elapsed time; studies that never ran say 'not measured' instead of failing the report."""
+    """scripts/findings.py on a real (tiny) Fig. 5 digits study: the paper quoted, a verdict per
+    claim reached by the stated rules on the final epoch, a forest plot, the study's elapsed time;
+    studies that never ran say 'not measured' instead of failing the report."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("findings_script", ROOT / "scripts" / "findings.py")
@@ -210,13 +211,18 @@ def test_the_findings_report_from_a_real_study(digits_study, tmp_path, monkeypat
     spec.loader.exec_module(mod)
     monkeypatch.setattr(mod, "FIGDIR", tmp_path / "figs")        # the repo's docs/ stay untouched
     text = mod.build(digits_study[1].parent)
-    row = next(ln for ln in text.splitlines() if ln.startswith("| Fig. 5 | figure5-digits |"))
-    verdict, minutes = row.split(" | ")[2], row.rstrip(" |").split(" | ")[-1]
-    assert "full ≈ confidence ≫ partial" in verdict
+    row = next(ln for ln in text.splitlines() if ln.startswith("| Fig. 5 | figure5-digits | full ≈ confidence |"))
+    verdict, minutes = row.split(" | ")[3], row.rstrip(" |").split(" | ")[-1]
+    assert verdict.split(" ")[0] in ("holds", "undecided", "does") and "A ≈ B" in verdict
     assert minutes == "< 0.1" or float(minutes) > 0
-    assert "| Table 1 | table1-cifar10-1k | not measured | — |" in text
+    assert "| Table 1 | table1-cifar10-1k | — | not measured | — |" in text
     assert "No CIFAR-10 study has run yet." in text
+    assert mod.FIG5_QUOTE in text and text.count(effects.RULES) == 1       # quoted; the rules stated once
+    assert "last_top1" in text and "CIFAR-100" not in text and "CPU cores" not in text
     assert (tmp_path / "figs" / "figure5-digits.png").stat().st_size > 0
+    assert (tmp_path / "figs" / "forest-figure5-digits.png").stat().st_size > 0
+    eff = pd.read_csv(tmp_path / "figs" / "effects-figure5-digits.csv")
+    assert set(eff["metric"]) == {"last_top1"}
 
 
 # -- the verdict rules (effects.RULES), on hand-made intervals --------------------------------------
