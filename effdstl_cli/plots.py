@@ -343,9 +343,10 @@ def figure7(study_dir: str | Path, out_dir: str | Path | None = None, eps: float
                             ha="right" if left else "left", va="top")
                 info["n"][(net, s)] = int(x.size)
                 if "pool" in d.columns:
-                    pool = d[(d["network"] == net) & (d["subset"] == s)]["pool"]
-                    if len(pool):
-                        info["pool"][s] = int(pool.iloc[0])
+                    sel = d[(d["network"] == net) & (d["subset"] == s)]
+                    if len(sel):   # each run drew from its own pool: the pools add up over runs
+                        info["pool"][s] = int(sel.groupby("run")["pool"].first().sum() if "run" in sel
+                                              else sel["pool"].iloc[0])
             info["peaks"][(net, e)] = peaks
             if row == 0 or len(chosen) == 1:
                 info["peaks"][net] = peaks  # first eps row: the per-network summary
@@ -366,6 +367,9 @@ def figure7(study_dir: str | Path, out_dir: str | Path | None = None, eps: float
     for s in subsets:
         ns = sorted({v for (net, sub), v in info["n"].items() if sub == s})
         n = f"n={ns[0]} per network" if len(ns) == 1 else "n=" + "/".join(str(v) for v in ns)
+        runs = int(d["run"].nunique()) if "run" in d else 1
+        if runs > 1:
+            n += f" over {runs} runs"
         if s in info["pool"]:
             n += f", drawn at random of {info['pool'][s]}"
         handles.append(Patch(facecolor=colors[s], alpha=0.45, edgecolor=colors[s]))
@@ -521,7 +525,7 @@ def forest(rows: Sequence[dict], out_dir: str | Path, stem: str, title: str, uni
     ax.axvline(0.0, color="0.3", lw=0.9, zorder=1)
     ax.set_yticks(ys, [f"{r['label']}  [{r.get('verdict', '')}]" for r in rows], fontsize=8)
     ax.set_xlabel(unit + ("" if not margin else f"  (shaded: the equivalence margin ±{margin:g})"), fontsize=8)
-    ax.set_title(title, fontsize=9, loc="left")
+    fig.suptitle(title, fontsize=9, x=0.01, ha="left")
     ax.grid(axis="x", color="0.9", lw=0.6)
     ax.set_ylim(-0.6, len(rows) - 0.4)
     info = {"labels": [r["label"] for r in rows], "margin": margin}

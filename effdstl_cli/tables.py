@@ -502,7 +502,7 @@ def table4(study_dir: str | Path, out_dir: str | Path | None = None) -> tuple[pd
         return [r["paper_row"] or r["label"], r["paper_student"] or "-", _num(r["paper_top1"]),
                 f"{r['paper_delta']:+.2f}" if r["versus"] and r["paper_delta"] == r["paper_delta"] else "",
                 r["student"], f"{r['teacher1']} → {t2}", _pm(r["last_top1_mean"], r["last_top1_std"]), r["n"],
-                (r["delta_text"] or "") if r["versus"] else "reference"]
+                (r["delta_text"] or "") if r["versus"] else "—"]
 
     dataset = _joined(st["dataset"].tolist())
     md = [f"# Table 4: ablations — study {study_dir.name} ({dataset})", "",

@@ -213,7 +213,8 @@ def test_the_findings_report_from_a_real_study(digits_study, tmp_path, monkeypat
     text = mod.build(digits_study[1].parent)
     row = next(ln for ln in text.splitlines() if ln.startswith("| Fig. 5 | figure5-digits | full ≈ confidence |"))
     verdict, minutes = row.split(" | ")[3], row.rstrip(" |").split(" | ")[-1]
-    assert verdict.split(" ")[0] in ("holds", "undecided", "does") and "A ≈ B" in verdict
+    # one of the rules' outcomes (3 epochs of training may leave acc+ − acc- unmeasurable)
+    assert verdict.startswith(("holds (", "undecided (", "does not hold (", "not measurable here")), verdict
     assert minutes == "< 0.1" or float(minutes) > 0
     assert "| Table 1 | table1-cifar10-1k | — | not measured | — |" in text
     assert "No CIFAR-10 study has run yet." in text

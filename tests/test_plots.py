@@ -385,3 +385,18 @@ def test_figure_result_is_a_list_of_paths(tmp_path):
     res = plots.figure5(sd)
     assert isinstance(res, list) and [p.suffix for p in res] == [".png", ".pdf"]
     assert res.paths == list(res) and res.figure.axes and "figure5.png" in repr(res)
+
+
+def test_forest_draws_every_comparison_with_its_interval_and_the_margin(tmp_path):
+    rows = [{"label": "full − confidence", "diff": 0.01, "ci_low": -0.03, "ci_high": 0.05, "verdict": "A ≈ B"},
+            {"label": "KD − no distill", "diff": 0.5, "ci_low": float("nan"), "ci_high": float("nan"),
+             "verdict": "not measurable here (n=1 < 3 seeds)"}]
+    res = plots.forest(rows, tmp_path, "forest-x", "a study", "normalized accuracy", margin=0.1)
+    assert [p.name for p in res] == ["forest-x.png", "forest-x.pdf"] and res[0].stat().st_size > 0
+    assert res.info["labels"] == ["full − confidence", "KD − no distill"] and res.info["margin"] == 0.1
+    ax = res.figure.axes[0]
+    ticks = [t.get_text() for t in ax.get_yticklabels()]
+    assert "full − confidence  [A ≈ B]" in ticks
+    assert len(ax.collections) == 2          # the margin shaded on both rows
+    with pytest.raises(EffdstlError, match="no comparisons"):
+        plots.forest([], tmp_path, "forest-y", "t", "u")
