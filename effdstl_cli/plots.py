@@ -504,16 +504,16 @@ FIGURES = {"5": figure5, "6": figure6, "7": figure7, "8": figure8}
 def forest(rows: Sequence[dict], out_dir: str | Path, stem: str, title: str, unit: str,
            margin: float | None = None) -> FigureResult:
     """One line per comparison: its seed-paired mean difference and 95 % interval (``diff``,
-    ``ci_low``, ``ci_high``, ``label``, ``verdict``; rows with a ``margin`` of their own shade
-    theirs), a line at 0, and the equivalence margin ``±margin`` shaded where the study's claims
-    use one (effects.RULES). A comparison without an interval is drawn as its mean alone."""
+    ``ci_low``, ``ci_high``, ``label``, ``verdict``), a line at 0, and, on the rows judged by
+    equivalence (a row's own ``margin``), the margin ±margin shaded (effects.RULES). ``margin``:
+    the study's margin, recorded in ``info``. A comparison without an interval is its mean alone."""
     if not rows:
         raise EffdstlError(f"no comparisons to draw for {stem}")
     fig = _new_figure(8.5, 0.9 + 0.38 * len(rows))
     ax = fig.add_subplot()
     ys = np.arange(len(rows))[::-1]
     for y, r in zip(ys, rows):
-        m = r.get("margin", margin)
+        m = r.get("margin")   # only comparisons judged by equivalence carry (and show) a margin
         if m:
             ax.fill_between([-m, m], y - 0.4, y + 0.4, color="#2ca02c", alpha=0.15, lw=0, zorder=0)
         d, lo, hi = float(r["diff"]), float(r["ci_low"]), float(r["ci_high"])
@@ -524,7 +524,8 @@ def forest(rows: Sequence[dict], out_dir: str | Path, stem: str, title: str, uni
         ax.plot([d], [y], "o", color=color, ms=5, zorder=3)
     ax.axvline(0.0, color="0.3", lw=0.9, zorder=1)
     ax.set_yticks(ys, [f"{r['label']}  [{r.get('verdict', '')}]" for r in rows], fontsize=8)
-    ax.set_xlabel(unit + ("" if not margin else f"  (shaded: the equivalence margin ±{margin:g})"), fontsize=8)
+    shaded = sorted({float(r["margin"]) for r in rows if r.get("margin")})
+    ax.set_xlabel(unit + (f"; shaded: ≈ margin ±{', ±'.join(f'{x:g}' for x in shaded)}" if shaded else ""), fontsize=8)
     fig.suptitle(title, fontsize=9, x=0.01, ha="left")
     ax.grid(axis="x", color="0.9", lw=0.6)
     ax.set_ylim(-0.6, len(rows) - 0.4)

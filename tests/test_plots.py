@@ -388,7 +388,8 @@ def test_figure_result_is_a_list_of_paths(tmp_path):
 
 
 def test_forest_draws_every_comparison_with_its_interval_and_the_margin(tmp_path):
-    rows = [{"label": "full − confidence", "diff": 0.01, "ci_low": -0.03, "ci_high": 0.05, "verdict": "A ≈ B"},
+    rows = [{"label": "full − confidence", "diff": 0.01, "ci_low": -0.03, "ci_high": 0.05, "verdict": "A ≈ B",
+             "margin": 0.1},
             {"label": "KD − no distill", "diff": 0.5, "ci_low": float("nan"), "ci_high": float("nan"),
              "verdict": "not measurable here (n=1 < 3 seeds)"}]
     res = plots.forest(rows, tmp_path, "forest-x", "a study", "normalized accuracy", margin=0.1)
@@ -397,6 +398,6 @@ def test_forest_draws_every_comparison_with_its_interval_and_the_margin(tmp_path
     ax = res.figure.axes[0]
     ticks = [t.get_text() for t in ax.get_yticklabels()]
     assert "full − confidence  [A ≈ B]" in ticks
-    assert len(ax.collections) == 2          # the margin shaded on both rows
+    assert len(ax.collections) == 1          # the margin shaded on the row judged by equivalence only
     with pytest.raises(EffdstlError, match="no comparisons"):
         plots.forest([], tmp_path, "forest-y", "t", "u")
