@@ -284,8 +284,15 @@ def section_fig6(name: str, df: pd.DataFrame, fig: str) -> tuple[str, list[list[
             for k in kinds if k != ls and ls in rc]
     for c in outp:
         c.update(diff=c["diff"] / gap_pts, ci_low=c["ci_low"] / gap_pts, ci_high=c["ci_high"] / gap_pts)
-    v1 = nm or ("holds" if outp and all(c["verdict"] == "A > B" for c in outp) else
-                "does not hold" if any(c["verdict"] == "A < B" for c in outp) else "not shown (no clear difference)")
+    def against(c: Cmp) -> str:
+        return c["label"].split(" − ")[1].split(" (")[0]
+
+    won = [against(c) for c in outp if c["verdict"] == "A > B"]
+    lost = [against(c) for c in outp if c["verdict"] == "A < B"]
+    v1 = nm or ("holds" if outp and len(won) == len(outp) else
+                f"does not hold (below {', '.join(lost)})" if lost else
+                f"partly: above {', '.join(won)}; no clear difference from the rest" if won else
+                "no clear difference")
     vb, who, cb = best_subset(df, means, "manipulation", ls, lambda x: lab(ls, x))
     v2 = nm or ("holds" if vb == "best" and who == "reg_cor" else f"tie ({who})" if vb == "tie" else
                 f"does not hold (best: {who})" if vb == "best" else vb)
@@ -301,7 +308,7 @@ def section_fig6(name: str, df: pd.DataFrame, fig: str) -> tuple[str, list[list[
             amps.append(c)
     gains = [c for c in amps if c["verdict"] == "A > B"]
     v4 = nm or ("holds: no amplification beats the weak teacher's student by an interval" if amps and not gains else
-                f"does not hold: {len(gains)} of {len(amps)} amplification cells beat it ({', '.join(c['label'] for c in gains)})"
+                f"does not hold: {len(gains)} of {len(amps)} amplification cells beat it"
                 if gains else "not measured")
     fr = forest(name, outp + [approx] + amps, f"{name}: seed-paired differences in normalized accuracy",
                 "normalized accuracy", effects.MARGIN_NORM)
