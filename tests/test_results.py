@@ -249,3 +249,25 @@ def test_collect_then_normalize_realistic_study(tmp_path):
     assert len(norm) == 3 * 3 * 5
     s = summarize(norm, ["scheme"]).set_index("scheme")
     assert s.loc["full", "mean"] > s.loc["partial", "mean"] + 0.3
+
+
+def test_collect_keeps_the_study_as_it_is_now(tmp_path):
+    """A run folder the study no longer plans (left from an older study file) is left out, and a
+    reused run (same config, so same hash) takes the study's current label."""
+    from effdstl_cli.config import load_study
+    from effdstl_cli.studies import plan
+
+    root = Path(__file__).resolve().parents[1]
+    study = load_study(root / "studies" / "figure8-digits.yaml")
+    p = plan(study, tmp_path)
+    cfg, rd = next((c, d) for j in p.jobs for c, d in j.runs if c["role"] == "student")
+    rd.mkdir(parents=True)
+    old = {**cfg, "meta": {**cfg["meta"], "label": "an old label"}}
+    (rd / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    stale = make_run(p.study_dir, label="stale", study_kind="fig8")
+    (p.study_dir / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    df = collect(p.study_dir)
+    assert list(df["run"]) == [rd.name] and df.attrs["stale"] == 1
+    assert df["label"].iloc[0] == cfg["meta"]["label"] != "an old label"
+    every = collect(p.study_dir, stale=True)
+    assert set(every["run"]) == {rd.name, stale.name} and "an old label" in set(every["label"])
