@@ -499,8 +499,12 @@ its RKD row is below no distillation in some, so RKD is not tested); each step, 
 
 {cmp_table(cm, 'points')}
 {f"{chr(10)}{nm}.{chr(10)}" if nm else ""}""")
+        failed = df[(df["state"] == "failed") & (df["role"] == "student") & (df["setting"] == setting)]
+        for lab, fg in failed.groupby("label"):   # a run that failed is no result: say which and why
+            texts.append(f"{lab}: {len(fg)} run(s) failed ({'; '.join(sorted(set(map(str, fg['fail_reason']))))}), "
+                         f"so {lab} is compared over the seeds that finished.\n")
         for c, (a, b) in zip(cm, chain):
-            summary.append(["Table 1", name, f"{setting}: {a} > {b}", nm.split(":")[0] if nm else
+            summary.append(["Table 1", name, f"{setting + ': ' if setting else ''}{a} > {b}", nm.split(":")[0] if nm else
                             {"A > B": "holds", "A < B": "reversed"}.get(c["verdict"], c["verdict"])])
     fr = forest(name, allc, f"{name}: seed-paired differences, final epoch", "top-1 points")
     return f"### {name}\n\n{scale_line(df)}. {teachers_line(df)}.\n\n" + "\n".join(texts) + f"\n{fr}\n", summary
