@@ -207,7 +207,9 @@ def _norm_for(study_dir: Path, distiller: str, what: str, metric: str) -> pd.Dat
 
 def _title(norm: pd.DataFrame, fig_name: str) -> str:
     studies = ", ".join(dict.fromkeys(norm["study"]))
-    datasets = ", ".join(dict.fromkeys(norm["dataset"]))
+    # a dataset given as a file (npz:PATH, imagenet:PATH) by its file name: where it lies is no result
+    datasets = ", ".join(dict.fromkeys(d.split(":")[0] + ":" + Path(d.split(":", 1)[1]).name if ":" in d else d
+                                       for d in map(str, norm["dataset"])))
     return f"{fig_name} — study {studies} ({datasets}); {len(set(norm['triplet']))} triplet(s)"
 
 

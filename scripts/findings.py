@@ -598,7 +598,8 @@ def build(results: Path) -> str:
                 else:
                     text, v = section_table4(study, df, sd)
             except (EffdstlError, KeyError, IndexError, ValueError) as exc:
-                text, v = f"### {study}\n\nnot measured: {exc}\n", [[title.split(" — ")[0], study, "—", "not measured"]]
+                why = str(exc).replace(f"{results.resolve()}/", "").replace(f"{results}/", "")   # no local paths
+                text, v = f"### {study}\n\nnot measured: {why}\n", [[title.split(" — ")[0], study, "—", "not measured"]]
             body.append(text)
             summary += [r + [minutes(sd)] for r in v]
         sections.append("\n".join(body))
@@ -644,7 +645,8 @@ def header(results: Path) -> str:
             specs |= set(collect(results / f"{kind}-cifar10-1k")["dataset"])
         except EffdstlError:
             pass
-    where = (f"The CIFAR-10 studies here ran on `{', '.join(sorted(map(str, specs)))}` (their runs' dataset)."
+    names = sorted({x.split(":")[0] + ":" + Path(x.split(":", 1)[1]).name if ":" in x else x for x in map(str, specs)})
+    where = (f"The CIFAR-10 studies here ran on `{', '.join(names)}` (their runs' dataset; a file by its name)."
              if specs else "No CIFAR-10 study has run yet.")
     return HEADER.replace("{where}", where).replace("{rules}", effects.RULES)
 
