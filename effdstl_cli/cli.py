@@ -290,13 +290,13 @@ def _print_runs(plan) -> None:
     from .rundir import RunDir
 
     t = Table(title=f"{plan.study['name']}  ({plan.study_dir})", title_justify="left")
-    for col in ("run", "model", "distiller", "best top-1", "last top-1", "epochs", "wall s"):
+    for col in ("run", "model", "distiller", "last top-1", "best top-1 (chosen on test)", "epochs", "wall s"):
         t.add_column(col, no_wrap=True)
     for j in plan.jobs:
         for c, d in j.runs:
             r = RunDir(d).final if RunDir(d).state() == "done" else {}
-            t.add_row(d.name, c["model"], c["meta"]["label"], f"{r.get('best_top1', float('nan')):.2f}",
-                      f"{r.get('last_top1', float('nan')):.2f}", str(r.get("epochs", "-")), str(r.get("wall_s", "-")))
+            t.add_row(d.name, c["model"], c["meta"]["label"], f"{r.get('last_top1', float('nan')):.2f}",
+                      f"{r.get('best_top1', float('nan')):.2f}", str(r.get("epochs", "-")), str(r.get("wall_s", "-")))
     out.print(t)
     for j in plan.jobs:
         for c, d in j.runs:
@@ -512,8 +512,9 @@ def results_cmd(study: str = typer.Argument(..., help="Study name, folder, or YA
         eff = paired_effects(df, anchor)
         paths = [*paths, *write_table(eff, d / "tables", "effects")]
     if fmt == "table":
-        cols = [c for c in ("label", "student", "seed", "state", "best_top1", "last_top1", "epochs", "wall_s") if c in df]
+        cols = [c for c in ("label", "student", "seed", "state", "last_top1", "best_top1", "epochs", "wall_s") if c in df]
         view = df[cols].sort_values([c for c in ("label", "seed") if c in cols])
+        view = view.rename(columns={"best_top1": "best_top1 (chosen on test)"})
         out.print(view.to_string(index=False, float_format=lambda v: f"{v:.2f}"), markup=False, highlight=False)
         if eff is not None and not eff.empty:
             out.print(f"\npaired differences to '{eff['anchor'].iloc[0]}' (same seed; {eff['metric'].iloc[0]}, "

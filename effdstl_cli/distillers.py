@@ -47,7 +47,7 @@ class Distiller:
     alters_subset: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False
     NUMBERS: ClassVar[tuple[str, ...]] = ("tau", "T", "tau_t", "tau_s", "lam", "smooth", "ls", "w_ce", "w_wsl",
-                                          "w_dist", "w_angle")
+                                          "w_dist", "w_angle", "alpha")
 
     def __init__(self, **params: Any):
         defaults = self.defaults()
@@ -147,7 +147,8 @@ class KD(Distiller):
 
 
 class WSL(Distiller):
-    """EffDstl stage 1: ``w_ce * CE_LS(ls) + w_wsl * L_WSL(T)`` (docs/METHOD.md 'WSL')."""
+    """EffDstl's stage-1 variant of WSL: ``w_ce * CE_LS(ls) + w_wsl * L_WSL(T)``, the weights'
+    cross entropies at T (docs/METHOD.md 'WSL'). Table 1's "WSL" baseline is :class:`WSLReleased`."""
 
     name = "wsl"
     default_teacher = "weak"
@@ -157,6 +158,21 @@ class WSL(Distiller):
         z_t = t[self.p["teacher"]].logits.float()
         return {"ce_ls": float(self.p["w_ce"]) * losses.ls_ce(z_s, y, float(self.p["ls"])),
                 "wsl": float(self.p["w_wsl"]) * losses.wsl_loss(z_s, z_t, y, float(self.p["T"]))}, None
+
+
+class WSLReleased(Distiller):
+    """WSL as its authors released it, Table 1's "WSL" baseline (docs/METHOD.md 'WSL as released'):
+    ``CE(ls) + alpha * L_soft(T)`` with alpha 2.5, T 2, no label smoothing (the released
+    configuration's ``label_smooth = False``), the weights' cross entropies at T = 1."""
+
+    name = "wsl_released"
+    default_teacher = "weak"
+    DEFAULTS = {"T": 2.0, "alpha": 2.5, "ls": 0.0}
+
+    def losses(self, z_s, f_s, t, y):
+        z_t = t[self.p["teacher"]].logits.float()
+        return {"ce": losses.ls_ce(z_s, y, float(self.p["ls"])),
+                "wsl": float(self.p["alpha"]) * losses.wsl_released_loss(z_s, z_t, y, float(self.p["T"]))}, None
 
 
 class CKM(Distiller):
@@ -302,7 +318,7 @@ class Manipulate(Distiller):
 
 
 REGISTRY: dict[str, type[Distiller]] = {
-    cls.name: cls for cls in (NoDistill, KD, WSL, CKM, RKD, Replace, Manipulate)
+    cls.name: cls for cls in (NoDistill, KD, WSL, WSLReleased, CKM, RKD, Replace, Manipulate)
 }
 
 

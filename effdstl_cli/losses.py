@@ -60,6 +60,21 @@ def wsl_loss(z_s: Tensor, z_t: Tensor, labels: Tensor, T: float = 2.0) -> Tensor
     return T**2 * (w * per_row).mean()
 
 
+def wsl_released_loss(z_s: Tensor, z_t: Tensor, labels: Tensor, T: float = 2.0) -> Tensor:
+    """The soft loss of WSL as its authors released it (bellymonster/Weighted-Soft-Label-Distillation,
+    ``knowledge_distiller.py``; docs/METHOD.md 'WSL as released'): the weights' cross entropies at
+    T = 1 (not at T, as EffDstl's stage-1 variant :func:`wsl_weight` has them), their ratio over
+    ``CE_t + 1e-7`` as the released code writes it, then ``T^2 * mean(w * (-sum p_t(T) log p_s(T)))``.
+    """
+    with torch.no_grad():
+        ce_s = F.cross_entropy(z_s.detach(), labels, reduction="none")
+        ce_t = F.cross_entropy(z_t.detach(), labels, reduction="none")
+        w = 1.0 - torch.exp(-(ce_s / (ce_t + 1e-7)).clamp_min(0.0))
+    p_t = F.softmax(z_t.detach() / T, dim=1)
+    per_row = -(p_t * F.log_softmax(z_s / T, dim=1)).sum(1)
+    return T**2 * (w * per_row).mean()
+
+
 def ckm_mask(z_s: Tensor, z_t: Tensor, labels: Tensor, tau_t: float = 0.7, tau_s: float = 1.0,
              subset: str | None = "reg_cor") -> Tensor:
     """Rows CKM mines: teacher correct AND ``p_t[y] < p_s[y]`` (subset ``reg_cor``, Sec. 5.1).
@@ -134,5 +149,5 @@ def rkd_loss(f_s: Tensor, f_t: Tensor, w_dist: float = 25.0, w_angle: float = 50
     return w_dist * loss_d + w_angle * loss_a
 
 
-__all__ = ["soft_ce", "kd_loss", "ls_ce", "wsl_weight", "wsl_loss", "ckm_mask", "ckm_target", "ckm_loss",
+__all__ = ["soft_ce", "kd_loss", "ls_ce", "wsl_weight", "wsl_loss", "wsl_released_loss", "ckm_mask", "ckm_target", "ckm_loss",
            "rkd_loss", "true_prob"]

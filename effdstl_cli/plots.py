@@ -22,6 +22,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from .effects import METRIC, metric_label  # noqa: E402
 from .errors import EffdstlError  # noqa: E402
 from .files import atomic_write, read_jsonl as read_metrics  # noqa: E402
 from .results import collect, interval95, normalized  # noqa: E402
@@ -206,11 +207,13 @@ def _norm_for(study_dir: Path, distiller: str, what: str, metric: str) -> pd.Dat
 
 def _title(norm: pd.DataFrame, fig_name: str) -> str:
     studies = ", ".join(dict.fromkeys(norm["study"]))
-    datasets = ", ".join(dict.fromkeys(norm["dataset"]))
+    # a dataset given as a file (npz:PATH, imagenet:PATH) by its file name: where it lies is no result
+    datasets = ", ".join(dict.fromkeys(d.split(":")[0] + ":" + Path(d.split(":", 1)[1]).name if ":" in d else d
+                                       for d in map(str, norm["dataset"])))
     return f"{fig_name} — study {studies} ({datasets}); {len(set(norm['triplet']))} triplet(s)"
 
 
-def figure5(study_dir: str | Path, out_dir: str | Path | None = None, metric: str = "best_top1") -> FigureResult:
+def figure5(study_dir: str | Path, out_dir: str | Path | None = None, metric: str = METRIC) -> FigureResult:
     """Fig. 5: normalized accuracy per replacement scheme x subset; one panel per triplet."""
     study_dir = Path(study_dir)
     norm = _norm_for(study_dir, "replace", "replacement", metric)
@@ -218,12 +221,12 @@ def figure5(study_dir: str | Path, out_dir: str | Path | None = None, metric: st
     norm["_outer"] = [(s,) for s in norm["scheme"]]
     keys = [(s,) for s in schemes]
     fig, info = _strip_figure(norm, keys, {k: label(SCHEMES, k[0]) for k in keys}, "replacement scheme",
-                              _title(norm, f"Fig. 5: replacing the weak teacher's targets ({metric})"))
+                              _title(norm, f"Fig. 5: replacing the weak teacher's targets ({metric_label(metric)})"))
     info["x_groups"] = schemes
     return _save(fig, study_dir, out_dir, "figure5", info)
 
 
-def figure6(study_dir: str | Path, out_dir: str | Path | None = None, metric: str = "best_top1") -> FigureResult:
+def figure6(study_dir: str | Path, out_dir: str | Path | None = None, metric: str = METRIC) -> FigureResult:
     """Fig. 6: normalized accuracy per manipulation kind (and parameter) x subset."""
     study_dir = Path(study_dir)
     norm = _norm_for(study_dir, "manipulate", "manipulation", metric)
@@ -236,7 +239,7 @@ def figure6(study_dir: str | Path, out_dir: str | Path | None = None, metric: st
         keys += [(k, p) for p in sorted(ps, key=lambda v: (v is None, str(v) if not isinstance(v, float) else v))]
     names = {key: f"{label(MANIPULATIONS, key[0])}\n{_fmt_param(*key)}".rstrip() for key in keys}
     fig, info = _strip_figure(norm, keys, names, "manipulation",
-                              _title(norm, f"Fig. 6: manipulating the weak teacher's targets ({metric})"))
+                              _title(norm, f"Fig. 6: manipulating the weak teacher's targets ({metric_label(metric)})"))
     info["x_groups"] = [names[k] for k in keys]
     return _save(fig, study_dir, out_dir, "figure6", info)
 
@@ -342,9 +345,10 @@ def figure7(study_dir: str | Path, out_dir: str | Path | None = None, eps: float
                             ha="right" if left else "left", va="top")
                 info["n"][(net, s)] = int(x.size)
                 if "pool" in d.columns:
-                    pool = d[(d["network"] == net) & (d["subset"] == s)]["pool"]
-                    if len(pool):
-                        info["pool"][s] = int(pool.iloc[0])
+                    sel = d[(d["network"] == net) & (d["subset"] == s)]
+                    if len(sel):   # each run drew from its own pool: the pools add up over runs
+                        info["pool"][s] = int(sel.groupby("run")["pool"].first().sum() if "run" in sel
+                                              else sel["pool"].iloc[0])
             info["peaks"][(net, e)] = peaks
             if row == 0 or len(chosen) == 1:
                 info["peaks"][net] = peaks  # first eps row: the per-network summary
@@ -365,6 +369,9 @@ def figure7(study_dir: str | Path, out_dir: str | Path | None = None, eps: float
     for s in subsets:
         ns = sorted({v for (net, sub), v in info["n"].items() if sub == s})
         n = f"n={ns[0]} per network" if len(ns) == 1 else "n=" + "/".join(str(v) for v in ns)
+        runs = int(d["run"].nunique()) if "run" in d else 1
+        if runs > 1:
+            n += f" over {runs} runs"
         if s in info["pool"]:
             n += f", drawn at random of {info['pool'][s]}"
         handles.append(Patch(facecolor=colors[s], alpha=0.45, edgecolor=colors[s]))
@@ -492,3 +499,37 @@ def figure8(study_dir: str | Path, out_dir: str | Path | None = None) -> FigureR
 
 
 FIGURES = {"5": figure5, "6": figure6, "7": figure7, "8": figure8}
+
+
+# -- forest plots: every comparison of a study with its interval ---------------------------------
+
+def forest(rows: Sequence[dict], out_dir: str | Path, stem: str, title: str, unit: str,
+           margin: float | None = None) -> FigureResult:
+    """One line per comparison: its seed-paired mean difference and 95 % interval (``diff``,
+    ``ci_low``, ``ci_high``, ``label``, ``verdict``), a line at 0, and, on the rows judged by
+    equivalence (a row's own ``margin``), the margin ±margin shaded (effects.RULES). ``margin``:
+    the study's margin, recorded in ``info``. A comparison without an interval is its mean alone."""
+    if not rows:
+        raise EffdstlError(f"no comparisons to draw for {stem}")
+    fig = _new_figure(8.5, 0.9 + 0.38 * len(rows))
+    ax = fig.add_subplot()
+    ys = np.arange(len(rows))[::-1]
+    for y, r in zip(ys, rows):
+        m = r.get("margin")   # only comparisons judged by equivalence carry (and show) a margin
+        if m:
+            ax.fill_between([-m, m], y - 0.4, y + 0.4, color="#2ca02c", alpha=0.15, lw=0, zorder=0)
+        d, lo, hi = float(r["diff"]), float(r["ci_low"]), float(r["ci_high"])
+        v = str(r.get("verdict", ""))
+        color = "0.45" if v.startswith("not measurable") or "no clear" in v or "undecided" in v else "#1f77b4"
+        if lo == lo and hi == hi:
+            ax.plot([lo, hi], [y, y], color=color, lw=2.2, solid_capstyle="butt", zorder=2)
+        ax.plot([d], [y], "o", color=color, ms=5, zorder=3)
+    ax.axvline(0.0, color="0.3", lw=0.9, zorder=1)
+    ax.set_yticks(ys, [f"{r['label']}  [{r.get('verdict', '')}]" for r in rows], fontsize=8)
+    shaded = sorted({float(r["margin"]) for r in rows if r.get("margin")})
+    ax.set_xlabel(unit + (f"; shaded: ≈ margin ±{', ±'.join(f'{x:g}' for x in shaded)}" if shaded else ""), fontsize=8)
+    fig.suptitle(title, fontsize=9, x=0.01, ha="left")
+    ax.grid(axis="x", color="0.9", lw=0.6)
+    ax.set_ylim(-0.6, len(rows) - 0.4)
+    info = {"labels": [r["label"] for r in rows], "margin": margin}
+    return _save(fig, Path(out_dir), out_dir, stem, info)

@@ -57,8 +57,32 @@ def _run_row(rd: Path) -> dict[str, Any]:
     return row
 
 
-def collect(study_dir: str | Path) -> pd.DataFrame:
-    """One row per run directory ``study_dir/runs/*/`` holding a config.yaml.
+def _planned(study_dir: Path, study: dict | None) -> dict[str, dict] | None:
+    """``{run hash: meta}`` of the study as it is now (``study``, else the study folder's
+    study.yaml, which every launch rewrites), or None where neither plans (no study.yaml, or one
+    that no longer plans: then every run folder counts, as before)."""
+    import yaml
+
+    from .studies import plan
+
+    try:
+        if study is None:
+            f = study_dir / "study.yaml"
+            if not f.is_file():
+                return None
+            study = yaml.safe_load(f.read_text())
+        p = plan(study, study_dir.parent)
+    except (EffdstlError, OSError, KeyError, TypeError, ValueError, AttributeError, yaml.YAMLError):
+        return None
+    return {d.name: (cfg.get("meta") or {}) for j in p.jobs for cfg, d in j.runs}
+
+
+def collect(study_dir: str | Path, study: dict | None = None, stale: bool = False) -> pd.DataFrame:
+    """One row per run directory ``study_dir/runs/*/`` holding a config.yaml, of the study as it
+    is now: a run folder that the study (``study``, else its folder's study.yaml) no longer plans —
+    left from an earlier version of the study file — is left out unless ``stale``, and a finished
+    run the study reuses under a new label (its config unchanged, so its hash) takes the study's
+    labels (meta is not part of a run's identity). ``df.attrs['stale']``: how many were left out.
 
     Columns: run (the hash), state (done | damaged | failed | running | partial | pending: the
     one verdict of ``rundir.RunDir.state``), role, every
@@ -73,7 +97,18 @@ def collect(study_dir: str | Path) -> pd.DataFrame:
     runs = sorted(p for p in (study_dir / "runs").glob("*/") if (p / "config.yaml").is_file())
     if not runs:
         raise EffdstlError(f"no runs under {study_dir / 'runs'} (no */config.yaml): launch the study first")
-    df = pd.DataFrame([_run_row(rd) for rd in runs], columns=list(COLUMNS))
+    planned = None if stale else _planned(study_dir, study)
+    rows = [_run_row(rd) for rd in runs if planned is None or rd.name in planned]
+    if planned is not None:
+        for r in rows:   # the study's labels as it is now (a run's config.yaml keeps those it was made with)
+            for k, v in planned[r["run"]].items():
+                if k in META_KEYS and k != "seed":
+                    r[k] = "" if v is None and k != "param" else (v if k == "param" else str(v))
+    if not rows:
+        raise EffdstlError(f"none of the {len(runs)} runs under {study_dir / 'runs'} belongs to the study as it "
+                           f"is now: launch the study first")
+    df = pd.DataFrame(rows, columns=list(COLUMNS))
+    df.attrs["stale"] = len(runs) - len(rows)
     for k in ("best_top1", "last_top1", "best_top5", "last_top5", "wall_s", "gpu_hours"):
         df[k] = pd.to_numeric(df[k], errors="coerce").astype(float)
     for k in ("best_epoch", "epochs", "world_size", "seed", "epochs_done"):
@@ -102,9 +137,10 @@ def _is_done(df: pd.DataFrame) -> pd.Series:
     return df["state"] == "done"
 
 
-def normalized(df: pd.DataFrame, metric: str = "best_top1") -> pd.DataFrame:
+def normalized(df: pd.DataFrame, metric: str = "last_top1") -> pd.DataFrame:
     """Altered runs with ``norm = (acc - acc-) / (acc+ - acc-)`` (docs/METHOD.md, Fig. 5/6).
 
+    ``metric``: the final epoch's accuracy by default (``best_*`` picks its epoch on the test set).
     Per (study, triplet): acc- / acc+ are the MEAN over seeds of the finished baseline runs
     (meta.baseline 'weak' / 'strong'). Altered runs are finished student runs with baseline ''.
     Adds acc_minus, acc_plus, n_minus, n_plus, acc (= ``metric``) and norm.

@@ -286,7 +286,7 @@ def _baseline_runs(ctx: _Ctx, r: dict, seed: int, baselines: list[str], meta: di
     d = ctx.study.get("distill") or {}
     tau, lam = float(d.get("tau", 4.0)), float(d.get("lam", 0.9))  # KD's tau and lambda (docs/METHOD.md)
     specs = {"none": {"name": "none"}, "kd": {"name": "kd", "tau": tau, "lam": lam}, "rkd": {"name": "rkd"},
-             "wsl": {"name": "wsl", **{k: s1[k] for k in _S1_LOSS}}}
+             "wsl": {"name": "wsl_released"}}  # the WSL authors' released loss (docs/METHOD.md 'WSL as released')
     cfgs = []
     for b in baselines:
         if b not in specs:
@@ -514,6 +514,10 @@ def describestage(stage: dict, teachers: dict | None = None) -> str:
     e.g. ``240 ep wsl[T 2, ls 0.1, w_ce 1, w_wsl 0.5; teacher weak=tv:resnet34] lr 0.5->1e-05 cos wd 4e-05``
     """
     d = dict(stage["distiller"])
+    from .distillers import REGISTRY  # every hyper-parameter, the defaults a spec leaves out included (RKD's weights)
+
+    if d.get("name") in REGISTRY:
+        d = {**{k: v for k, v in REGISTRY[d["name"]].defaults().items() if v is not None}, **d}
     name, role = d.pop("name"), d.pop("teacher", None)
     strong = d.pop("strong", None) if name == "replace" else None
     hp = ", ".join(f"{k} {_fmt(v) if v is not None else 'none'}" for k, v in d.items())

@@ -348,3 +348,61 @@ def test_losses_many_equal_the_students_one_by_one():
             for k in p1:
                 assert torch.allclose(parts[k][i], p1[k], rtol=1e-6, atol=1e-7), (spec[i], k)
             assert torch.equal(mask[i], m1), spec[i]
+
+
+class ReleasedWSL(torch.nn.Module):
+    """A transcription of WSLDistiller.forward from the WSL authors' released code
+    (bellymonster/Weighted-Soft-Label-Distillation, knowledge_distiller.py): the same lines with
+    ``.cuda()`` dropped, the networks' outputs passed in, and ``num_classes=1000`` made N."""
+
+    def __init__(self):
+        super().__init__()
+        self.T = 2
+        self.alpha = 2.5
+        self.softmax = torch.nn.Softmax(dim=1)
+        self.logsoftmax = torch.nn.LogSoftmax(dim=1)
+        self.hard_loss = torch.nn.CrossEntropyLoss()   # the released configuration: label_smooth = False
+
+    def forward(self, fc_s, fc_t, label):
+        s_input_for_softmax = fc_s / self.T
+        t_input_for_softmax = fc_t / self.T
+        t_soft_label = self.softmax(t_input_for_softmax)
+        softmax_loss = - torch.sum(t_soft_label * self.logsoftmax(s_input_for_softmax), 1, keepdim=True)
+        fc_s_auto = fc_s.detach()
+        fc_t_auto = fc_t.detach()
+        log_softmax_s = self.logsoftmax(fc_s_auto)
+        log_softmax_t = self.logsoftmax(fc_t_auto)
+        one_hot_label = F.one_hot(label, num_classes=fc_s.shape[1]).float()
+        softmax_loss_s = - torch.sum(one_hot_label * log_softmax_s, 1, keepdim=True)
+        softmax_loss_t = - torch.sum(one_hot_label * log_softmax_t, 1, keepdim=True)
+        focal_weight = softmax_loss_s / (softmax_loss_t + 1e-7)
+        ratio_lower = torch.zeros(1)
+        focal_weight = torch.max(focal_weight, ratio_lower)
+        focal_weight = 1 - torch.exp(- focal_weight)
+        softmax_loss = focal_weight * softmax_loss
+        soft_loss = (self.T ** 2) * torch.mean(softmax_loss)
+        hard_loss = self.hard_loss(fc_s, label)
+        return hard_loss + self.alpha * soft_loss
+
+
+@pytest.mark.parametrize("n", [10, 1000])
+def test_wsl_released_equals_the_released_loss(n):
+    """Table 1's WSL baseline is the released WSL loss, in value and gradient, to 1e-6."""
+    g = torch.Generator().manual_seed(n)
+    z_s = (2 * torch.randn(16, n, generator=g)).requires_grad_(True)
+    z_t = 4 * torch.randn(16, n, generator=g)
+    y = torch.randint(n, (16,), generator=g)
+    parts, mask = run({"name": "wsl_released", "teacher": "weak"}, z_s, None, {"weak": TeacherOut(z_t)}, y)
+    ours = total(parts)
+    (g_ours,) = torch.autograd.grad(ours, z_s)
+    ref = ReleasedWSL()(z_s, z_t, y)
+    (g_ref,) = torch.autograd.grad(ref, z_s)
+    assert mask is None and set(parts) == {"ce", "wsl"}
+    assert abs(ours.item() - ref.item()) <= 1e-6 * max(1.0, abs(ref.item()))
+    assert (g_ours - g_ref).abs().max().item() <= 1e-6
+    # EffDstl's stage-1 variant (weights at T, CE with label smoothing + 0.5 WSL) is another loss
+    other = total(run({"name": "wsl", "teacher": "weak"}, z_s, None, {"weak": TeacherOut(z_t)}, y)[0])
+    assert abs(other.item() - ref.item()) > 1e-3
+    # the weights at T = 1, not at T: computing them at T = 2 changes the soft loss
+    assert abs(losses.wsl_released_loss(z_s, z_t, y, 2.0).item()
+               - losses.wsl_loss(z_s, z_t, y, 2.0).item()) > 1e-4

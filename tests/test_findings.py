@@ -45,7 +45,8 @@ def test_paired_difference_is_the_mean_of_per_seed_differences_with_a_t_interval
     assert row["label"] == "KD" and row["anchor"] == "no distill" and row["n"] == 3
     assert row["diff"] == pytest.approx(1.5) and row["ci95"] == pytest.approx(half)
     assert row["ci_low"] == pytest.approx(1.5 - half) and row["verdict"] == "higher"
-    assert row["acc"] == pytest.approx(np.mean([41.0, 44.0, 45.5])) and row["acc_anchor"] == pytest.approx(42.0)
+    # the final epoch's accuracy (make_run: last = best - 0.2)
+    assert row["acc"] == pytest.approx(np.mean([41.0, 44.0, 45.5]) - 0.2) and row["acc_anchor"] == pytest.approx(41.8)
 
 
 def test_pairing_removes_the_seed_effect_that_two_means_would_carry(tmp_path):
@@ -54,14 +55,16 @@ def test_pairing_removes_the_seed_effect_that_two_means_would_carry(tmp_path):
     sd = _study(tmp_path, {"no distill": base, "KD": [b + 0.3 for b in base]})
     (row,) = effects.paired_effects(collect(sd)).to_dict("records")
     assert row["diff"] == pytest.approx(0.3) and row["ci95"] == pytest.approx(0.0, abs=1e-9)
-    assert row["verdict"] == "higher"  # unpaired, the two intervals would overlap almost entirely
+    # unpaired, the two intervals would overlap almost entirely; paired, the runs differ by exactly
+    # 0.3 on every seed: an interval of zero width, which the rules do not grade
+    assert row["verdict"].startswith("not measurable here (zero-width")
 
 
 def test_only_seeds_both_finished_are_paired_and_a_lower_result_says_lower(tmp_path):
-    sd = _study(tmp_path, {"no distill": [50.0, 50.0, 50.0], "RKD": [49.0, 48.9]})
-    make_run(sd, study_kind="recipe", label="RKD", seed=2, state="failed", distiller="rkd")
+    sd = _study(tmp_path, {"no distill": [50.0, 50.0, 50.0, 50.0], "RKD": [49.0, 48.9, 49.1]})
+    make_run(sd, study_kind="recipe", label="RKD", seed=3, state="failed", distiller="rkd")
     (row,) = effects.paired_effects(collect(sd)).to_dict("records")
-    assert row["n"] == 2 and row["diff"] == pytest.approx(-1.05) and row["verdict"] == "lower"
+    assert row["n"] == 3 and row["diff"] == pytest.approx(-1.0) and row["verdict"] == "lower"
 
 
 def test_an_interval_across_zero_is_no_clear_difference_and_one_pair_has_no_interval(tmp_path):
@@ -70,7 +73,7 @@ def test_an_interval_across_zero_is_no_clear_difference_and_one_pair_has_no_inte
     assert row["verdict"] == "no clear difference" and row["ci_low"] < 0 < row["ci_high"]
     sd2 = _study(tmp_path / "b", {"no distill": [50.0], "WSL": [51.0]})
     (one,) = effects.paired_effects(collect(sd2)).to_dict("records")
-    assert one["n"] == 1 and math.isnan(one["ci95"]) and one["verdict"] == "n < 2"
+    assert one["n"] == 1 and math.isnan(one["ci95"]) and one["verdict"] == "not measurable here (n=1 < 3 seeds)"
     assert effects.effect_text(one) == "+1.00 (n=1)"
 
 
@@ -133,7 +136,7 @@ def _run(args: list, cwd: Path, timeout: float = 400) -> subprocess.CompletedPro
 def digits_study(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("findings")
     _run(["run", "--study", ROOT / "studies" / "figure5-digits.yaml", "--results", tmp / "r", "-x", "debug",
-          "--device", "cpu", "--set", "seeds=[0,1]", "--set", "schedule.epochs=3",
+          "--device", "cpu", "--set", "seeds=[0,1,2]", "--set", "schedule.epochs=3",
           "--set", "grid.scheme=[full,partial,confidence]", "--set", "grid.subset=[reg,reg_cor]"], tmp)
     return tmp, tmp / "r" / "figure5-digits"
 
@@ -143,7 +146,7 @@ def test_every_run_writes_one_scalar_series_per_metric_for_tensorboard(digits_st
 
     _, sd = digits_study
     df = collect(sd)
-    assert len(df) == 18 and set(df["state"]) == {"done"}    # 2 teachers + 2 seeds x (2 baselines + 3 x 2)
+    assert len(df) == 26 and set(df["state"]) == {"done"}    # 2 teachers + 3 seeds x (2 baselines + 3 x 2)
     seen = set()
     for _, r in df.iterrows():
         (logdir,) = (Path(r["run_dir"]) / "tb").iterdir()
@@ -159,7 +162,7 @@ def test_every_run_writes_one_scalar_series_per_metric_for_tensorboard(digits_st
         last = ea.Scalars("test/top1")[-1].value
         metrics = [ln for ln in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines() if ln]
         assert last == pytest.approx(json.loads(metrics[-1])["test_top1"], rel=1e-6)
-    assert len(seen) == 18  # labels and seeds make every TensorBoard run name unique in the study
+    assert len(seen) == 26  # labels and seeds make every TensorBoard run name unique in the study
 
 
 def test_a_resumed_run_rewrites_its_events_without_repeating_an_epoch(tmp_path):
@@ -190,7 +193,7 @@ def test_plot_curves_and_results_effects_from_the_cli(digits_study):
     assert "paired differences to 'weak teacher only'" in p.stdout
     eff = pd.read_csv(sd / "tables" / "effects.csv")
     assert set(eff["label"]) == {"strong teacher only"} | {f"{a} / {b}" for a in ("full", "partial", "confidence")
-                                                                for b in ("reg", "reg_cor")} and set(eff["n"]) == {2}
+                                                                for b in ("reg", "reg_cor")} and set(eff["n"]) == {3}
     bad = subprocess.run(CLI + ["plot", "curves", "figure5-digits", "--results", str(tmp / "r"), "--runs", "nope"],
                          cwd=tmp, env=cli_env(), capture_output=True, text=True)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr + bad.stdout
@@ -198,8 +201,9 @@ def test_plot_curves_and_results_effects_from_the_cli(digits_study):
 
 
 def test_the_findings_report_from_a_real_study(digits_study, tmp_path, monkeypatch):
-    """scripts/findings.py on a real (tiny) Fig. 5 digits study: its row carries a verdict and the
-    study's elapsed time; studies that never ran say 'not measured' instead of failing the report."""
+    """scripts/findings.py on a real (tiny) Fig. 5 digits study: the paper quoted, a verdict per
+    claim reached by the stated rules on the final epoch, a forest plot, the study's elapsed time;
+    studies that never ran say 'not measured' instead of failing the report."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("findings_script", ROOT / "scripts" / "findings.py")
@@ -207,10 +211,54 @@ def test_the_findings_report_from_a_real_study(digits_study, tmp_path, monkeypat
     spec.loader.exec_module(mod)
     monkeypatch.setattr(mod, "FIGDIR", tmp_path / "figs")        # the repo's docs/ stay untouched
     text = mod.build(digits_study[1].parent)
-    row = next(ln for ln in text.splitlines() if ln.startswith("| Fig. 5 | figure5-digits |"))
-    verdict, minutes = row.split(" | ")[2], row.rstrip(" |").split(" | ")[-1]
-    assert "full ≈ confidence ≫ partial" in verdict
+    row = next(ln for ln in text.splitlines() if ln.startswith("| Fig. 5 | figure5-digits | full ≈ confidence |"))
+    verdict, minutes = row.split(" | ")[3], row.rstrip(" |").split(" | ")[-1]
+    # one of the rules' outcomes (3 epochs of training may leave acc+ − acc- unmeasurable)
+    assert verdict.startswith(("holds (", "undecided (", "does not hold (", "not measurable here")), verdict
     assert minutes == "< 0.1" or float(minutes) > 0
-    assert "| Table 1 | table1-cifar10-1k | not measured | — |" in text
+    assert "| Table 1 | table1-cifar10-1k | — | not measured | — |" in text
     assert "No CIFAR-10 study has run yet." in text
+    assert mod.FIG5_QUOTE in text and text.count(effects.RULES) == 1       # quoted; the rules stated once
+    assert "last_top1" in text and "CIFAR-100" not in text and "CPU cores" not in text
     assert (tmp_path / "figs" / "figure5-digits.png").stat().st_size > 0
+    assert (tmp_path / "figs" / "forest-figure5-digits.png").stat().st_size > 0
+    eff = pd.read_csv(tmp_path / "figs" / "effects-figure5-digits.csv")
+    assert set(eff["metric"]) == {"last_top1"}
+
+
+# -- the verdict rules (effects.RULES), on hand-made intervals --------------------------------------
+
+def test_verdict_rules_on_hand_made_intervals():
+    m = effects.MARGIN_NORM
+    # ≈: both ends inside the margin; one end outside: undecided; excluding 0 and leaving it: different
+    assert effects.equivalent(-0.5 * m, 0.9 * m, 5) == "A ≈ B"
+    assert effects.equivalent(-0.5 * m, 1.5 * m, 5) == "undecided"
+    assert effects.equivalent(0.5 * m, 1.5 * m, 5) == "different"
+    assert effects.equivalent(-0.05, 0.05, 5, margin=0.01) == "undecided"      # the margin is a parameter
+    # >: the interval excludes 0
+    assert effects.greater(0.1, 0.9, 5) == "A > B" and effects.greater(-0.9, -0.1, 5) == "A < B"
+    assert effects.greater(-0.1, 0.9, 5) == "no clear difference"
+    # not measurable: a zero-width interval (identical runs), or fewer than 3 seeds
+    assert effects.greater(0.0, 0.0, 5).startswith("not measurable here (zero-width")
+    assert effects.equivalent(0.3, 0.3, 5).startswith("not measurable here (zero-width")
+    assert effects.greater(0.5, 0.9, 2) == "not measurable here (n=2 < 3 seeds)"
+    # best subset: only by an interval over the runner-up, else the tie is named
+    means = {"reg_cor": 0.9, "reg": 0.85, "all": 0.2}
+    assert effects.best_of(means, (0.01, 0.09, 5)) == ("best", "reg_cor")
+    assert effects.best_of(means, (-0.02, 0.12, 5)) == ("tie", "reg_cor and reg")
+    assert effects.best_of(means, (0.05, 0.05, 5))[0].startswith("not measurable here (zero-width")
+
+
+def test_the_final_epoch_is_the_default_metric(tmp_path):
+    # best-epoch numbers say KD helps; the final epochs (what the student ends as) say it does not
+    sd = tmp_path / "s"
+    for seed in range(3):
+        make_run(sd, study_kind="recipe", label="no distill", seed=seed, best=50.0, last=50.0 + seed * 0.1,
+                 distiller="none", triplet="||mlp:32")
+        make_run(sd, study_kind="recipe", label="KD", seed=seed, best=52.0 + seed * 0.1, last=49.0, distiller="kd")
+    (row,) = effects.paired_effects(collect(sd)).to_dict("records")
+    assert row["metric"] == "last_top1" and row["verdict"] == "lower"
+    (best,) = effects.paired_effects(collect(sd), metric="best_top1").to_dict("records")
+    assert best["verdict"] == "higher"
+    assert effects.metric_label("best_top1") == "best-epoch top-1 (chosen on the test set)"
+    assert effects.metric_label("last_top5") == "last-epoch top-5"

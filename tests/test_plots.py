@@ -239,7 +239,10 @@ def test_table1_paper_pair(tmp_path):
     assert df.set_index("method").loc["none", "paper_advanced"] == 72.30
     assert df.set_index("method").loc["kd", "n"] == 3  # the failed seed is not counted
     assert (df["note"] == "").all() and e["stage2_teacher"] == "timm:resnet34d"
-    assert "| EffDstl    |    75.00 ± 1.00 |" in md and "74.07" in md and "72.17" in md
+    # the first number is the final epoch's; the paper's top-1 and top-5 (both columns) beside it
+    assert "| EffDstl    | 74.50 ± 1.00 |" in md and "74.07" in md and "72.17" in md
+    assert "91.54" in md and "90.95" in md and e["paper_top5_advanced"] == 91.54
+    assert "top-1 only" not in md and "chosen on the test set" in md
     lines = [l for l in md.splitlines() if l.startswith("|")]
     assert len({len(l) for l in lines}) == 1  # padded: aligned in a terminal
     assert pd.read_csv(paths[1])["paper_advanced"].tolist() == [72.30, 72.90, 72.19, 73.44, 74.07]
@@ -278,13 +281,18 @@ def test_table3_cost(tmp_path):
     assert e["paper_gpu_hours"] == 97.7 and e["gpu_name"] == "NVIDIA H100 80GB HBM3"
     assert math.isnan(df.set_index("method").loc["kd", "paper_gpu_hours"])
     assert df.set_index("method").loc["teacher training", "gpu_hours_total"] == 5.0
-    assert "97.7 (RTX 3090)" in md and "'share'" in md and "'job'" in md
+    assert "97.7 (RTX 3090; paper)" in md and "'share'" in md and "'job'" in md
+    # the paper's Table 3 as printed: MEAL V2's rows with their "(+?)"
+    assert "103.1 (+?)" in md and "110.2 (+?)" in md and "67.60" in md
+    assert "README (not the paper)" in md
 
 
 def test_table3_paper_hours_per_student(tmp_path):
     """Not one number for every row: each student gets the paper's own GPU-hours."""
-    assert tables.paper_table3_hours("tv:resnet18") == (97.7, "ResNet18")
-    assert tables.paper_table3_hours("timm:mobilenetv1_100") == (111.5, "MobileNet V1")
+    assert tables.paper_table3_hours("tv:resnet18") == (97.7, "ResNet18", "paper")
+    assert tables.paper_table3_hours("timm:mobilenetv1_100") == (111.5, "MobileNet V1", "paper")
+    # a number found only in the official README says so
+    assert tables.paper_table3_hours("timm:resnet18d") == (114.0, "ResNet18d", "official README")
     assert tables.paper_table3_hours("timm:tf_mobilenetv3_small_075")[0] == 93.0
     assert tables.paper_table3_hours("timm:resnet18d")[0] == 114.0
     assert tables.paper_table3_hours("mlp:32") is None
@@ -293,45 +301,48 @@ def test_table3_paper_hours_per_student(tmp_path):
     assert df.set_index("method").loc["effdstl", "paper_gpu_hours"] == 111.5
 
 
-def test_table4_ablations(tmp_path):
+def test_table4_is_the_papers_table(tmp_path):
+    """The paper's letters, rows and numbers beside ours: (c) the switch, (d) τ, (e) CKM; a row the
+    paper reads against another gets both differences, ours seed-paired from the final epochs."""
     sd = tmp_path / "abl"
-    labels = [("EffDstl (switch, tau 0.7, CKM)", 74.0, "c"), ("no teacher switch", 73.5, "e"), ("tau 0.8", 73.8, "c"),
-              ("tau 1.0", 73.6, "c"), ("CKM off", 73.2, "d")]
-    for seed in range(2):
-        for lab, acc, part in reversed(labels):
-            make_run(sd, study_kind="ablation", distiller="effdstl", label=lab, seed=seed, best=acc + seed * 0.4,
-                     part=part, student="tv:resnet18", weak="tv:resnet34", strong="timm:resnet34d",
-                     dataset="imagenet:/data")
+    ours = {"(c) switch, ResNet18": 74.0, "(d) tau 0.8, ResNet18": 73.5, "(c) no switch, MobileNet V1": 72.0,
+            "(c) switch, MobileNet V1": 73.0, "(e) CKM off, ResNet34d": 75.0, "(e) CKM on, ResNet34d": 76.0}
+    for seed in range(3):
+        for lab, acc in ours.items():
+            make_run(sd, study_kind="ablation", distiller="effdstl", label=lab, seed=seed, best=acc + 1.0,
+                     last=acc + seed * 0.1 + (0.05 * seed if "on" in lab else 0.0), part=lab[1],
+                     student="mlp:32", weak="mlp:64", strong="mlp:256-256", dataset="digits")
     df, paths = tables.table4(sd)
     md = _check_written(paths, "table4")
-    assert df["label"].tolist() == [l for l, _, _ in labels]
-    for c in ("label", "part", "n", "best_top1_mean", "best_top1_std", "delta_best", "paper_top1"):
-        assert c in df.columns
-    r = df.set_index("label")
-    assert r.loc["tau 0.8", "best_top1_mean"] == pytest.approx(74.0) and r.loc["tau 0.8", "n"] == 2
-    assert r.loc["CKM off", "delta_best"] == pytest.approx(-0.8)
-    assert "| CKM off" in md and "73.40 ± 0.28" in md
-    for title in ("(c) stage-2 temperature", "(d) consistent knowledge mining", "(e) changing the teacher",
-                  "(b) continuing with MEAL V2"):
+    for title in ("(a) teachers", "(b) continuing with MEAL V2", "(c) two-stage training: changing the teacher",
+                  "(d) the stage-2 temperature τ", "(e) consistent knowledge mining"):
         assert title in md, title
-    assert "left out" in md
-    # the full method on the paper's pair: Table 1's 74.07 beside it; no number invented elsewhere
-    assert r.loc["EffDstl (switch, tau 0.7, CKM)", "paper_top1"] == 74.07
-    assert r.drop("EffDstl (switch, tau 0.7, CKM)")["paper_top1"].isna().all()
+    assert "not run" in md and "74.45 → 74.76" in md           # (b): the reason, and the paper's numbers
+    r = df[df["part"] == "c"].set_index("label")
+    assert r.loc["(c) switch, MobileNet V1", "paper_top1"] == 75.49
+    assert r.loc["(c) switch, MobileNet V1", "paper_delta"] == pytest.approx(75.49 - 74.52)
+    assert r.loc["(c) switch, MobileNet V1", "delta"] == pytest.approx(1.0)            # last epochs, paired
+    e = df[df["part"] == "e"].set_index("label")
+    assert e.loc["(e) CKM on, ResNet34d", "delta"] == pytest.approx(1.05)
+    assert e.loc["(e) CKM on, ResNet34d", "paper_delta"] == pytest.approx(77.62 - 75.58)
+    # (d)'s τ 0.7 is (c)'s row, listed again; rows the study did not run say so
+    d = df[df["part"] == "d"]
+    assert (d["label"] == "(c) switch, ResNet18").any() and not d.set_index("label").loc["(d) tau 1.0, MobileNet V1", "run"]
+    assert "not run in this study" in md
+    assert df[df["part"] == "a"]["paper_top1"].tolist() == [67.34, 66.63, 67.52, 67.18]
+    assert "top-1 only" not in md
 
 
-def test_table4_teacher_pairs_part_a(tmp_path):
+def test_table4_other_variants_against_the_first_row(tmp_path):
     sd = tmp_path / "abl"
-    for lab, strong, acc in (("pair A", "tv:resnet34", 66.0), ("pair B", "timm:resnet50", 67.0)):
-        make_run(sd, study_kind="ablation", distiller="effdstl", label=lab, part="a", best=acc,
-                 student="timm:tf_mobilenetv3_small_075", weak="tv:resnet34", strong=strong)
-    make_run(sd, study_kind="ablation", distiller="effdstl", label="EffDstl", part="c", best=70.0)
+    for seed in range(3):
+        for lab, acc in (("mine A", 66.0), ("mine B", 67.0)):
+            make_run(sd, study_kind="ablation", distiller="effdstl", label=lab, part="", seed=seed, best=acc,
+                     last=acc + 0.1 * seed * (lab == "mine B"), student="mlp:16", weak="mlp:64", strong="mlp:128")
     df, paths = tables.table4(sd)
     md = paths[0].read_text()
-    assert "(a) teacher pairs" in md and "tv:resnet34 → timm:resnet50" in md
-    assert df.set_index("label").loc["pair B", "part"] == "a"
-    section = md.split("## (a)")[1].split("##")[0]
-    assert "+1.00" in section  # (a) compares pairs among themselves
+    assert "other variants of this study" in md and "mlp:64 → mlp:128" in md
+    assert df.set_index("label").loc["mine B", "delta"] == pytest.approx(1.1)
 
 
 def test_tables_refuse_the_wrong_kind_of_study(tmp_path):
@@ -374,3 +385,19 @@ def test_figure_result_is_a_list_of_paths(tmp_path):
     res = plots.figure5(sd)
     assert isinstance(res, list) and [p.suffix for p in res] == [".png", ".pdf"]
     assert res.paths == list(res) and res.figure.axes and "figure5.png" in repr(res)
+
+
+def test_forest_draws_every_comparison_with_its_interval_and_the_margin(tmp_path):
+    rows = [{"label": "full − confidence", "diff": 0.01, "ci_low": -0.03, "ci_high": 0.05, "verdict": "A ≈ B",
+             "margin": 0.1},
+            {"label": "KD − no distill", "diff": 0.5, "ci_low": float("nan"), "ci_high": float("nan"),
+             "verdict": "not measurable here (n=1 < 3 seeds)"}]
+    res = plots.forest(rows, tmp_path, "forest-x", "a study", "normalized accuracy", margin=0.1)
+    assert [p.name for p in res] == ["forest-x.png", "forest-x.pdf"] and res[0].stat().st_size > 0
+    assert res.info["labels"] == ["full − confidence", "KD − no distill"] and res.info["margin"] == 0.1
+    ax = res.figure.axes[0]
+    ticks = [t.get_text() for t in ax.get_yticklabels()]
+    assert "full − confidence  [A ≈ B]" in ticks
+    assert len(ax.collections) == 1          # the margin shaded on the row judged by equivalence only
+    with pytest.raises(EffdstlError, match="no comparisons"):
+        plots.forest([], tmp_path, "forest-y", "t", "u")

@@ -120,7 +120,7 @@ def test_normalized_known_numbers_and_seed_mean():
         {"best_top1": 50.0, "state": "failed"},                 # not done: dropped
         {"best_top1": 50.0, "role": "teacher", "triplet": ""},   # a teacher: not an altered run
     ])
-    out = normalized(df)
+    out = normalized(df, metric="best_top1")   # by name; the default is the final epoch
     assert len(out) == 3
     assert (out["acc_minus"] == 90.0).all() and (out["acc_plus"] == 98.0).all()
     assert (out["n_minus"] == 3).all() and (out["n_plus"] == 2).all()
@@ -139,7 +139,9 @@ def test_normalized_last_top1_metric_and_per_triplet():
     out = normalized(df, metric="last_top1").set_index("triplet")
     assert out.loc["w|s|st", "norm"] == pytest.approx(0.8)
     assert out.loc["a|b|c", "norm"] == pytest.approx(0.25)
-    assert normalized(df).set_index("triplet").loc["w|s|st", "norm"] == pytest.approx(0.5)
+    assert normalized(df, metric="best_top1").set_index("triplet").loc["w|s|st", "norm"] == pytest.approx(0.5)
+    # the default is the final epoch's accuracy
+    assert normalized(df).set_index("triplet").loc["w|s|st", "norm"] == pytest.approx(0.8)
 
 
 def test_normalized_missing_baseline_names_triplet():
@@ -147,16 +149,16 @@ def test_normalized_missing_baseline_names_triplet():
                                                            "state": "running"},
                  {"best_top1": 94.0}])
     with pytest.raises(EffdstlError, match=r"no strong-teacher baseline run for triplet w\|s\|st in study s"):
-        normalized(df)
+        normalized(df, metric="best_top1")
     with pytest.raises(EffdstlError, match="weak-teacher baseline"):
-        normalized(_table([{"baseline": "strong", "best_top1": 98.0}, {"best_top1": 94.0}]))
+        normalized(_table([{"baseline": "strong", "best_top1": 98.0}, {"best_top1": 94.0}]), metric="best_top1")
 
 
 def test_normalized_equal_baselines_error():
     df = _table([{"baseline": "weak", "best_top1": 90.0}, {"baseline": "strong", "best_top1": 90.0},
                  {"best_top1": 94.0}])
     with pytest.raises(EffdstlError, match="cannot normalize triplet w\\|s\\|st"):
-        normalized(df)
+        normalized(df, metric="best_top1")
 
 
 def test_normalized_unknown_metric():
@@ -249,3 +251,25 @@ def test_collect_then_normalize_realistic_study(tmp_path):
     assert len(norm) == 3 * 3 * 5
     s = summarize(norm, ["scheme"]).set_index("scheme")
     assert s.loc["full", "mean"] > s.loc["partial", "mean"] + 0.3
+
+
+def test_collect_keeps_the_study_as_it_is_now(tmp_path):
+    """A run folder the study no longer plans (left from an older study file) is left out, and a
+    reused run (same config, so same hash) takes the study's current label."""
+    from effdstl_cli.config import load_study
+    from effdstl_cli.studies import plan
+
+    root = Path(__file__).resolve().parents[1]
+    study = load_study(root / "studies" / "figure8-digits.yaml")
+    p = plan(study, tmp_path)
+    cfg, rd = next((c, d) for j in p.jobs for c, d in j.runs if c["role"] == "student")
+    rd.mkdir(parents=True)
+    old = {**cfg, "meta": {**cfg["meta"], "label": "an old label"}}
+    (rd / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    stale = make_run(p.study_dir, label="stale", study_kind="fig8")
+    (p.study_dir / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    df = collect(p.study_dir)
+    assert list(df["run"]) == [rd.name] and df.attrs["stale"] == 1
+    assert df["label"].iloc[0] == cfg["meta"]["label"] != "an old label"
+    every = collect(p.study_dir, stale=True)
+    assert set(every["run"]) == {rd.name, stale.name} and "an old label" in set(every["label"])
