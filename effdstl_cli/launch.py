@@ -74,8 +74,9 @@ class LaunchOptions:
         if self.max_parallel is not None and int(self.max_parallel) < 1:
             raise EffdstlError(f"--max-parallel must be >= 1 (jobs at once), got {self.max_parallel}")
         for k in ("tasks", "timeout_min", "array_parallelism", "workers"):
-            if int(getattr(self, k)) < (0 if k == "workers" else 1):
-                raise EffdstlError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
+            least = 0 if k == "workers" else 1  # --workers 0: the main process reads the images
+            if int(getattr(self, k)) < least:
+                raise EffdstlError(f"--{k.replace('_', '-')} must be >= {least}, got {getattr(self, k)}")
         if self.gpus_per_job is not None and self.gpus_per_job < 0:
             raise EffdstlError(f"--gpus-per-job must be >= 0, got {self.gpus_per_job}")
         if self.executor != "slurm":
