@@ -145,9 +145,9 @@ def _run_plan(plan, la: LaunchArgs, dry_run: bool, verbose: bool = False) -> Non
     prog, poll = _progress_poller(plan)
     poll_fn = poll if la.opts.wait else None
     t0 = time.time()
+    poll()  # before the bars first show: runs finished earlier count from the first frame (2/5, not 0/5)
     try:
         with prog:
-            poll()
             outcome = launch(plan, la.opts, report=lambda m: prog.console.print(m, highlight=False, markup=False),
                              on_poll=poll_fn)
             poll(force=True)
@@ -676,7 +676,7 @@ def main() -> None:
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         console.print(f"error: {msg}{hint}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(exc.exit_code)
-    except (_CLICK.Abort, typer.Abort):
+    except typer.Abort:
         console.print("interrupted", highlight=False, markup=False)
         sys.exit(130)
     except Interrupted as exc:

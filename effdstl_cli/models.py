@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -412,14 +413,20 @@ def _read_weights(path: str | Path) -> Any:
         kind = "a folder" if path.is_dir() else "a FIFO, device or socket"
         raise EffdstlError(f"checkpoint {path} is not a regular file ({kind}); pass a model.pt")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's advice on pickle protocols is no line for the user
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        text = str(exc)
-        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL|global) ([\w.]+)", text)
-        if found or "Weights only load failed" in text:  # a readable pickle of what weights_only refuses
-            what = f" ({found.group(1)})" if found else ""
-            raise EffdstlError(f"checkpoint {path} holds Python objects beyond tensors{what}, which are not "
-                               f"loaded for safety (it could run code); save only a state_dict") from None
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found:  # a well-formed pickle of something weights_only refuses (not a corrupt file)
+            raise EffdstlError(f"checkpoint {path} holds Python objects beyond tensors ({found.group(1)}), "
+                               f"which are not loaded for safety; save only a state_dict") from None
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:1] == b"\x80" and head[1:2] >= b"\x03":  # a pickle of protocol 3+, not torch.save's zip
+            raise EffdstlError(f"checkpoint {path} is a plain Python pickle (not written by torch.save), which is "
+                               "not loaded for safety: unpickling it can run code; save a state_dict with "
+                               "torch.save") from None
         raise EffdstlError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__})") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, pickle.PickleError, KeyError) as exc:
         raise EffdstlError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__})") from None

@@ -468,7 +468,7 @@ CASES: list[Case] = [
     Case("set-unclosed-list", "`--set seeds=[0,1` (no closing bracket)", lambda c: c.run(tiny(), "--set", "seeds=[0,1"),
          ("--set seeds=[0,1: the value is not valid YAML", "unclosed")),
     Case("ckpt-evil-pickle", "`--teacher` a pickle that would run os.system", lambda c: c.student_cmd(_evil_pickle(c), "-x", "debug"),
-         ("holds Python objects beyond tensors", "not loaded for safety")),
+         ("is a plain Python pickle", "not loaded for safety", "can run code")),
     Case("ckpt-fifo", "`--teacher` a FIFO", lambda c: c.student_cmd(_fifo(c, "fifo.pt"), "-x", "debug"),
          ("is not a regular file",)),
     Case("npz-object-array", "an npz whose y_train is an object array",
