@@ -677,20 +677,24 @@ MAX_PARAMS = 500_000_000  # a spec past this is a typo (mlp:100000-...), not a n
 
 
 def _data_shape(cfg: dict) -> tuple[int, int, int, tuple, tuple] | None:
-    """(classes, channels, image size, mean, std) of a run's data, read cheaply; None where only the
-    job can tell (an image folder without its train/ split: the job names what is missing)."""
+    """(classes, channels, image size, mean, std) of a run's data, read cheaply: an in-memory dataset
+    is loaded (its errors, e.g. an npz without x_train, are named now); an image folder is not
+    decoded here, only its class folders counted (a folder not laid out as one is loaded, which
+    names what is missing at once). None where only the job can tell."""
     from .data import data_for
     from .data.datasets import _STATS
 
     kind, _, arg = str(cfg["dataset"]).partition(":")
-    if kind.lower() in ("folder", "imagenet"):  # no decoding here: only the class folders are counted
-        train = Path(arg).expanduser() / "train"
-        if not train.is_dir():
+    if kind.lower() in ("folder", "imagenet"):
+        root = Path(arg).expanduser()
+        n = sum(1 for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if (root / "train").is_dir() else 0
+        if not n or not ((root / "val").is_dir() or (root / "test").is_dir()):
+            data_for(cfg)  # raises the layout's one line before it reads a file
             return None
-        n = sum(1 for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
         mean, std = _STATS["imagenet"]
-        return (n, 3, int(cfg.get("image_size") or 224), mean, std) if n else None
-    d = data_for(cfg)  # in memory: the real arrays (their errors, e.g. an npz without x_train, are named now)
+        return n, 3, int(cfg.get("image_size") or 224), mean, std
+    d = data_for(cfg)
     return d.num_classes, d.in_chans, d.image_size, d.mean, d.std
 
 

@@ -294,31 +294,31 @@ CASES: list[Case] = [
     # -- in a job: data -------------------------------------------------------------------------------
     Case("data-root-missing", "`dataset: folder:/nonexistent` (debug)",
          lambda c: c.teacher_cmd(f"folder:{c.tmp / 'nonexistent'}", "-x", "debug"),
-         ("dataset folder", "does not exist"), phase="job"),
+         ("dataset folder", "does not exist"), phase="pre"),
     Case("data-root-missing-local", "`dataset: folder:/nonexistent` (local executor)",
          lambda c: c.teacher_cmd(f"folder:{c.tmp / 'nonexistent'}", "-x", "local"),
-         ("dataset folder", "does not exist"), phase="job"),
+         ("dataset folder", "does not exist"), phase="pre"),
     Case("cifar-root-missing", "`dataset: cifar10` with an empty `--data-root`, offline",
          lambda c: c.teacher_cmd("cifar10", "--data-root", c.tmp / "no-cifar", "-x", "debug"),
-         ("cifar10 is not under", "cannot be downloaded"), phase="job"),
+         ("cifar10 is not under", "cannot be downloaded"), phase="pre"),
     Case("npz-wrong-keys", "an npz without x_train/y_train (debug)",
          lambda c: c.teacher_cmd(f"npz:{c.npz('keys.npz', images=np.zeros((4, 8, 8), np.uint8))}", "-x", "debug"),
-         ("lacks x_train, y_train, x_test, y_test",), phase="job"),
+         ("lacks x_train, y_train, x_test, y_test",), phase="pre"),
     Case("npz-wrong-shape", "an npz whose x_train is float (N, 64)",
          lambda c: c.teacher_cmd(f"npz:{c.npz('shape.npz', **{**_good_npz_arrays(), 'x_train': np.zeros((60, 64), np.float32)})}",
-                                 "-x", "debug"), ("x_train has shape (60, 64) and dtype float32",), phase="job"),
+                                 "-x", "debug"), ("x_train has shape (60, 64) and dtype float32",), phase="pre"),
     Case("folder-no-classes", "an image folder whose train/ holds images but no class folders",
-         lambda c: c.teacher_cmd(f"folder:{_flat_folder(c)}", "-x", "debug"), ("has no class subfolders",), phase="job"),
+         lambda c: c.teacher_cmd(f"folder:{_flat_folder(c)}", "-x", "debug"), ("has no class subfolders",), phase="pre"),
     # -- in a job: checkpoints ------------------------------------------------------------------------
     Case("teacher-classes-mismatch", "a 10-class teacher for a 3-class dataset",
          lambda c: c.student_cmd(c.teacher, "-x", "debug", dataset=f"npz:{c.npz('three.npz', **_good_npz_arrays(3))}"),
-         ("trained for 10 classes and the model has 3",), phase="job"),
+         ("trained for 10 classes and the model has 3",), phase="pre"),
     Case("ckpt-wrong-arch", "a study teacher `ckpt:` of another architecture (debug executor)",
          lambda c: c.run(tiny("c2", teachers={"weak": {"model": "mlp:64", "ckpt": str(c.teacher)},
                                               "strong": {"model": "mlp:8", "ckpt": str(c.teacher)}})),
-         ("does not fit mlp:64",), phase="job"),
+         ("does not fit mlp:64",), phase="pre"),
     Case("ckpt-wrong-arch-local", "`--teacher` whose weights do not fit its model spec (local executor)",
-         lambda c: c.student_cmd(_relabelled(c), "-x", "local"), ("does not fit mlp:64",), phase="job"),
+         lambda c: c.student_cmd(_relabelled(c), "-x", "local"), ("does not fit mlp:64",), phase="pre"),
     # -- issue 14: nested keys, every option's domain, binary study files, labels, bad images ---------
     Case("nested-set-key", "`--set grid.sceme=[full]`", lambda c: c.run(tiny(), "--set", "grid.sceme=[full]"),
          ("unknown key of grid", "'sceme'"), near="scheme"),
@@ -356,13 +356,13 @@ CASES: list[Case] = [
          ("unknown run of study 'tiny' for --rerun '0123456789ab'",)),
     Case("npz-stray-label", "an npz without `classes` whose labels are 0, 1, 2 and a stray 255",
          lambda c: c.teacher_cmd(_labels_npz(c, "stray.npz", [0, 1, 2] * 10 + [255], [0, 1, 2]), "-x", "debug"),
-         ("train labels are not 0..N-1", "missing 3, 4, 5"), phase="job"),
+         ("train labels are not 0..N-1", "missing 3, 4, 5"), phase="pre"),
     Case("npz-test-only-class", "an npz without `classes` whose test split has a label the train split lacks",
          lambda c: c.teacher_cmd(_labels_npz(c, "testonly.npz", [0, 1] * 10, [0, 1, 2]), "-x", "debug"),
-         ("test labels 2 never occur in the train split",), phase="job"),
+         ("test labels 2 never occur in the train split",), phase="pre"),
     Case("npz-label-beyond-classes", "an npz whose `classes` names 3 classes and a label is 5",
          lambda c: c.teacher_cmd(_labels_npz(c, "beyond.npz", [0, 1, 2, 5] * 5, [0, 1], classes=np.array(["a", "b", "c"])),
-                                 "-x", "debug"), ("labels run from 0 to 5 but 'classes' names 3",), phase="job"),
+                                 "-x", "debug"), ("labels run from 0 to 5 but 'classes' names 3",), phase="pre"),
     Case("jpeg-corrupt-test", "a truncated JPEG in the test (val/) split: named before any training",
          lambda c: c.teacher_cmd(_jpeg_folder(c, "val"), "--image-size", "16", "--workers", "1", "-x", "debug"),
          ("val/a/1.jpg cannot be decoded", "--skip-bad-images"), phase="job"),
@@ -718,8 +718,9 @@ def test_catalogue_is_large_and_covers_the_issue():
             "batch-zero", "t-above-1", "delta-negative", "tau-zero", "ckpt-missing", "ckpt-truncated",
             "ckpt-wrong-arch", "gpus-not-here", "results-under-a-file", "slurm-absent", "name-escapes-root"}
     assert must <= ids, must - ids
-    # in-job errors are checked under both executors
-    assert {"data-root-missing-local", "ckpt-wrong-arch-local"} <= ids
+    # in-job errors are checked under both executors (data and checkpoint errors of the local executor
+    # now fail in the preflight, before its job; a bad JPEG still fails inside it)
+    assert {"data-root-missing-local", "ckpt-wrong-arch-local", "jpeg-corrupt-local"} <= ids
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
