@@ -180,17 +180,21 @@ class RunDir:
         """Why config.yaml is not the config this run directory is named after (edited by hand, or
         copied under another name), or None. A run is resumed and sealed with the values it was
         named for, never with others (a folder not named like a hash is not checked)."""
-        if not _HASH_NAME.fullmatch(self.name) or not self.file("config.yaml").exists():
+        st = _stat(self.file("config.yaml"))
+        if not _HASH_NAME.fullmatch(self.name) or st is None:
             return None
-        try:
-            cfg = self.config
-        except DamagedRun:
-            return "config.yaml is unreadable"
-        from .config import config_hash
+        key = ("identity", str(self.path), st)  # state() asks on every poll: hash each version once
+        if key not in _checked:
+            try:
+                from .config import config_hash
 
-        h = config_hash(cfg)
-        return None if h == self.name else (f"config.yaml is not the config the run is named after (it hashes to {h}; "
-                                            "edited by hand?)")
+                h = config_hash(self.config)
+                why = None if h == self.name else (f"config.yaml is not the config the run is named after "
+                                                   f"(it hashes to {h}; edited by hand?)")
+            except DamagedRun:
+                why = "config.yaml is unreadable"
+            _checked[key] = why
+        return _checked[key]
 
     def _problem(self, deep: bool) -> str | None:
         why = self.identity_problem()
@@ -244,7 +248,7 @@ class RunDir:
         """done | damaged | failed | running | partial | pending (see the module doc)."""
         if self.file("final.json").exists():
             return "damaged" if self.problem() else "done"
-        if self.file("config.yaml").exists() and self.problem():  # its config was edited: never resumed
+        if self.identity_problem():  # its config was edited: never resumed
             return "damaged"
         if self.file("failed.json").exists():
             return "failed"
