@@ -44,7 +44,7 @@ PKG = Path(__file__).resolve().parents[1] / "effdstl_cli"
 env_for = cli_env  # offline, one thread, wide columns (tests/conftest.py)
 
 
-def cli(args: list, cwd: Path, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+def cli(args: list, cwd: Path, env: dict | None = None, timeout: float = 420) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "effdstl_cli.cli", *map(str, args)], cwd=cwd,
                           env=env or env_for(), capture_output=True, text=True, timeout=timeout)
 
