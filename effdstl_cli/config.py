@@ -286,7 +286,9 @@ def _positive(where: str, key: str, value: Any, integer: bool = False) -> None:
     if integer:
         ok = ok and float(value).is_integer()
     if not ok:
-        kind = "a positive integer" if integer else "a positive (finite) number"
+        kind = "a positive integer" if integer else "a positive number"
+        if isinstance(value, float) and value > 0 and not math.isfinite(value):
+            kind = "a finite, positive number"
         raise EffdstlError(f"{where}: {key} must be {kind}, got {value!r}{_number_hint(value)}")
 
 
@@ -303,7 +305,8 @@ def validate_schedule(where: str, sched: dict) -> None:
     for k in ("weight_decay", "min_lr", "warmup_epochs", "momentum"):
         v = sched.get(k)
         if v is not None and not (is_number(v) and v >= 0):
-            raise EffdstlError(f"{where}: {k} must be a finite number >= 0, got {v!r}{_number_hint(v)}")
+            finite = "finite " if isinstance(v, float) and v > 0 and not math.isfinite(v) else ""
+            raise EffdstlError(f"{where}: {k} must be a {finite}number >= 0, got {v!r}{_number_hint(v)}")
     if "epochs" in sched and "warmup_epochs" in sched and sched["warmup_epochs"] >= sched["epochs"]:
         raise EffdstlError(f"{where}: warmup_epochs ({sched['warmup_epochs']}) must be shorter than epochs "
                            f"({sched['epochs']}): the learning rate would never leave the warm-up")

@@ -612,7 +612,7 @@ def single_plan(name: str, data: dict, model: str, seed: int, batch_size: int, s
     if data.get("image_size") is not None and data["image_size"] < 1:
         raise EffdstlError(f"--image-size must be a positive number of pixels, got {data['image_size']}")
     if not is_seed(seed):
-        raise EffdstlError(f"--seed must be an integer in [0, 2**32), got {seed}")
+        raise EffdstlError(f"--seed must be an integer {'>= 0' if seed < 0 else '< 2**32'}, got {seed}")
     sdir = study_dir(results_root, name)  # first: a path out of the root is named as such
     check_study_name(name, "--name")
     check_study_kind(sdir, role)
