@@ -24,6 +24,7 @@ from .devices import resolve_device
 from .engine import load_teacher
 from .errors import EffdstlError
 from .models import load_checkpoint, model_for
+from .rundir import RunDir
 from .studies import DEFAULT_EPS  # torch-free: the CLI plans probes without importing this module
 from .targets import subset_mask, true_prob
 
@@ -40,6 +41,7 @@ def _load_run_model(run_dir: Path, cfg: dict, data) -> torch.nn.Module:
     path = Path(run_dir) / "model.pt"
     if not path.exists():
         raise EffdstlError(f"run {Path(run_dir).name} has no model.pt: train it first (effdstl sweep/train ...)")
+    RunDir(run_dir).require_finished("FGSM probe")  # the seal: finished and intact, as for a teacher
     net = model_for(cfg["model"], data)
     load_checkpoint(net, str(path))
     return net.eval().requires_grad_(False)

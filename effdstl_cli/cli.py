@@ -18,8 +18,9 @@ from rich.table import Table
 from . import __version__
 from .errors import EffdstlError
 
-console = Console(stderr=True)
-out = Console(width=None if sys.stdout.isatty() else 140)
+# emoji=False: user text (labels, paths, names) is printed as written: ':thumbs_up:' stays text
+console = Console(stderr=True, emoji=False)
+out = Console(width=None if sys.stdout.isatty() else 140, emoji=False)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run the studies of Song et al. (ACM MM 2023, EffDstl): what a strong teacher "
@@ -133,7 +134,10 @@ def _run_plan(plan, la: LaunchArgs, dry_run: bool, verbose: bool = False) -> Non
         return
     reruns = _reruns(plan, la.rerun)
     preflight(plan, la.opts)  # e.g. --executor slurm without a cluster: one line, before any progress
-    _check_writable(plan.study_dir)
+    from .studies import preflight_models
+
+    preflight_models(plan)  # every model once, on one batch of the data's shape: seconds, before any job
+    _check_writable(plan.study_dir, [d for j in plan.jobs if j.work == "train" for _, d in j.runs])
     for run in reruns:
         run.clear()
         console.print(f"--rerun {run.name}: its old files are gone; it trains again", highlight=False, markup=False)
@@ -141,9 +145,9 @@ def _run_plan(plan, la: LaunchArgs, dry_run: bool, verbose: bool = False) -> Non
     prog, poll = _progress_poller(plan)
     poll_fn = poll if la.opts.wait else None
     t0 = time.time()
+    poll()  # before the bars first show: runs finished earlier count from the first frame (2/5, not 0/5)
     try:
         with prog:
-            poll()
             outcome = launch(plan, la.opts, report=lambda m: prog.console.print(m, highlight=False, markup=False),
                              on_poll=poll_fn)
             poll(force=True)
@@ -182,16 +186,20 @@ def _reruns(plan, names: list[str]) -> list:
     return out
 
 
-def _check_writable(d: Path) -> None:
-    """The study folder can be created and written, or one clear line (before anything runs)."""
+def _check_writable(d: Path, run_dirs: list[Path] = ()) -> None:
+    """The study folder, and every run folder already there, can be written (a job writes its
+    lock and checkpoints there), or one clear line naming the folder and the cause, before anything
+    runs (in a job it would surface as the job's failure, or as a lock it could not take)."""
     import tempfile
 
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=d):
-            pass
-    except OSError as exc:
-        raise EffdstlError(f"results directory {d} is not writable ({exc.strerror or exc})") from None
+    for where in [d, *(r for r in run_dirs if r.is_dir() and not (r / "final.json").exists())]:
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=where):
+                pass
+        except OSError as exc:
+            what = "results directory" if where == d else "run directory"
+            raise EffdstlError(f"{what} {where} is not writable ({exc.strerror or exc})") from None
 
 
 def _raise_failed_runs(plan) -> None:
@@ -282,8 +290,20 @@ def _parse_distiller(text: str) -> dict:
         if "=" not in item:
             raise EffdstlError(f"--distiller {text}: parameters are key=value, got '{item}'")
         k, v = item.split("=", 1)
-        spec[k.strip()] = yaml.safe_load(v)
+        if k.strip() in spec:  # kd:tau=2,tau=3 - which one was meant?
+            raise EffdstlError(f"--distiller {text}: '{k.strip()}' is given twice")
+        try:
+            spec[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError:
+            raise EffdstlError(f"--distiller {text}: the value of '{k.strip()}' ({v}) is not a number or a name") from None
     return spec
+
+
+def _text(value):
+    """A table cell of user text (a label, a model spec): shown as written, never read as markup."""
+    from rich.text import Text
+
+    return Text(str(value))
 
 
 def _print_runs(plan) -> None:
@@ -295,13 +315,13 @@ def _print_runs(plan) -> None:
     for j in plan.jobs:
         for c, d in j.runs:
             r = RunDir(d).final if RunDir(d).state() == "done" else {}
-            t.add_row(d.name, c["model"], c["meta"]["label"], f"{r.get('last_top1', float('nan')):.2f}",
+            t.add_row(d.name, _text(c["model"]), _text(c["meta"]["label"]), f"{r.get('last_top1', float('nan')):.2f}",
                       f"{r.get('best_top1', float('nan')):.2f}", str(r.get("epochs", "-")), str(r.get("wall_s", "-")))
     out.print(t)
     for j in plan.jobs:
         for c, d in j.runs:
             if (d / "model.pt").exists():
-                out.print(f"{c['meta']['label']}: {d / 'model.pt'}", highlight=False, soft_wrap=True)
+                out.print(f"{c['meta']['label']}: {d / 'model.pt'}", highlight=False, markup=False, soft_wrap=True)
 
 
 SCHED_OPTS = dict(
@@ -391,7 +411,7 @@ def attack_fgsm(study: Path = typer.Option(..., "--study", "-s", help="A study w
 
     if n is not None and n < 1:
         raise EffdstlError(f"--n must be >= 1, got {n}")
-    if eps and any(e <= 0 or e > 1 for e in eps):
+    if eps and not all(0 < e <= 1 for e in eps):  # written so that NaN fails too
         raise EffdstlError(f"--eps values must be in (0, 1] (pixel units), got {eps}")
     plan = _load_plan(study, sets, results)
     pcfg = plan.study.get("probe") or {}
@@ -480,9 +500,9 @@ def status(study: str = typer.Argument(..., help="Study name, folder, or YAML fi
             damaged.append(f"{run.name}: {run.problem()}")
         best = fin.get("best_top1", max((h.get("test_top1", float("nan")) for h in hist), default=float("nan")))
         color = {"done": "green", "failed": "red", "damaged": "red", "running": "yellow"}.get(st, "white")
-        t.add_row(run.name, cfg.get("meta", {}).get("label", ""), str(cfg.get("model", "?")), str(cfg.get("seed", "?")),
-                  f"[{color}]{st}[/]", f"{len(hist)}/{cfg.get('epochs', '?')}", f"{best:.2f}",
-                  str(run.job.get("job_id", "")))
+        t.add_row(run.name, _text(cfg.get("meta", {}).get("label", "")), _text(cfg.get("model", "?")),
+                  _text(cfg.get("seed", "?")), f"[{color}]{st}[/]", f"{len(hist)}/{cfg.get('epochs', '?')}", f"{best:.2f}",
+                  _text(run.job.get("job_id", "")))
     out.print(t)
     out.print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no runs yet")
     for line in damaged:
@@ -528,6 +548,12 @@ def results_cmd(study: str = typer.Argument(..., help="Study name, folder, or YA
             out.print(f"wrote {p}")
 
 
+# The study kinds each figure draws (Fig. 7: the FGSM probes of a figure7 study or of any recipe study).
+FIGURE_KINDS = {"figure5": ("replacement",), "figure6": ("manipulation",),
+                "figure7": ("fgsm", "recipe", "ablation", "fig8"), "figure8": ("fig8",)}
+KIND_FIGURE = {"replacement": "figure5", "manipulation": "figure6", "fgsm": "figure7", "fig8": "figure8"}
+
+
 @app.command("plot")
 def plot(figure: str = typer.Argument(..., help="figure5 | figure6 | figure7 | figure8 | curves"),
          study: str = typer.Argument(..., help="Study name, folder, or YAML file."), results: str = RESULTS,
@@ -541,6 +567,12 @@ def plot(figure: str = typer.Argument(..., help="figure5 | figure6 | figure7 | f
         from .errors import unknown
 
         raise unknown("figure", figure, names)
+    if figure in FIGURE_KINDS:  # refuse the wrong kind of study before reading its runs
+        declared = _declared_study_kind(study, results)
+        if declared and declared not in FIGURE_KINDS[figure]:
+            raise EffdstlError(f"{figure} draws {' or '.join(FIGURE_KINDS[figure])} studies; study {study} is of "
+                               f"kind '{declared}'" + (f" (draw it with `effdstl plot {KIND_FIGURE[declared]}`)"
+                                                       if declared in KIND_FIGURE else ""))
     d = _study_dir(study, results)
     paths = plots.curves(d, runs) if figure == "curves" else plots.FIGURES[figure.removeprefix("figure")](d)
     for p in (paths if isinstance(paths, (list, tuple)) else [paths]):
@@ -620,13 +652,33 @@ def _on_sigterm(signum, frame):
     raise _Terminated()
 
 
+# The click exceptions Typer raises (its own vendored copy of click in recent versions, click itself before)
+_CLICK = sys.modules[typer.BadParameter.__module__]
+if not hasattr(_CLICK, "NoArgsIsHelpError"):  # older click: no such class, so nothing to catch
+    _CLICK.NoArgsIsHelpError = type("NoArgsIsHelpError", (Exception,), {})
+
+
 def main() -> None:
     import signal
 
     # `kill PID` stops the command as Ctrl-C does: local jobs are cancelled, locks given back.
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app()
+        code = app(standalone_mode=False)  # usage errors come here, not to Typer's boxed panel
+        if isinstance(code, int) and code:  # typer.Exit(n), e.g. 130 for a Ctrl-C Typer caught
+            sys.exit(code)
+    except _CLICK.NoArgsIsHelpError as exc:  # `effdstl train`: the help, as before
+        exc.show()
+        sys.exit(exc.exit_code)
+    except _CLICK.ClickException as exc:  # a usage error: the project's one line, and where to read more
+        msg = " ".join(exc.format_message().split())
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        console.print(f"error: {msg}{hint}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        console.print("interrupted", highlight=False, markup=False)
+        sys.exit(130)
     except Interrupted as exc:
         console.print(f"interrupted: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(exc.exit_code)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,6 +78,15 @@ SCHEMA: dict[str, tuple | str | Callable[[], tuple] | None] = {
     "fgsm": (),                   # no keys yet
     "slurm": ("gpus_per_job", "partition"),
     "paper": None,                # the paper's numbers, for reference
+}
+
+
+# The top-level sections only some study kinds read (studies.py's expanders); the others read every
+# kind (distill: the sweeps' and the recipe baselines' KD; probe: `effdstl attack fgsm` on any study).
+SECTION_KINDS = {
+    "triplets": ("replacement", "manipulation", "fgsm"), "grid": ("replacement", "manipulation"),
+    "recipe": ("recipe", "ablation", "fig8"), "pairs": ("recipe",), "settings": ("recipe",),
+    "baselines": ("recipe",), "ablations": ("ablation",),
 }
 
 
@@ -150,8 +160,12 @@ def _parse_set(item: str) -> tuple[list[str], Any]:
     key, val = item.split("=", 1)
     try:
         value = yaml.safe_load(val)
-    except yaml.YAMLError:
-        value = val
+    except yaml.YAMLError as exc:
+        if val.lstrip()[:1] in ("[", "{", "'", '"'):  # meant as a list, mapping or quoted text
+            raise EffdstlError(f"--set {item}: the value is not valid YAML ({getattr(exc, 'problem', None) or exc}; "
+                               "an unclosed bracket or quote?)") from None
+        value = val  # plain text YAML cannot parse (e.g. 'a: b'): the text itself
+    check_size(value, f"--set {key.strip()}")
     return key.strip().split("."), value
 
 
@@ -171,6 +185,57 @@ def apply_sets(study: dict, sets: list[str] | None) -> dict:
     return study
 
 
+STUDY_MAX_BYTES = 1 << 20   # the largest study file read (the paper's studies are a few KB)
+MAX_VALUES = 100_000        # the most values a study may expand to (YAML aliases share, then multiply)
+
+
+def read_small_file(path: Path, what: str, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes, else one line: a FIFO would block
+    forever, /dev/zero never ends, and a huge file is no study (checked before anything is read)."""
+    import os
+    import stat
+
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise EffdstlError(f"{what} {path} cannot be read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a character device" if stat.S_ISCHR(st.st_mode)
+                else "a block device" if stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "not a regular file")
+        raise EffdstlError(f"{what} {path} is {kind}; pass a regular YAML file (e.g. studies/figure5-digits.yaml)")
+    if st.st_size > limit:
+        raise EffdstlError(f"{what} {path} has {st.st_size} bytes, more than the {limit} a study may have; "
+                           "is it the right file?")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise EffdstlError(f"{what} {path} cannot be read ({exc.strerror or exc})") from None
+    if len(data) > limit:  # it grew after the stat
+        raise EffdstlError(f"{what} {path} has more than {limit} bytes; is it the right file?")
+    return data
+
+
+def check_size(obj: Any, what: str, limit: int = MAX_VALUES) -> None:
+    """Refuse a YAML value that expands to more than ``limit`` values: aliases make a few lines of
+    YAML ("billion laughs") stand for more lists than memory holds, and copying or hashing them
+    later would run out of memory. The walk stops at ``limit``, so the refusal is quick; a
+    self-referencing alias is refused the same way."""
+    seen, stack = 0, [obj]
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > limit:
+            raise EffdstlError(f"{what} expands to more than {limit} values (YAML aliases nested or "
+                               "repeated too often?); a study is a small mapping")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
 def load_study(path: str | Path, sets: list[str] | None = None) -> dict:
     """Read, override and validate a study file; every problem is one clear line."""
     path = Path(path)
@@ -181,7 +246,7 @@ def load_study(path: str | Path, sets: list[str] | None = None) -> dict:
     if path.is_dir():
         raise EffdstlError(f"study file {path} is a directory; pass a YAML file (e.g. studies/figure5-digits.yaml)")
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = read_small_file(path, "study file", STUDY_MAX_BYTES).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise EffdstlError(f"study file {path} is not a UTF-8 text file (byte 0x{exc.object[exc.start]:02x} at "
                            f"offset {exc.start}); a study is YAML text, e.g. studies/figure5-digits.yaml") from None
@@ -194,6 +259,7 @@ def load_study(path: str | Path, sets: list[str] | None = None) -> dict:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise EffdstlError(f"study file {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    check_size(study, f"study file {path}")
     if not isinstance(study, dict):
         raise EffdstlError(f"study file {path} must be a mapping of keys (name, kind, dataset, ...)")
     study = apply_sets(study, sets)
@@ -202,13 +268,28 @@ def load_study(path: str | Path, sets: list[str] | None = None) -> dict:
     return study
 
 
+SEED_LIMIT = 2 ** 32  # seeds feed torch and numpy generators: integers in [0, 2**32)
+
+
+def is_seed(value: Any) -> bool:
+    """An integer seed in [0, 2**32) (``true`` is no seed, though YAML's true == 1)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < SEED_LIMIT
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool: YAML's true would count as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive(where: str, key: str, value: Any, integer: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    ok = is_number(value) and value > 0
     if integer:
         ok = ok and float(value).is_integer()
     if not ok:
         kind = "a positive integer" if integer else "a positive number"
-        raise EffdstlError(f"{where}: {key} must be {kind}, got {value!r}")
+        if isinstance(value, float) and value > 0 and not math.isfinite(value):
+            kind = "a finite, positive number"
+        raise EffdstlError(f"{where}: {key} must be {kind}, got {value!r}{_number_hint(value)}")
 
 
 def validate_schedule(where: str, sched: dict) -> None:
@@ -223,14 +304,18 @@ def validate_schedule(where: str, sched: dict) -> None:
         _positive(where, "lr", sched["lr"])
     for k in ("weight_decay", "min_lr", "warmup_epochs", "momentum"):
         v = sched.get(k)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v != v):
-            raise EffdstlError(f"{where}: {k} must be a number >= 0, got {v!r}")
+        if v is not None and not (is_number(v) and v >= 0):
+            finite = "finite " if isinstance(v, float) and v > 0 and not math.isfinite(v) else ""
+            raise EffdstlError(f"{where}: {k} must be a {finite}number >= 0, got {v!r}{_number_hint(v)}")
+    if "epochs" in sched and "warmup_epochs" in sched and sched["warmup_epochs"] >= sched["epochs"]:
+        raise EffdstlError(f"{where}: warmup_epochs ({sched['warmup_epochs']}) must be shorter than epochs "
+                           f"({sched['epochs']}): the learning rate would never leave the warm-up")
     if "momentum" in sched and sched["momentum"] >= 1:
         raise EffdstlError(f"{where}: momentum must be in [0, 1), got {sched['momentum']!r}")
     if "nesterov" in sched and not isinstance(sched["nesterov"], bool):
         raise EffdstlError(f"{where}: nesterov must be true or false, got {sched['nesterov']!r}")
-    if "seed" in sched and (isinstance(sched["seed"], bool) or not isinstance(sched["seed"], int) or sched["seed"] < 0):
-        raise EffdstlError(f"{where}: seed must be an integer >= 0, got {sched['seed']!r}")
+    if "seed" in sched and not is_seed(sched["seed"]):
+        raise EffdstlError(f"{where}: seed must be an integer in [0, 2**32), got {sched['seed']!r}")
     kind = sched.get("kind", "cosine")
     if kind not in SCHEDULE_KINDS:
         raise unknown(f"schedule kind in {where}", kind, SCHEDULE_KINDS)
@@ -245,27 +330,58 @@ def validate_schedule(where: str, sched: dict) -> None:
         raise EffdstlError(f"{where}: gamma must be a number in (0, 1], got {g!r}")
 
 
-def validate_study(study: dict, where: str) -> None:
+_TYPE_TEXT = {str: "text", int: "an integer", list: "a list", dict: "a mapping", type(None): "null", object: "a value"}
+
+
+def _type_text(want) -> str:
+    return " or ".join(_TYPE_TEXT.get(t, t.__name__) for t in (want if isinstance(want, tuple) else (want,)))
+
+
+def _number_hint(v: Any) -> str:
+    """For a number YAML read as text (``1e9``, ``1e-3``: YAML 1.1 wants a dot before the 'e')."""
+    if isinstance(v, str):
+        try:
+            x = float(v)
+        except ValueError:
+            return ""
+        if x == x and abs(x) != float("inf"):
+            return f" (YAML reads {v} as text; write {int(x) if x.is_integer() else repr(x)})"
+    return ""
+
+
+def check_study_name(name: str, where: str) -> None:
+    """A study name names a folder under the results root: one path component of plain characters
+    (no '/', spaces or newlines, no leading '-' or '.'). The study file's ``name:`` and the CLI's
+    ``--name`` obey the same rule."""
     import re
 
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name) or ".." in name:
+        raise EffdstlError(f"{where} {name!r} must be letters, digits, '.', '_' or '-', starting with a letter "
+                           "or digit (it names a folder under the results root)")
+
+
+def validate_study(study: dict, where: str) -> None:
     for k, v in study.items():
         if k not in STUDY_KEYS:
             raise unknown(f"key in study {where}", k, STUDY_KEYS)
-        if not isinstance(v, STUDY_KEYS[k]):
-            raise EffdstlError(f"{where}: '{k}' has the wrong type ({type(v).__name__})")
-    name = str(study["name"])
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name) or ".." in name:
-        raise EffdstlError(f"{where}: study name '{name}' must be letters, digits, '.', '_' or '-' "
-                           "(it names a folder under the results root)")
+        want = STUDY_KEYS[k]
+        if not isinstance(v, want) or (isinstance(v, bool) and want is not object and bool not in (want if isinstance(want, tuple) else (want,))):
+            raise EffdstlError(f"{where}: '{k}' has the wrong type ({type(v).__name__}): it must be "
+                               f"{_type_text(want)}, got {v!r}{_number_hint(v)}")
+    check_study_name(str(study["name"]), f"{where}: study name")
     for req in ("kind", "dataset"):
         if req not in study:
             raise EffdstlError(f"{where}: missing required key '{req}'")
     if study["kind"] not in KINDS:
         raise unknown("study kind", study["kind"], KINDS)
+    for k, kinds in SECTION_KINDS.items():  # a key the kind never reads would be ignored in silence
+        if study.get(k) and study["kind"] not in kinds:
+            raise EffdstlError(f"{where}: '{k}' is not read by {study['kind']} studies (only by {', '.join(kinds)}); "
+                               f"remove it (or use a study of that kind)")
     seeds = study.get("seeds", [0])
-    if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
-        raise EffdstlError(f"{where}: seeds must be a non-empty list of integers >= 0, got {seeds!r}")
-    if len(set(seeds)) != len(seeds):
+    if not seeds or not all(is_seed(s) for s in seeds):
+        raise EffdstlError(f"{where}: seeds must be a non-empty list of integers in [0, 2**32), got {seeds!r}")
+    if len(set(map(repr, seeds))) != len(seeds):
         raise EffdstlError(f"{where}: seeds lists a seed twice ({_dups(seeds)}); each seed is one set of runs")
     if "batch_size" in study:
         _positive(where, "batch_size", study["batch_size"], integer=True)
@@ -307,7 +423,7 @@ def validate_study(study: dict, where: str) -> None:
         if k not in ("tau", "lam"):
             raise unknown("key of distill", k, ("tau", "lam"))
     for k in ("tau",):
-        if k in dist and not (isinstance(dist[k], (int, float)) and dist[k] > 0):
+        if k in dist and not (is_number(dist[k]) and dist[k] > 0):
             raise EffdstlError(f"{where}: distill.{k} must be > 0, got {dist[k]!r}")
     lam = dist.get("lam", 1.0)
     if not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and 0 <= lam <= 1):
@@ -317,10 +433,11 @@ def validate_study(study: dict, where: str) -> None:
 
 
 def _dups(values: list) -> str:
+    """The values listed more than once, by the equality the duplicate checks use (repr)."""
     seen, dup = set(), []
     for v in values:
         key = repr(v)
-        if key in seen and v not in dup:
+        if key in seen and key not in map(repr, dup):
             dup.append(v)
         seen.add(key)
     return ", ".join(map(str, dup))
@@ -360,8 +477,8 @@ def _check_values(study: dict, where: str) -> None:
                     raise EffdstlError(f"{where} {name}: {k} must be a number in [0, 1], got {v!r}")
             for k in ("w_ce", "w_wsl"):
                 v = st.get(k)
-                if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0):
-                    raise EffdstlError(f"{where} {name}: {k} must be a number >= 0, got {v!r}")
+                if v is not None and not (is_number(v) and v >= 0):
+                    raise EffdstlError(f"{where} {name}: {k} must be a finite number >= 0, got {v!r}")
     labels = [a.get("label") for a in study.get("ablations") or [] if isinstance(a, dict)]
     if len(set(map(repr, labels))) != len(labels):
         raise EffdstlError(f"{where}: ablations lists the label {_dups(labels)} twice")

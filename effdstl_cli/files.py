@@ -141,7 +141,7 @@ def check_teacher_file(name: str, tcfg: dict) -> None:
     """Before a teacher's weights are loaded: a teacher trained by the study must be a finished,
     intact run (its own failure is named, not "missing"); a given ``ckpt`` with a recorded
     ``sha256`` must still have those bytes."""
-    from .rundir import RunDir, file_sha256
+    from .rundir import RunDir, file_sha256, run_of
 
     ckpt = Path(str(tcfg["ckpt"]))
     if tcfg.get("run"):
@@ -156,7 +156,11 @@ def check_teacher_file(name: str, tcfg: dict) -> None:
         elif st != "done" and not ckpt.exists():
             raise EffdstlError(f"teacher '{name}' (run {run.name}) has not finished ({st}): its students "
                                f"need it first (run the study again to train it)")
-    elif tcfg.get("sha256") and ckpt.is_file():
+        return
+    run = run_of(ckpt)  # a model.pt of some run (`--teacher`, a study's ckpt:): that run finished, intact
+    if run is not None:
+        run.require_finished(f"teacher '{name}' ({ckpt})")
+    if tcfg.get("sha256") and ckpt.is_file():
         sha = str(tcfg["sha256"])
         if not file_sha256(ckpt).startswith(sha):
             raise EffdstlError(f"teacher '{name}': checkpoint {ckpt} changed since the study was planned "

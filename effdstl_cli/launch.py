@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -74,8 +75,9 @@ class LaunchOptions:
         if self.max_parallel is not None and int(self.max_parallel) < 1:
             raise EffdstlError(f"--max-parallel must be >= 1 (jobs at once), got {self.max_parallel}")
         for k in ("tasks", "timeout_min", "array_parallelism", "workers"):
-            if int(getattr(self, k)) < (0 if k == "workers" else 1):
-                raise EffdstlError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
+            least = 0 if k == "workers" else 1  # --workers 0: the main process reads the images
+            if int(getattr(self, k)) < least:
+                raise EffdstlError(f"--{k.replace('_', '-')} must be >= {least}, got {getattr(self, k)}")
         if self.gpus_per_job is not None and self.gpus_per_job < 0:
             raise EffdstlError(f"--gpus-per-job must be >= 0, got {self.gpus_per_job}")
         if self.executor != "slurm":
@@ -245,16 +247,19 @@ def _queued_elsewhere(job: Job) -> str | None:
             except Exception:  # noqa: BLE001
                 continue
             jid = str(rec.get("job_id", ""))
-            if jid and rec.get("executor") == "slurm":
-                # the full id: an array task (123_4) is listed only while that task is queued/running
-                try:
-                    out = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%i"], capture_output=True,
-                                         text=True, timeout=30)
-                except (OSError, subprocess.TimeoutExpired):
-                    continue
-                if out.returncode == 0 and out.stdout.strip():
-                    return jid
+            if jid and rec.get("executor") == "slurm" and _squeue_lists(jid):
+                return jid
     return None
+
+
+def _squeue_lists(jid: str) -> bool:
+    """squeue lists the job (pending or running). The full id: an array task (123_4) is listed only
+    while that task is queued/running."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%i"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and bool(out.stdout.strip())
 
 
 def _record(job: Job, job_id: str, executor: str) -> None:
@@ -265,11 +270,23 @@ def _record(job: Job, job_id: str, executor: str) -> None:
         deadline = time.time() + 0.5  # a holder killed a moment ago (kill -9, then the same command) is gone by then
         while run.state() == "running" and time.time() < deadline:
             time.sleep(0.1)
-        if run.state() in ("done", "damaged", "failed", "running"):
+        if run.state() in ("done", "damaged", "failed", "running") or _job_alive(run.job):
             continue
         Path(d).mkdir(parents=True, exist_ok=True)
         fio.write_json(Path(d) / "job.json", {"job_id": job_id, "executor": executor, "job": job.name,
-                                              "submitted_at": time.time()})
+                                              "host": socket.gethostname(), "submitted_at": time.time()})
+
+
+def _job_alive(rec: dict) -> bool:
+    """Whether the job a run's job.json names is still alive: it was submitted first and will train
+    the run (a second command that waits for it must not put its own id there). Local and debug jobs
+    are processes of this host (their id is a pid), Slurm jobs are asked of squeue."""
+    jid, executor = str(rec.get("job_id", "")), rec.get("executor")
+    if executor in ("local", "debug"):
+        pid = jid.removeprefix("debug-")
+        return (pid.isdigit() and rec.get("host", socket.gethostname()) == socket.gethostname()
+                and int(pid) != os.getpid() and fio._alive(int(pid)))
+    return executor == "slurm" and bool(jid) and bool(shutil.which("squeue")) and _squeue_lists(jid)
 
 
 def _result(sj) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -383,15 +384,26 @@ def _eg(keys: list[str]) -> str:
 def _read_weights(path: str | Path) -> Any:
     """``torch.load`` of a weights file (tensors only); every failure is one clear line."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise EffdstlError(f"checkpoint {path} does not exist")
+    if not path.is_file():  # a FIFO would block the read forever; a folder is no checkpoint
+        kind = "a folder" if path.is_dir() else "a FIFO, device or socket"
+        raise EffdstlError(f"checkpoint {path} is not a regular file ({kind}); pass a model.pt")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's advice on pickle protocols is no line for the user
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
         if found:  # a well-formed pickle of something weights_only refuses (not a corrupt file)
             raise EffdstlError(f"checkpoint {path} holds Python objects beyond tensors ({found.group(1)}), "
                                f"which are not loaded for safety; save only a state_dict") from None
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:1] == b"\x80" and head[1:2] >= b"\x03":  # a pickle of protocol 3+, not torch.save's zip
+            raise EffdstlError(f"checkpoint {path} is a plain Python pickle (not written by torch.save), which is "
+                               "not loaded for safety: unpickling it can run code; save a state_dict with "
+                               "torch.save") from None
         raise EffdstlError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__})") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, pickle.PickleError, KeyError) as exc:
         raise EffdstlError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__})") from None
@@ -436,5 +448,9 @@ def load_checkpoint(net: nn.Module, path: str | Path) -> nn.Module:
                         f"(a checkpoint from another dataset?)")
             raise EffdstlError(f"checkpoint {path}{src} does not fit {name}: shape of {k} is {tuple(v.shape)} "
                                f"in the checkpoint but {tuple(own[k].shape)} in the model{hint}")
+    bad = next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad:  # a network that diverged: as a teacher it would hand out NaN targets
+        raise EffdstlError(f"checkpoint {path}{src} holds non-finite weights (NaN or inf in {bad}): the network "
+                           "diverged when it was trained; retrain it (e.g. with a lower lr)")
     body.load_state_dict(sd, strict=False)  # strict except the tolerated num_batches_tracked
     return net

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ STATES = ("done", "damaged", "failed", "running", "partial", "pending")
 SEALED = ("model.pt", "subset.pt", "metrics.jsonl", "config.yaml")
 DEEP_MAX = 64 << 20   # files up to this size are hashed on every state(); larger ones when loaded
 
+_HASH_NAME = re.compile(r"[0-9a-f]{12}")   # run folders are named by config_hash
 _checked: dict[tuple, str | None] = {}   # (what was looked at, stat of each file) -> problem
 
 
@@ -174,7 +176,30 @@ class RunDir:
             _checked.clear()
         return why
 
+    def identity_problem(self) -> str | None:
+        """Why config.yaml is not the config this run directory is named after (edited by hand, or
+        copied under another name), or None. A run is resumed and sealed with the values it was
+        named for, never with others (a folder not named like a hash is not checked)."""
+        st = _stat(self.file("config.yaml"))
+        if not _HASH_NAME.fullmatch(self.name) or st is None:
+            return None
+        key = ("identity", str(self.path), st)  # state() asks on every poll: hash each version once
+        if key not in _checked:
+            try:
+                from .config import config_hash
+
+                h = config_hash(self.config)
+                why = None if h == self.name else (f"config.yaml is not the config the run is named after "
+                                                   f"(it hashes to {h}; edited by hand?)")
+            except DamagedRun:
+                why = "config.yaml is unreadable"
+            _checked[key] = why
+        return _checked[key]
+
     def _problem(self, deep: bool) -> str | None:
+        why = self.identity_problem()
+        if why:
+            return why
         rec, why = self._read_final()
         if why:
             return why
@@ -223,6 +248,8 @@ class RunDir:
         """done | damaged | failed | running | partial | pending (see the module doc)."""
         if self.file("final.json").exists():
             return "damaged" if self.problem() else "done"
+        if self.identity_problem():  # its config was edited: never resumed
+            return "damaged"
         if self.file("failed.json").exists():
             return "failed"
         if self.running():
@@ -234,15 +261,49 @@ class RunDir:
     def epochs_done(self) -> int:
         return len(self.metrics)
 
+    def require_finished(self, what: str) -> None:
+        """The one check before a finished run's files are read as an input (a teacher, a probed
+        run): it must be done and intact, every sealed file hashed in full. Otherwise one line
+        naming ``what``, the run and its problem (damaged, failed, or not finished)."""
+        st = self.state()
+        why = self.problem(deep=True) if st in ("done", "damaged") else None
+        if why:
+            raise DamagedRun(f"{what}: run {self.name} is damaged: {why}; {self.cure()}")
+        if st == "done":
+            return
+        if st == "failed":
+            reason = (self.failed or {}).get("reason", "see its failed.json")
+            raise EffdstlError(f"{what}: run {self.name} failed ({reason}) and cannot be used; fix the cause, then "
+                               f"retrain it with `--rerun {self.name}` (or delete {self.path})")
+        try:
+            want = self.config.get("epochs", "?")
+        except DamagedRun:
+            want = "?"
+        raise EffdstlError(f"{what}: run {self.name} has not finished ({st}, {self.epochs_done()} of {want} epochs); "
+                           "finish it first (run the command that trained it again)")
+
     def clear(self) -> None:
         """Forget everything the run has trained (``--rerun``): the folder goes, config.yaml is
         rewritten when it trains again. Refused while a live process trains it."""
+        if self.path.is_symlink():  # rmtree refuses a link, and deleting its target's files is not ours to do
+            raise EffdstlError(f"--rerun {self.name}: {self.path} is a symbolic link (to {self.path.resolve()}); "
+                               "remove the link (or replace it by a copy) and run again")
         if self.running():
             info = self.lock.holder() or {}
             raise EffdstlError(f"--rerun {self.name}: the run is being trained now by pid {info.get('pid')} "
                                f"on {info.get('host')}; stop that process first")
-        shutil.rmtree(self.path, ignore_errors=True)
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        if self.path.exists():
+            raise EffdstlError(f"--rerun {self.name}: {self.path} could not be removed")
 
 
 def run_state(run_dir: str | Path) -> str:
     return RunDir(run_dir).state()
+
+
+def run_of(path: str | Path) -> RunDir | None:
+    """The run directory a file (its model.pt) or a folder is, when it is one (it holds config.yaml)."""
+    p = Path(path)
+    d = p if p.is_dir() else p.parent
+    return RunDir(d) if (d / "config.yaml").is_file() else None

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import config_hash
+from .config import config_hash, data_keys
 from .errors import EffdstlError, unknown
-from .rundir import run_state  # noqa: F401 - the one definition of a run's state; re-exported
+from .rundir import run_of, run_state  # noqa: F401 - the one definition of a run's state; re-exported
 from .runconfig import DEFAULT_SCHEDULE, run_config, stage
 
 @dataclass
@@ -82,6 +82,9 @@ class _Ctx:
                 ref = {"model": t["model"], "pretrained": bool(t.get("pretrained", False))}
                 if t.get("ckpt"):
                     ckpt = str(Path(t["ckpt"]).expanduser().resolve())
+                    run = run_of(ckpt)  # the model.pt of a run: finished and intact, or one line
+                    if run is not None:
+                        run.require_finished(f"study {study['name']}: teacher '{name}' ckpt {t['ckpt']}")
                     ref.update(ckpt=ckpt, sha256=_file_sha(ckpt))
                 self.teacher_refs[name] = ref
                 continue
@@ -420,9 +423,26 @@ EXPANDERS: dict[str, Callable[[_Ctx], list[Job]]] = {
 }
 
 
+def check_study_kind(sdir: Path, kind: str) -> None:
+    """One results folder holds one study: a name already used by a study of another kind (its
+    study.yaml says so) is refused, so their runs, tables and figures never mix."""
+    import yaml
+
+    f = sdir / "study.yaml"
+    try:
+        had = yaml.safe_load(f.read_text()) if f.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return
+    old = had.get("kind") if isinstance(had, dict) else None
+    if isinstance(old, str) and old != kind:
+        raise EffdstlError(f"study name '{sdir.name}' is already used by a study of kind '{old}' ({sdir}); this one "
+                           f"is of kind '{kind}': give it another name")
+
+
 def plan(study: dict, results_root: str | Path = "results") -> Plan:
     """Expand a validated study into its jobs (teachers first, then groups)."""
     sdir = study_dir(results_root, study["name"])
+    check_study_kind(sdir, study["kind"])
     ctx = _Ctx(study, sdir)
     groups = EXPANDERS[study["kind"]](ctx)
     used = {d for g in groups for d in g.deps}
@@ -455,6 +475,11 @@ def validate_runs(p: Plan) -> None:
                     check_model_spec(spec)
                     seen.add(spec)
             for st in cfg["stages"]:
+                warm = st["sched"].get("warmup_epochs", 0)
+                if warm >= st["epochs"] and warm > 0:  # checked on the resolved stage: defaults merged
+                    raise EffdstlError(f"study {p.study.get('name')}: {j.name} ({cfg.get('meta', {}).get('label', '')}) "
+                                       f"has warmup_epochs {warm:g} in a stage of {st['epochs']} epochs; the warm-up "
+                                       "must be shorter than the stage")
                 d = st["distiller"]
                 try:
                     build_distiller(d)
@@ -549,19 +574,26 @@ def resolve_teacher(text: str) -> dict:
     or a hub model ``timm:NAME`` / ``tv:NAME`` (pretrained)."""
     if text.startswith(("timm:", "tv:")):
         return {"model": text, "pretrained": True}
+    from .rundir import RunDir, run_of
+
     p = Path(text)
     if p.is_dir():
-        if (p / "model.pt").exists():
+        if (p / "config.yaml").exists() or (p / "model.pt").exists():  # a run directory
             p = p / "model.pt"
-        else:
-            from .rundir import RunDir
-
-            cands = [c for c in sorted(p.glob("runs/*/model.pt")) if RunDir(c.parent).config.get("role") == "teacher"]
+        else:  # a study folder: its one teacher run
+            cands = [d for d in sorted(p.glob("runs/*/")) if (d / "config.yaml").exists()
+                     and RunDir(d).config.get("role") == "teacher"]
             if len(cands) != 1:
-                raise EffdstlError(f"--teacher {text}: expected one finished teacher run under it, found {len(cands)}")
-            p = cands[0]
+                shown = f" ({', '.join(d.name for d in cands[:6])}: pass one run directory)" if cands else ""
+                raise EffdstlError(f"--teacher {text}: expected one teacher run under it, found {len(cands)}{shown}")
+            p = cands[0] / "model.pt"
+    run = run_of(p)
+    if run is not None:  # the model.pt of a run: that run must be finished and intact (the seal)
+        run.require_finished(f"--teacher {text}")
     if not p.exists():
         raise EffdstlError(f"--teacher {text}: no such checkpoint or run directory")
+    if not p.is_file():
+        raise EffdstlError(f"--teacher {text}: {p} is not a regular file; pass a run's model.pt or its folder")
     from .modelspec import read_saved_spec
 
     spec = read_saved_spec(p)  # our own model.pt, without torch (a dry run); else torch reads it
@@ -581,13 +613,17 @@ def single_plan(name: str, data: dict, model: str, seed: int, batch_size: int, s
     (from :func:`resolve_teacher`). A spec without a teacher gets its distiller's default one."""
     from .config import validate_schedule
 
+    from .config import check_study_name, is_seed
+
     sched = {k: v for k, v in sched.items() if v is not None}
     validate_schedule("command line", sched)
     if data.get("image_size") is not None and data["image_size"] < 1:
         raise EffdstlError(f"--image-size must be a positive number of pixels, got {data['image_size']}")
-    if seed < 0:
-        raise EffdstlError(f"--seed must be an integer >= 0, got {seed}")
-    sdir = study_dir(results_root, name)
+    if not is_seed(seed):
+        raise EffdstlError(f"--seed must be an integer {'>= 0' if seed < 0 else '< 2**32'}, got {seed}")
+    sdir = study_dir(results_root, name)  # first: a path out of the root is named as such
+    check_study_name(name, "--name")
+    check_study_kind(sdir, role)
     from .distillers import build_distiller, with_teacher  # imports torch: after the cheap checks
 
     runs = []
@@ -644,3 +680,88 @@ def _drop_stale_probe(out_path: Path, n: int, eps: list) -> None:
         same = False
     if not same:
         out_path.unlink()
+
+
+# -- the preflight: every model of the plan, once, on the CPU, before any job --------------------
+
+MAX_PARAMS = 500_000_000  # a spec past this is a typo (mlp:100000-...), not a network to train here
+
+
+def _data_shape(cfg: dict) -> tuple[int, int, int, tuple, tuple] | None:
+    """(classes, channels, image size, mean, std) of a run's data, read cheaply: an in-memory dataset
+    is loaded (its errors, e.g. an npz without x_train, are named now); an image folder is not
+    decoded here, only its class folders counted (a folder not laid out as one is loaded, which
+    names what is missing at once). None where only the job can tell."""
+    from .data import data_for
+    from .data.datasets import _STATS
+
+    kind, _, arg = str(cfg["dataset"]).partition(":")
+    if kind.lower() in ("folder", "imagenet"):
+        root = Path(arg).expanduser()
+        n = sum(1 for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if (root / "train").is_dir() else 0
+        if not n or not ((root / "val").is_dir() or (root / "test").is_dir()):
+            data_for(cfg)  # raises the layout's one line before it reads a file
+            return None
+        mean, std = _STATS["imagenet"]
+        return n, 3, int(cfg.get("image_size") or 224), mean, std
+    d = data_for(cfg)
+    return d.num_classes, d.in_chans, d.image_size, d.mean, d.std
+
+
+def preflight_models(p: Plan) -> None:
+    """Before any job of a real launch: every model the unfinished jobs will build (students,
+    teachers, probes' undistilled networks) is built once on the CPU, its size checked on the meta
+    device first, and run forward on one batch of the real data's shape; a teacher checkpoint is
+    loaded into it (wrong architecture, other classes, NaN weights). So a model that cannot take
+    the data (1x1 images into cnn:small) fails in seconds, in one line, not after its teachers
+    trained. torch is imported here only: dry runs and planning stay torch-free."""
+    import torch
+
+    from .models import build_model, count_params, load_checkpoint
+    from .rundir import RunDir
+
+    todo = [j for j in p.jobs if j.state() != "done"]
+    wanted: dict[tuple, tuple[dict, dict]] = {}  # (spec, data) -> (model ref, a run config of that data)
+    for j in todo:
+        runs = [(j.probe["cfg"], None)] if j.work == "probe" else j.runs
+        for cfg, _ in runs:
+            dkey = repr(sorted(data_keys(cfg).items()))
+            refs = [{"model": cfg["model"]}] + list((cfg.get("teachers") or {}).values())
+            if j.work == "probe" and j.probe.get("undistilled_hub"):
+                refs.append({"model": j.probe["undistilled_hub"]["model"]})
+            for ref in refs:
+                ckpt = ref.get("ckpt") if (not ref.get("run") or RunDir(Path(ref["ckpt"]).parent).state() == "done") else None
+                wanted.setdefault((ref["model"], ckpt, dkey), (ref, cfg))
+    shapes: dict[str, tuple | None] = {}
+    for (spec, ckpt, dkey), (ref, cfg) in wanted.items():
+        if dkey not in shapes:
+            shapes[dkey] = _data_shape(cfg)
+        shape = shapes[dkey]
+        if shape is None:
+            continue
+        classes, chans, size, mean, std = shape
+        what = f"model {spec} on {cfg['dataset']} ({classes} classes, {chans}x{size}x{size} images)"
+        try:
+            with torch.device("meta"):  # parameters without memory: a 640M-parameter typo costs nothing
+                n = count_params(build_model(spec, classes, chans, size, mean, std))
+        except EffdstlError:
+            raise
+        except Exception:  # noqa: BLE001 - a body that cannot be built on meta: counted when built below
+            n = None
+        if n is not None and n > MAX_PARAMS:
+            raise EffdstlError(f"{what} has {n / 1e6:.0f}M parameters, more than the {MAX_PARAMS / 1e6:.0f}M "
+                               "effdstl trains (a typo in the spec?)")
+        try:
+            net = build_model(spec, classes, chans, size, mean, std)
+            if ckpt:
+                load_checkpoint(net, ckpt)
+            with torch.no_grad():
+                logits, _ = net.eval()(torch.rand(2, chans, size, size), features=True)
+        except EffdstlError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the layers do not fit this input: one line, why
+            why = " ".join(str(exc).split())[:300]
+            raise EffdstlError(f"{what} cannot run: {type(exc).__name__}: {why}") from None
+        if tuple(logits.shape) != (2, classes):
+            raise EffdstlError(f"{what} gives outputs of shape {tuple(logits.shape[1:])}, not ({classes},)")

@@ -3,7 +3,9 @@
 * ``write_study(path, **over)`` / the ``tiny_study`` fixture: a small Fig. 5-like replacement
   study on ``synthetic`` (two 1-epoch MLP teachers, one 2-epoch group per seed): each job trains
   in about a second, so a whole sweep is bounded by process start-up (importing torch).
-* ``run_cli(*args, cwd=...)``: ``effdstl ...`` in a subprocess, offline, one thread, with a timeout.
+* ``run_cli(*args, cwd=...)``: ``effdstl ...`` in a subprocess, offline, one thread, with a timeout;
+  ``run_cli_inproc(*args, cwd=...)``: the same in this process (no torch start-up), for commands
+  that fail before any job.
 * ``slurm_cluster``: a session fixture that skips (with the reason) when the local Slurm cluster
   of ``scripts/local-slurm.sh`` does not answer; tests that need it are marked ``slurm``.
 """
@@ -63,6 +65,50 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300
     if check and p.returncode != 0:
         pytest.fail(f"`effdstl {' '.join(map(str, args))}` exited {p.returncode}\n"
                     f"stdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+    return p
+
+
+def run_cli_inproc(*args: str, cwd: Path, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """``effdstl ARGS`` in this process, through the console script's own ``main`` (its error
+    handling, exit codes and output), without starting an interpreter and importing torch again:
+    for commands that fail before any job. Same result as :func:`run_cli` (returncode, stdout,
+    stderr; an escaping exception is a traceback on stderr and exit 1, as in a subprocess).
+    ``env`` replaces the environment for the call, ``cwd`` is the working directory; both, and
+    the SIGTERM handler ``main`` installs, are restored after. Not thread-safe: one call at a time."""
+    import contextlib
+    import io
+    import signal
+    import traceback
+
+    from effdstl_cli import cli
+
+    argv = ["effdstl", *map(str, args)]
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    saved_term = signal.getsignal(signal.SIGTERM)
+    code = 0
+    try:
+        os.environ.clear()
+        os.environ.update(env or cli_env())
+        os.chdir(cwd)
+        sys.argv = argv
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except BaseException:  # noqa: BLE001 - what a subprocess would print and exit with
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        signal.signal(signal.SIGTERM, saved_term)
+    p = subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        pytest.fail(f"`effdstl {' '.join(map(str, args))}` exited {code}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
     return p
 
 

@@ -1,4 +1,4 @@
-"""A catalogue of bad inputs, each driven through the real CLI in a subprocess.
+"""A catalogue of bad inputs, each driven through the real CLI.
 
 Every case must: exit non-zero; print exactly ONE line ``error: ...`` that names the problem (and
 the nearest valid name for a misspelt one); never print a traceback; and change nothing already
@@ -6,6 +6,11 @@ written (a finished study lives in the same results root: its files keep their b
 phase ``pre`` fail while the study is validated, so they may not create a single file; cases of
 phase ``job`` fail inside a training job (data, checkpoints), under ``--executor debug`` (in the
 CLI's process) and, for a few, ``--executor local`` (a submitit subprocess).
+
+Cases that fail before any job run in this process (``conftest.run_cli_inproc``: the console
+script's own ``main``, its output and exit code, without starting Python and importing torch for
+each); a few of them (``E2E``), and every case that trains, run the console script in a
+subprocess: the true end-to-end path (exit code, no traceback).
 
 ``EFFDSTL_CATALOGUE_OUT=FILE pytest tests/test_bad_inputs.py`` writes every case's command and the
 exact line it printed to FILE (JSON): docs/RELIABILITY.md lists them from there.
@@ -29,7 +34,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import yaml
-from conftest import cli_env
+from conftest import cli_env, run_cli_inproc
 
 PKG = Path(__file__).resolve().parents[1] / "effdstl_cli"
 
@@ -39,7 +44,7 @@ PKG = Path(__file__).resolve().parents[1] / "effdstl_cli"
 env_for = cli_env  # offline, one thread, wide columns (tests/conftest.py)
 
 
-def cli(args: list, cwd: Path, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+def cli(args: list, cwd: Path, env: dict | None = None, timeout: float = 420) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "effdstl_cli.cli", *map(str, args)], cwd=cwd,
                           env=env or env_for(), capture_output=True, text=True, timeout=timeout)
 
@@ -165,6 +170,16 @@ class Case:
     env: Callable[[Ctx], dict] | None = None
     skip: Callable[[], str | None] | None = None
 
+    @property
+    def inproc(self) -> bool:
+        """Fails before any job: run in this process (the few ``E2E`` ones: as a subprocess too)."""
+        return self.phase == "pre" and self.id not in E2E
+
+
+# Cases that fail before work yet run as a real subprocess: the console script end to end (its exit
+# code, one line, no traceback) for a study file, a single run, a usage error and a checkpoint.
+E2E = {"unknown-model", "unknown-distiller", "yaml-syntax", "usage-missing-option", "ckpt-truncated"}
+
 
 def _root_skip() -> str | None:
     return "root ignores permission bits (the path-under-a-file case covers ENOTDIR)" if os.geteuid() == 0 else None
@@ -279,31 +294,31 @@ CASES: list[Case] = [
     # -- in a job: data -------------------------------------------------------------------------------
     Case("data-root-missing", "`dataset: folder:/nonexistent` (debug)",
          lambda c: c.teacher_cmd(f"folder:{c.tmp / 'nonexistent'}", "-x", "debug"),
-         ("dataset folder", "does not exist"), phase="job"),
+         ("dataset folder", "does not exist"), phase="pre"),
     Case("data-root-missing-local", "`dataset: folder:/nonexistent` (local executor)",
          lambda c: c.teacher_cmd(f"folder:{c.tmp / 'nonexistent'}", "-x", "local"),
-         ("dataset folder", "does not exist"), phase="job"),
+         ("dataset folder", "does not exist"), phase="pre"),
     Case("cifar-root-missing", "`dataset: cifar10` with an empty `--data-root`, offline",
          lambda c: c.teacher_cmd("cifar10", "--data-root", c.tmp / "no-cifar", "-x", "debug"),
-         ("cifar10 is not under", "cannot be downloaded"), phase="job"),
+         ("cifar10 is not under", "cannot be downloaded"), phase="pre"),
     Case("npz-wrong-keys", "an npz without x_train/y_train (debug)",
          lambda c: c.teacher_cmd(f"npz:{c.npz('keys.npz', images=np.zeros((4, 8, 8), np.uint8))}", "-x", "debug"),
-         ("lacks x_train, y_train, x_test, y_test",), phase="job"),
+         ("lacks x_train, y_train, x_test, y_test",), phase="pre"),
     Case("npz-wrong-shape", "an npz whose x_train is float (N, 64)",
          lambda c: c.teacher_cmd(f"npz:{c.npz('shape.npz', **{**_good_npz_arrays(), 'x_train': np.zeros((60, 64), np.float32)})}",
-                                 "-x", "debug"), ("x_train has shape (60, 64) and dtype float32",), phase="job"),
+                                 "-x", "debug"), ("x_train has shape (60, 64) and dtype float32",), phase="pre"),
     Case("folder-no-classes", "an image folder whose train/ holds images but no class folders",
-         lambda c: c.teacher_cmd(f"folder:{_flat_folder(c)}", "-x", "debug"), ("has no class subfolders",), phase="job"),
+         lambda c: c.teacher_cmd(f"folder:{_flat_folder(c)}", "-x", "debug"), ("has no class subfolders",), phase="pre"),
     # -- in a job: checkpoints ------------------------------------------------------------------------
     Case("teacher-classes-mismatch", "a 10-class teacher for a 3-class dataset",
          lambda c: c.student_cmd(c.teacher, "-x", "debug", dataset=f"npz:{c.npz('three.npz', **_good_npz_arrays(3))}"),
-         ("trained for 10 classes and the model has 3",), phase="job"),
+         ("trained for 10 classes and the model has 3",), phase="pre"),
     Case("ckpt-wrong-arch", "a study teacher `ckpt:` of another architecture (debug executor)",
          lambda c: c.run(tiny("c2", teachers={"weak": {"model": "mlp:64", "ckpt": str(c.teacher)},
                                               "strong": {"model": "mlp:8", "ckpt": str(c.teacher)}})),
-         ("does not fit mlp:64",), phase="job"),
+         ("does not fit mlp:64",), phase="pre"),
     Case("ckpt-wrong-arch-local", "`--teacher` whose weights do not fit its model spec (local executor)",
-         lambda c: c.student_cmd(_relabelled(c), "-x", "local"), ("does not fit mlp:64",), phase="job"),
+         lambda c: c.student_cmd(_relabelled(c), "-x", "local"), ("does not fit mlp:64",), phase="pre"),
     # -- issue 14: nested keys, every option's domain, binary study files, labels, bad images ---------
     Case("nested-set-key", "`--set grid.sceme=[full]`", lambda c: c.run(tiny(), "--set", "grid.sceme=[full]"),
          ("unknown key of grid", "'sceme'"), near="scheme"),
@@ -341,13 +356,13 @@ CASES: list[Case] = [
          ("unknown run of study 'tiny' for --rerun '0123456789ab'",)),
     Case("npz-stray-label", "an npz without `classes` whose labels are 0, 1, 2 and a stray 255",
          lambda c: c.teacher_cmd(_labels_npz(c, "stray.npz", [0, 1, 2] * 10 + [255], [0, 1, 2]), "-x", "debug"),
-         ("train labels are not 0..N-1", "missing 3, 4, 5"), phase="job"),
+         ("train labels are not 0..N-1", "missing 3, 4, 5"), phase="pre"),
     Case("npz-test-only-class", "an npz without `classes` whose test split has a label the train split lacks",
          lambda c: c.teacher_cmd(_labels_npz(c, "testonly.npz", [0, 1] * 10, [0, 1, 2]), "-x", "debug"),
-         ("test labels 2 never occur in the train split",), phase="job"),
+         ("test labels 2 never occur in the train split",), phase="pre"),
     Case("npz-label-beyond-classes", "an npz whose `classes` names 3 classes and a label is 5",
          lambda c: c.teacher_cmd(_labels_npz(c, "beyond.npz", [0, 1, 2, 5] * 5, [0, 1], classes=np.array(["a", "b", "c"])),
-                                 "-x", "debug"), ("labels run from 0 to 5 but 'classes' names 3",), phase="job"),
+                                 "-x", "debug"), ("labels run from 0 to 5 but 'classes' names 3",), phase="pre"),
     Case("jpeg-corrupt-test", "a truncated JPEG in the test (val/) split: named before any training",
          lambda c: c.teacher_cmd(_jpeg_folder(c, "val"), "--image-size", "16", "--workers", "1", "-x", "debug"),
          ("val/a/1.jpg cannot be decoded", "--skip-bad-images"), phase="job"),
@@ -360,7 +375,217 @@ CASES: list[Case] = [
     Case("jpeg-corrupt-local", "a truncated JPEG in train/ (local executor)",
          lambda c: c.teacher_cmd(_jpeg_folder(c, "train"), "--image-size", "16", "--workers", "1", "-x", "local"),
          ("train/a/1.jpg cannot be decoded",), phase="job"),
+    # -- issue 19: a finished run read as an input is sealed, intact and finished ------------------
+    Case("teacher-rundir-flipped", "`--teacher RUN_DIR` whose model.pt has 64 flipped bytes",
+         lambda c: c.student_cmd(_teacher_copy(c, "flip"), "-x", "debug"), ("is damaged", "model.pt does not match its checksum",
+                                                                            "--rerun")),
+    Case("teacher-modelpt-flipped", "`--teacher RUN_DIR/model.pt` with 64 flipped bytes",
+         lambda c: c.student_cmd(_teacher_copy(c, "flip") / "model.pt", "-x", "debug"),
+         ("is damaged", "model.pt does not match its checksum")),
+    Case("teacher-studydir-flipped", "`--teacher STUDY_DIR` whose one teacher run has a flipped model.pt",
+         lambda c: c.student_cmd(_teacher_study_dir(c, "flip"), "-x", "debug"), ("is damaged", "model.pt does not match")),
+    Case("teacher-final-truncated", "`--teacher RUN_DIR` whose final.json is cut short",
+         lambda c: c.student_cmd(_teacher_copy(c, "final"), "-x", "debug"), ("is damaged", "final.json is unreadable")),
+    Case("teacher-metrics-deleted", "`--teacher RUN_DIR` whose metrics.jsonl was deleted",
+         lambda c: c.student_cmd(_teacher_copy(c, "metrics"), "-x", "debug"), ("is damaged", "metrics.jsonl is missing")),
+    Case("teacher-unfinished", "`--teacher RUN_DIR` of a run that has not finished",
+         lambda c: c.student_cmd(_teacher_copy(c, "unfinished"), "-x", "debug"), ("has not finished (partial",)),
+    Case("teacher-failed", "`--teacher RUN_DIR` of a failed run",
+         lambda c: c.student_cmd(_teacher_copy(c, "failed"), "-x", "debug"), ("failed (loss is NaN at epoch 1)",)),
+    Case("study-ckpt-damaged", "a study's `teachers.weak.ckpt:` naming a flipped model.pt of a run",
+         lambda c: c.run(tiny("c3", **{"teachers.weak": {"model": "mlp:8", "ckpt": str(_teacher_copy(c, "flip") / "model.pt")}})),
+         ("teacher 'weak' ckpt", "is damaged", "model.pt does not match")),
+    Case("teacher-nan-weights", "`--teacher` a model.pt (no run folder) holding a NaN weight",
+         lambda c: c.student_cmd(_nan_teacher(c), "-x", "debug"), ("holds non-finite weights (NaN or inf in",)),
+    # -- issue 19: the preflight (every model, one batch of the data's shape) and numbers' domains --
+    Case("npz-1x1-cnn", "an npz of 1x1 images with `cnn:small` (a conv net that cannot take them)",
+         lambda c: c.teacher_cmd(_npz_1x1(c), "-x", "debug", model="cnn:small"), ("model cnn:small on npz:", "1x1 images",
+                                                                                   "cannot run")),
+    Case("model-too-large", "`--model mlp:100000-100000` (10 G parameters), refused before it is built",
+         lambda c: c.teacher_cmd("synthetic", "-x", "debug", model="mlp:100000-100000"), ("parameters, more than the",)),
+    Case("lr-inf-cli", "`train teacher --lr inf`", lambda c: c.teacher_cmd("synthetic", "--lr", "inf", "-x", "debug"),
+         ("lr must be a finite, positive number, got inf",)),
+    Case("weight-decay-inf-cli", "`train teacher --weight-decay inf`",
+         lambda c: c.teacher_cmd("synthetic", "--weight-decay", "inf", "-x", "debug"),
+         ("weight_decay must be a finite number >= 0, got inf",)),
+    Case("warmup-longer-cli", "`train teacher --epochs 2 --warmup-epochs 3`",
+         lambda c: c.teacher_cmd("synthetic", "--warmup-epochs", "3", "-x", "debug", epochs=2),
+         ("warmup_epochs (3.0) must be shorter than epochs (2)",)),
+    Case("warmup-inf-cli", "`train teacher --warmup-epochs inf`",
+         lambda c: c.teacher_cmd("synthetic", "--warmup-epochs", "inf", "-x", "debug"),
+         ("warmup_epochs must be a finite number >= 0, got inf",)),
+    Case("warmup-study", "`schedule.warmup_epochs: 5` with 2 epochs per stage", lambda c: c.run(tiny("n12", **{
+        "schedule.warmup_epochs": 5})), ("warmup_epochs (5) must be shorter than epochs (2)",)),
+    Case("seed-huge", "`seeds: [2**70]`", lambda c: c.run(tiny("n13", seeds=[2 ** 70])),
+         ("seeds must be a non-empty list of integers in [0, 2**32)",)),
+    Case("seed-huge-cli", "`train teacher --seed 2**40`", lambda c: c.teacher_cmd("synthetic", "--seed", str(2 ** 40), "-x", "debug"),
+         ("--seed must be an integer < 2**32, got 1099511627776",)),
+    Case("seeds-bool", "`seeds: [true]` (YAML's true is no seed)", lambda c: c.run(tiny("n14", seeds=[True])),
+         ("seeds must be a non-empty list of integers", "got [True]")),
+    Case("seeds-bool-twice", "`--set seeds=[true,1]`", lambda c: c.run(tiny(), "--set", "seeds=[true,1]"),
+         ("seeds must be a non-empty list of integers", "got [True, 1]")),
+    Case("eps-nan", "`attack fgsm --eps nan`", lambda c: ["attack", "fgsm", "-s", c.study(tiny()), "--results", c.results,
+                                                          "--eps", "nan", "-x", "debug"], ("--eps values must be in (0, 1]",)),
+    Case("distiller-key-twice", "`-D kd:tau=2,tau=3`", lambda c: c.student_cmd(c.teacher, "-D", "kd:tau=2,tau=3", "-x", "debug"),
+         ("--distiller kd:tau=2,tau=3: 'tau' is given twice",)),
+    Case("set-irrelevant-section", "`--set recipe.stage1.epochs=2` on a replacement study",
+         lambda c: c.run(tiny(), "--set", "recipe.stage1.epochs=2"), ("'recipe' is not read by replacement studies",)),
+    Case("batch-1e9-set", "`--set batch_size=1e9` (YAML reads it as text)", lambda c: c.run(tiny(), "--set", "batch_size=1e9"),
+         ("'batch_size'", "must be an integer", "YAML reads 1e9 as text; write 1000000000")),
+    # -- issue 19: identity ----------------------------------------------------------------------
+    Case("config-edited-resume", "an unfinished run whose config.yaml was edited (lr), then resumed",
+         lambda c: _edited_unfinished(c), ("is damaged", "config.yaml is not the config the run is named after")),
+    Case("rerun-symlink", "`--rerun` a run folder that is a symbolic link", lambda c: _symlinked_rerun(c),
+         ("is a symbolic link",)),
+    Case("study-name-other-kind", "a manipulation study named like a finished replacement study",
+         lambda c: c.run(manip("tiny")), ("study name 'tiny' is already used by a study of kind 'replacement'",)),
+    Case("plot-wrong-kind", "`effdstl plot figure8` of a replacement study",
+         lambda c: ["plot", "figure8", "tiny", "--results", c.results], ("figure8 draws fig8 studies", "kind 'replacement'",
+                                                                          "effdstl plot figure5")),
+    Case("cli-name-space", "`train teacher --name 'a b'`", lambda c: c.teacher_cmd("synthetic", "-x", "debug", name="a b"),
+         ("--name 'a b' must be letters",)),
+    Case("cli-name-newline", "`train teacher --name 'a<newline>b'`",
+         lambda c: c.teacher_cmd("synthetic", "-x", "debug", name="a\nb"), ("--name 'a\\nb' must be letters",)),
+    Case("cli-name-slash", "`train teacher --name a/b`", lambda c: c.teacher_cmd("synthetic", "-x", "debug", name="a/b"),
+         ("--name 'a/b' must be letters",)),
+    Case("cli-name-dash", "`train teacher --name=-x`",
+         lambda c: [a if a != "--name" else "--name=-x" for a in c.teacher_cmd("synthetic", "-x", "debug", name="X")
+                    if a != "X"], ("--name '-x' must be letters",)),
+    Case("cli-name-dot", "`train teacher --name .hidden`", lambda c: c.teacher_cmd("synthetic", "-x", "debug", name=".hidden"),
+         ("--name '.hidden' must be letters",)),
+    # -- issue 19: bounded reads -----------------------------------------------------------------
+    Case("study-fifo", "`--study` a FIFO (would block forever)", lambda c: ["run", "-s", _fifo(c, "fifo.yaml"),
+                                                                            "--results", c.results], ("is a FIFO",)),
+    Case("study-dev-zero", "`--study /dev/zero`", lambda c: ["run", "-s", "/dev/zero", "--results", c.results],
+         ("study file /dev/zero is a character device",)),
+    Case("study-huge", "a 2 MB study file", lambda c: ["run", "-s", c.raw("huge.yaml", "# x\n" * 700_000), "--results", c.results],
+         ("bytes, more than the 1048576 a study may have",)),
+    Case("yaml-alias-bomb", "a YAML alias bomb (9 levels of 9 aliases: 387 M strings)",
+         lambda c: ["run", "-s", _alias_bomb(c), "--results", c.results], ("expands to more than 100000 values",)),
+    # -- issue 19: messages ----------------------------------------------------------------------
+    Case("workers-negative", "`--workers -1` (0 is allowed)", lambda c: c.run(tiny(), "--workers", "-1"),
+         ("--workers must be >= 0, got -1",)),
+    Case("set-unclosed-list", "`--set seeds=[0,1` (no closing bracket)", lambda c: c.run(tiny(), "--set", "seeds=[0,1"),
+         ("--set seeds=[0,1: the value is not valid YAML", "unclosed")),
+    Case("ckpt-evil-pickle", "`--teacher` a pickle that would run os.system", lambda c: c.student_cmd(_evil_pickle(c), "-x", "debug"),
+         ("is a plain Python pickle", "not loaded for safety", "can run code")),
+    Case("ckpt-fifo", "`--teacher` a FIFO", lambda c: c.student_cmd(_fifo(c, "fifo.pt"), "-x", "debug"),
+         ("is not a regular file",)),
+    Case("npz-object-array", "an npz whose y_train is an object array",
+         lambda c: c.teacher_cmd("npz:" + str(c.npz("objects.npz", **{**_good_npz_arrays(), "y_train": np.array(
+             [{"a": 1}] * 60, dtype=object)})), "-x", "debug"), ("holds Python objects (an object array)",)),
+    Case("markup-in-input", "`--model ':thumbs_up:[bold]x'` (rich markup and emoji codes are shown as typed)",
+         lambda c: c.teacher_cmd("synthetic", "-x", "debug", model=":thumbs_up:[bold]x"),
+         ("unknown model ':thumbs_up:[bold]x'",)),
+    Case("usage-missing-option", "`train teacher` without `--model` (Typer's usage error)",
+         lambda c: ["train", "teacher", "--results", c.results], ("Missing option '--model'", "effdstl train teacher --help")),
+    Case("usage-bad-int", "`train teacher --epochs abc`", lambda c: c.teacher_cmd("synthetic", "-x", "debug", epochs="abc"),
+         ("Invalid value for '--epochs'",)),
 ]
+
+
+# -- issue 19: the seal wherever a finished run is read, the preflight, identity, bounded reads -----
+
+def _teacher_copy(ctx: Ctx, damage: str) -> Path:
+    """A copy of the finished weak teacher's run folder (same hash name) under the case's folder,
+    damaged: ``flip`` 64 bytes of model.pt, ``final`` cut final.json short, ``metrics`` delete
+    metrics.jsonl, ``unfinished`` drop final.json and model.pt (a partial run), ``failed`` a
+    failed run. -> the run folder."""
+    import shutil
+
+    run = ctx.tmp / "copies" / ctx.teacher.parent.name
+    shutil.copytree(ctx.teacher.parent, run)
+    if damage == "flip":
+        b = bytearray((run / "model.pt").read_bytes())
+        for i in range(len(b) - 400, len(b) - 336):
+            b[i] ^= 0xFF
+        (run / "model.pt").write_bytes(bytes(b))
+    elif damage == "final":
+        (run / "final.json").write_bytes((run / "final.json").read_bytes()[:40])
+    elif damage == "metrics":
+        (run / "metrics.jsonl").unlink()
+    elif damage in ("unfinished", "failed"):
+        (run / "final.json").unlink()
+        if damage == "failed":
+            (run / "failed.json").write_text(json.dumps({"status": "failed", "reason": "loss is NaN at epoch 1"}))
+    return run
+
+
+def _teacher_study_dir(ctx: Ctx, damage: str) -> Path:
+    """A study folder whose one teacher run is a damaged copy (``--teacher STUDY_DIR``)."""
+    run = _teacher_copy(ctx, damage)
+    d = ctx.tmp / "one-teacher"
+    (d / "runs").mkdir(parents=True)
+    run.rename(d / "runs" / run.name)
+    return d
+
+
+def _nan_teacher(ctx: Ctx) -> Path:
+    """The teacher's weights with one NaN, outside any run folder (a user's own model.pt)."""
+    import torch
+
+    blob = torch.load(ctx.teacher, map_location="cpu", weights_only=True)
+    k = next(iter(blob["model"]))
+    blob["model"][k].view(-1)[0] = float("nan")
+    p = ctx.tmp / "nan-teacher.pt"
+    torch.save(blob, p)
+    return p
+
+
+def _evil_pickle(ctx: Ctx) -> Path:
+    """A pickle (not a torch zip) that would call os.system when unpickled without weights_only."""
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    p = ctx.tmp / "evil.pt"
+    p.write_bytes(pickle.dumps({"model": Evil()}))
+    return p
+
+
+def _fifo(ctx: Ctx, name: str) -> Path:
+    p = ctx.tmp / name
+    os.mkfifo(p)
+    return p
+
+
+def _alias_bomb(ctx: Ctx) -> Path:
+    """Billion laughs: 9 levels of lists of 9 aliases to the level below (9**9 strings in all)."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    return ctx.raw("bomb.yaml", "\n".join(lines) + "\n")
+
+
+def _npz_1x1(ctx: Ctx) -> str:
+    rng = np.random.default_rng(0)
+    y = (np.arange(40) % 2).astype(np.int64)
+    return "npz:" + str(ctx.npz("tiny-images.npz", x_train=rng.integers(0, 256, (40, 1, 1, 3), dtype=np.uint8), y_train=y,
+                                x_test=rng.integers(0, 256, (20, 1, 1, 3), dtype=np.uint8), y_test=y[:20]))
+
+
+def _edited_unfinished(ctx: Ctx) -> list:
+    """A student run of the finished study made unfinished (final.json gone) with config.yaml edited."""
+    run = next(d for d in sorted((ctx.results / "tiny" / "runs").iterdir())
+               if yaml.safe_load((d / "config.yaml").read_text())["role"] == "student")
+    (run / "final.json").unlink()
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["stages"][0]["optim"]["lr"] = 5.0
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return ctx.run(tiny())
+
+
+def _symlinked_rerun(ctx: Ctx) -> list:
+    """runs/<hash> of the finished study replaced by a symbolic link to a copy; --rerun it."""
+    import shutil
+
+    run = ctx.teacher.parent
+    target = ctx.tmp / "elsewhere" / run.name
+    shutil.copytree(run, target)
+    shutil.rmtree(run)
+    run.symlink_to(target, target_is_directory=True)
+    return ctx.run(tiny(), "--rerun", run.name)
 
 
 def _recipe_study(name: str) -> dict:
@@ -454,13 +679,19 @@ def outcomes(request, finished, tmp_path_factory):
     def one(item):
         case, ctx, args, env = item
         before_all, before_tiny = snapshot(ctx.results), snapshot(ctx.results / "tiny")
-        p = cli(args, cwd=ctx.tmp, env=env)
+        if case.inproc:
+            p = run_cli_inproc(*args, cwd=ctx.tmp, env=env or env_for())
+        else:
+            p = cli(args, cwd=ctx.tmp, env=env)
         return case.id, {"ctx": ctx, "args": args, "p": p, "before_all": before_all, "before_tiny": before_tiny,
                          "after_all": snapshot(ctx.results), "after_tiny": snapshot(ctx.results / "tiny")}
 
+    # in-process cases one after another (they share this process's cwd, environment and streams);
+    # the subprocess ones a few at a time
+    out = dict(one(item) for item in prepared if item[0].inproc)
     workers = int(os.environ.get("EFFDSTL_TEST_WORKERS", "3"))
     with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
-        out = dict(pool.map(one, prepared))
+        out.update(pool.map(one, [item for item in prepared if not item[0].inproc]))
     rows = []
     for case, *_ in prepared:
         o = out[case.id]
@@ -487,8 +718,9 @@ def test_catalogue_is_large_and_covers_the_issue():
             "batch-zero", "t-above-1", "delta-negative", "tau-zero", "ckpt-missing", "ckpt-truncated",
             "ckpt-wrong-arch", "gpus-not-here", "results-under-a-file", "slurm-absent", "name-escapes-root"}
     assert must <= ids, must - ids
-    # in-job errors are checked under both executors
-    assert {"data-root-missing-local", "ckpt-wrong-arch-local"} <= ids
+    # in-job errors are checked under both executors (data and checkpoint errors of the local executor
+    # now fail in the preflight, before its job; a bad JPEG still fails inside it)
+    assert {"data-root-missing-local", "ckpt-wrong-arch-local", "jpeg-corrupt-local"} <= ids
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -510,6 +742,8 @@ def test_bad_input(case: Case, outcomes):
         assert f"did you mean '{case.near}'" in line, shown
     # submitit's wrapper text never stands in for the job's own message
     assert "----" not in line and "log.out" not in line and "log.err" not in line, shown
+    # no rich markup or emoji rendered from user text, no Typer box, no numpy advice that runs code
+    assert not re.search(r"[\u2500-\u257f\U0001F300-\U0001FAFF]", p.stderr) and "allow_pickle" not in line, shown
     if case.phase == "pre":
         assert p.stderr.strip().splitlines() == [line], shown          # that line, and only it
         assert o["after_all"] == o["before_all"]                       # not one file written

@@ -343,3 +343,141 @@ def test_every_shipped_study_passes_the_schema():
     for key in ("schedule.kind", "schedule.milestones", "schedule.gamma"):   # issue 11's keys: one place
         sec, k = key.split(".")
         assert k in SCHEMA[sec]
+
+
+# -- issue 19 (input side): what the catalogue of tests/test_bad_inputs.py cannot show in one line ----
+
+def _fake_done(run_dir: Path, cfg: dict) -> None:
+    """A finished, sealed run folder written by the real writers (config.yaml, metrics, the seal)."""
+    from effdstl_cli import files as fio
+    from effdstl_cli.rundir import RunDir
+
+    run_dir.mkdir(parents=True)
+    fio.write_yaml(run_dir / "config.yaml", cfg)
+    fio.write_jsonl(run_dir / "metrics.jsonl", [{"epoch": e, "test_top1": 50.0} for e in range(cfg["epochs"])])
+    RunDir(run_dir).write_final({"epochs": cfg["epochs"], "best_top1": 50.0})
+
+
+def test_progress_counts_runs_finished_earlier_from_the_first_frame(tmp_path, monkeypatch):
+    """2 of 5 runs finished before: the bars' first frame says 2/5 (was 0/5 until the first poll)."""
+    import io
+
+    from rich.console import Console
+
+    from effdstl_cli import cli as cli_mod
+    from effdstl_cli.config import load_study
+    from effdstl_cli.studies import plan
+
+    p = plan(load_study(write_study(tmp_path / "pg.yaml", name="pg")), tmp_path / "r")
+    runs = [(c, d) for j in p.jobs for c, d in j.runs]
+    assert len(runs) == 5
+    for c, d in runs[:2]:
+        _fake_done(d, c)
+    frames = io.StringIO()
+    monkeypatch.setattr(cli_mod, "console", Console(file=frames, force_terminal=True, width=120))
+    seen = {}
+
+    def launch(plan_, opts, report, on_poll):  # the first frame is drawn when the bars start
+        seen["first"] = frames.getvalue()
+        return {}
+
+    monkeypatch.setattr("effdstl_cli.launch.launch", launch)
+    monkeypatch.setattr("effdstl_cli.launch.refuse_damaged", lambda plan_: None)
+    monkeypatch.setattr("effdstl_cli.studies.preflight_models", lambda plan_: None)
+    from effdstl_cli.launch import LaunchOptions
+
+    cli_mod._run_plan(p, cli_mod.LaunchArgs(LaunchOptions(executor="debug")), dry_run=False)
+    assert "2/5" in seen["first"] and "0/5" not in seen["first"], seen["first"]
+
+
+def test_inproc_runner_matches_the_console_script(tmp_path):
+    """conftest.run_cli_inproc (the fast catalogue) gives what the console script gives: exit code,
+    the one error line, nothing on stdout."""
+    from conftest import effdstl_cmd, run_cli_inproc
+
+    f = write_study(tmp_path / "ip.yaml", name="ip", seeds=[2 ** 70])
+    args = ["run", "-s", f, "--results", tmp_path / "r", "-x", "debug"]
+    sub = subprocess.run(effdstl_cmd() + [str(a) for a in args], cwd=tmp_path, env=cli_env(), capture_output=True,
+                         text=True, timeout=300)
+    inp = run_cli_inproc(*args, cwd=tmp_path)
+    assert (sub.returncode, sub.stdout, sub.stderr) == (inp.returncode, inp.stdout, inp.stderr)
+    assert inp.returncode == 2 and inp.stderr.startswith("error:") and "2**32" in inp.stderr
+    assert os.getcwd() != str(tmp_path)  # restored
+
+
+def test_preflight_refuses_in_seconds_and_dry_run_stays_torch_free(tmp_path):
+    """The preflight builds every model once on one batch (an npz of 1x1 images into cnn:small:
+    refused before any teacher trains, nothing written); the dry run does not import torch for it."""
+    from conftest import run_cli_inproc
+
+    rng = np.random.default_rng(0)
+    y = (np.arange(40) % 2).astype(np.int64)
+    npz = tmp_path / "one.npz"
+    np.savez(npz, x_train=rng.integers(0, 256, (40, 1, 1, 3), dtype=np.uint8), y_train=y,
+             x_test=rng.integers(0, 256, (20, 1, 1, 3), dtype=np.uint8), y_test=y[:20])
+    f = write_study(tmp_path / "pf.yaml", name="pf", dataset=f"npz:{npz}", weak="cnn:small", strong="cnn:medium",
+                    student="mlp:8")
+    t0 = time.time()
+    p = run_cli_inproc("run", "-s", f, "--results", tmp_path / "r", "-x", "debug", cwd=tmp_path)
+    assert p.returncode == 2 and "cannot run" in p.stderr and "3x1x1 images" in p.stderr, p.stderr
+    assert time.time() - t0 < 60 and not (tmp_path / "r").exists()
+    src = (ROOT / "effdstl_cli" / "studies.py").read_text()
+    top = src[:src.index("\ndef ")]
+    assert "import torch" not in top  # torch only inside preflight_models
+
+
+def test_rerun_of_a_symlinked_run_keeps_its_files(tmp_path):
+    """`--rerun` on a run folder that is a symbolic link is refused, and the files stay (they were
+    reported gone, then reused)."""
+    from effdstl_cli.errors import EffdstlError
+    from effdstl_cli.rundir import RunDir
+
+    target = tmp_path / "real" / "0123456789ab"
+    target.mkdir(parents=True)
+    (target / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    link = tmp_path / "runs" / "0123456789ab"
+    link.parent.mkdir()
+    link.symlink_to(target, target_is_directory=True)
+    with pytest.raises(EffdstlError, match="is a symbolic link"):
+        RunDir(link).clear()
+    assert (target / "metrics.jsonl").exists() and link.is_symlink()
+
+
+def test_edited_config_of_an_unfinished_run_is_damaged_not_resumed(tmp_path):
+    """An unfinished run whose config.yaml no longer hashes to its folder's name is damaged (status,
+    run), so it is never resumed and sealed with values it was not named for."""
+    from effdstl_cli import files as fio
+    from effdstl_cli.config import load_study
+    from effdstl_cli.rundir import RunDir
+    from effdstl_cli.studies import plan
+
+    p = plan(load_study(write_study(tmp_path / "ed.yaml", name="ed")), tmp_path / "r")
+    cfg, d = p.jobs[0].runs[0]
+    d.mkdir(parents=True)
+    fio.write_yaml(d / "config.yaml", cfg)
+    fio.write_jsonl(d / "metrics.jsonl", [{"epoch": 0}])
+    assert RunDir(d).state() == "partial"
+    fio.write_yaml(d / "config.yaml", {**cfg, "epochs": cfg["epochs"] + 5})
+    assert RunDir(d).state() == "damaged"
+    assert "config.yaml is not the config the run is named after" in RunDir(d).problem()
+
+
+def test_job_json_keeps_the_job_that_trains(tmp_path):
+    """A second command that will only wait for a run does not put its job id in the run's job.json
+    while the job named there is alive (`status`'s job column names the job that trained); a dead
+    job's record is replaced."""
+    from effdstl_cli.launch import _record
+    from effdstl_cli.studies import Job
+
+    d = tmp_path / "0123456789ab"
+    d.mkdir()
+    holder = subprocess.Popen(["sleep", "30"])
+    try:
+        (d / "job.json").write_text(json.dumps({"job_id": str(holder.pid), "executor": "local", "job": "g"}))
+        _record(Job("g", "train", [({}, d)]), "99999999", "local")
+        assert json.loads((d / "job.json").read_text())["job_id"] == str(holder.pid)
+    finally:
+        holder.kill()
+        holder.wait()
+    _record(Job("g", "train", [({}, d)]), "424242", "local")
+    assert json.loads((d / "job.json").read_text())["job_id"] == "424242"

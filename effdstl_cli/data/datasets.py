@@ -247,7 +247,10 @@ def _npz(spec: str, path: Path) -> Data:
         for k in need + (("classes",) if "classes" in keys else ()):
             arr[k] = z[k]
     except Exception as exc:
-        raise EffdstlError(f"npz file {path}: key '{k}' cannot be read ({type(exc).__name__}: {exc})")
+        if "allow_pickle" in str(exc):  # numpy's advice (allow_pickle=True) would run the file's code
+            raise EffdstlError(f"npz file {path}: key '{k}' holds Python objects (an object array), which are not "
+                               f"loaded for safety; store it as plain numbers (or strings for classes)") from None
+        raise EffdstlError(f"npz file {path}: key '{k}' cannot be read ({type(exc).__name__}: {exc})") from None
     for k in ("x_train", "x_test"):
         a = arr[k]
         if a.dtype != np.uint8 or a.ndim not in (3, 4) or (a.ndim == 4 and a.shape[3] not in (1, 3)):
