@@ -630,7 +630,9 @@ def dry_run_lines(plan: Plan, opts: LaunchOptions, verbose: bool = False) -> lis
                             or (opts.device == "auto" and opts.executor != "slurm" and _local_gpus())) else "cpu"
     tl = []
     for name, t in (plan.study.get("teachers") or {}).items():
-        src = "pretrained" if t.get("pretrained") else (f"ckpt {t['ckpt']}" if t.get("ckpt") else f"trained here, {t.get('epochs', '?')} ep")
+        # a teacher's epochs default to the study's teacher_schedule (as the planner resolves them)
+        ep = t.get("epochs", (plan.study.get("teacher_schedule") or {}).get("epochs", "?"))
+        src = "pretrained" if t.get("pretrained") else (f"ckpt {t['ckpt']}" if t.get("ckpt") else f"trained here, {ep} ep")
         tl.append(f"{name}={t['model']} ({src})")
     if tl:
         lines.append("teachers: " + ", ".join(tl))
