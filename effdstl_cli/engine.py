@@ -177,6 +177,7 @@ class Member:
     n_train: int = 0
     lock: fio.RunLock | None = None
     acc: dict = field(default_factory=dict)      # on-device sums for the epoch in flight
+    ckpt: bytes | None = None                    # its newest state (torch.save bytes) for the group checkpoint
 
     @property
     def stages(self) -> list[dict]:
@@ -352,6 +353,7 @@ def train_group(members_in: list[tuple[dict, Path]], env: Env | None = None) -> 
         run_dir = Path(run_dir)
         h = config_hash(cfg)
         if (run_dir / "final.json").exists():
+            fio.RunLock(run_dir).alive()  # a lock its trainer left when killed right after finishing goes
             out.append(fio.read_record(run_dir / "final.json"))
             continue
         if (run_dir / "failed.json").exists():
@@ -365,9 +367,7 @@ def train_group(members_in: list[tuple[dict, Path]], env: Env | None = None) -> 
             try:
                 m.lock = fio.RunLock(run_dir).acquire()
             except BaseException:  # another process holds it: give back the locks taken so far
-                for other in members:
-                    if other.lock:
-                        other.lock.release()
+                fio.release_all(other.lock for other in members)
                 raise
             done = next((run_dir / f for f in ("final.json", "failed.json") if (run_dir / f).exists()), None)
             if done is not None and env.world == 1:  # finished by another process meanwhile
@@ -383,24 +383,25 @@ def train_group(members_in: list[tuple[dict, Path]], env: Env | None = None) -> 
 
     try:
         return out + _train(members, data, env, device, amp, chl, seed, gbatch, total)
-    finally:
-        for m in members:
-            if m.lock:
-                m.lock.release()
+    finally:  # every lock goes, even when a second Ctrl-C arrives meanwhile (fio.release_all)
+        fio.release_all(m.lock for m in members)
 
 
 def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> list[dict]:
     cuda = device.type == "cuda"
+    saved = fio.load_group_checkpoints([m.run_dir for m in members])
     for m in members:
         # Same seed -> same init for every student of an architecture: paired comparisons.
         torch.manual_seed(seed)
         m.model = model_for(m.cfg["model"], data, pretrained=bool(m.cfg.get("pretrained", False)))
         m.rng = torch.get_rng_state()
         m.n_train = len(data.train)
-        state, note = fio.load_checkpoint(m.run_dir)
+        state, note, failed = saved[m.run_dir.name]
         if note:
             env.log(note)
         if state is not None:
+            m.ckpt = fio.tensor_bytes(state)
+            m.failed = failed  # it failed after this state; the group goes on without it, as before the kill
             m.model.load_state_dict(state["model"])
             m.epoch, m.history, m.best = int(state["epoch"]), list(state["history"]), dict(state["best"])
             m.wall_s, m.rng = float(state["wall_s"]), state["rng"]
@@ -511,9 +512,9 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
                 for m, ev in zip(g.members, evaluate(g.net, data.test, device, env, chl, autocast)):
                     evs[id(m)] = ev
                 share += (time.time() - t1) / len(active)
-        for m in active:
-            if m.failed is None:
-                _end_epoch(m, data, epoch, share, device, env, chl, autocast, evs.get(id(m)))
+        ended = [m for m in active if m.failed is None]
+        rows = [_end_epoch(m, data, epoch, share, device, env, chl, autocast, evs.get(id(m))) for m in ended]
+        _write_epoch(members, [(m, r) for m, r in zip(ended, rows) if r is not None], env)
         if env.rank == 0:
             for c in caches.values():
                 c.save()
@@ -549,9 +550,12 @@ def _fuse_members(members: list[Member], data, env: Env, device, chl: bool) -> l
     """Fuse every set of >= 2 members that share a fusion key and that ``--fuse`` (env.fuse) fuses
     on this device; members that cannot be fused (fused.fuse says why) stay in the loop."""
     sets: dict[tuple, list[Member]] = {}
+    # A member that failed before a resume keeps its slot (the fused shape decides the rounding of
+    # the others' numbers, as in the uninterrupted run): it joins at the epoch of the live ones.
+    now = min((m.epoch for m in members if m.failed is None), default=0)
     for m in members:
         if m.epoch < m.total_epochs:
-            sets.setdefault(fusion_key(m.cfg, m.epoch), []).append(m)
+            sets.setdefault(fusion_key(m.cfg, now if m.failed else m.epoch), []).append(m)
     out = []
     for key, ms in sets.items():
         if len(ms) < 2:
@@ -561,6 +565,12 @@ def _fuse_members(members: list[Member], data, env: Env, device, chl: bool) -> l
             continue
         probe = torch.rand(2, data.in_chans, data.image_size, data.image_size, device=device)
         feats = any(build_distiller(s["distiller"]).needs_features for m in ms for s in m.stages)
+        live = next((m for m in ms if m.failed is None), ms[0])
+        for m in ms:  # a failed member's slot is never read: its shared scalars (BN's step count) follow the live ones
+            if m.failed:
+                for name, t in m.model.state_dict().items():
+                    if t.dim() == 0:
+                        t.copy_(live.model.state_dict()[name])
         try:
             net = fuse([m.model for m in ms], probe, features=feats)
         except NotFusable as exc:
@@ -743,7 +753,8 @@ def evaluate(model: torch.nn.Module, split, device, env: Env, chl: bool, autocas
     return out if isinstance(model, FusedStudents) else out[0]
 
 
-def _end_epoch(m: Member, data, epoch, share_s, device, env: Env, chl, autocast, ev: dict | None = None) -> None:
+def _end_epoch(m: Member, data, epoch, share_s, device, env: Env, chl, autocast, ev: dict | None = None) -> dict | None:
+    """The epoch's metrics row of one member (None when it failed); its state -> ``m.ckpt``."""
     t0 = time.time()
     a = m.acc
     keys = sorted(a["parts"])
@@ -753,7 +764,7 @@ def _end_epoch(m: Member, data, epoch, share_s, device, env: Env, chl, autocast,
     if vec[4] > 0 or not all(math.isfinite(v) for v in vec):
         m.failed = m.failed or f"non-finite loss in epoch {epoch + 1}"
     if m.failed is not None:
-        return
+        return None
     n = max(vec[2], 1.0)
     if a["hits"] is not None:
         hits = _reduce(a["hits"], env).cpu()
@@ -769,20 +780,34 @@ def _end_epoch(m: Member, data, epoch, share_s, device, env: Env, chl, autocast,
     m.history.append(row)
     if ev["test_top1"] > m.best["top1"]:
         m.best = {"top1": ev["test_top1"], "top5": ev["test_top5"], "epoch": m.epoch}
-    if env.rank == 0:
-        fio.save_checkpoint(m.run_dir, {
+    if env.rank == 0:  # written by _write_epoch, with the group's other members, in one file
+        m.ckpt = fio.tensor_bytes({
             "model": m.model.state_dict(), "optim": m.opt.state_dict(), "stage": m.stage,
             "epoch": m.epoch, "history": m.history, "best": m.best, "wall_s": m.wall_s,
             "hits": m.hits, "mask_epochs": m.mask_epochs,
             "rng": m.rng, "config_hash": m.hash})
-        fio.write_jsonl(m.run_dir / "metrics.jsonl", m.history)
-        tblog.append(m.run_dir, m.cfg, row)
-        if m.lock:
-            m.lock.refresh()
+    return row
+
+
+def _write_epoch(members: list[Member], ended: list[tuple[Member, dict]], env: Env) -> None:
+    """After an epoch: one group checkpoint holding every member's newest state (failed members'
+    last good one, marked), linked into each member's run directory, then the metrics.jsonl and
+    TensorBoard row of each member that finished the epoch. One checkpoint write per epoch for the
+    whole group, fused or looped (docs/RELIABILITY.md, "Group checkpoints")."""
+    if env.rank == 0:
+        held = [m for m in members if m.ckpt is not None]
+        if held and ended:
+            fio.save_group_checkpoint([m.run_dir for m in held], [(m.hash, m.ckpt, m.epoch, m.failed) for m in held])
+        for m, row in ended:
+            fio.write_jsonl(m.run_dir / "metrics.jsonl", m.history)
+            tblog.append(m.run_dir, m.cfg, row)
+            if m.lock:
+                m.lock.refresh()
     if env.world > 1:
         tdist.barrier()
     if env.progress:
-        env.progress("epoch", {"run": m.hash, **row})
+        for m, row in ended:
+            env.progress("epoch", {"run": m.hash, **row})
 
 
 def _finish(m: Member, env: Env, device) -> dict:
@@ -809,4 +834,6 @@ def _finish(m: Member, env: Env, device) -> dict:
             fio.atomic_write_bytes(m.run_dir / "subset.pt", fio.tensor_bytes(
                 {"hits": m.hits, "epochs": torch.tensor(m.mask_epochs)}))
         fio.write_final(m.run_dir / "final.json", rec)  # written last, sealed: the run is done
+        if m.lock:  # at once, not after the whole group: a kill now leaves no lock in a finished run
+            m.lock.release()
     return rec
