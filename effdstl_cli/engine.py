@@ -40,6 +40,7 @@ from .distillers import Distiller, TeacherOut, build_distiller
 from .errors import EffdstlError
 from .fused import FusedStudents, NotFusable, fuse, part, policy
 from .models import load_checkpoint, model_for, save_weights
+from .sgd import SGD
 
 Progress = Callable[[str, dict], None]
 
@@ -67,6 +68,7 @@ class Env:
     nan_check_every: int = 50     # steps between non-finite checks on CUDA (each one syncs)
     fuse: str = "auto"            # auto | on | off: students of one architecture as one fused model
     stop_after_epochs: int | None = None  # testing/preemption aid: return after N epochs
+    ckpt_share: float | None = 0.05  # group checkpoints cost at most this share of training (Checkpointer); 0: every epoch
     progress: Progress | None = None
     log: Callable[[str], None] = print
 
@@ -120,10 +122,14 @@ def _stage_of(stages: list[dict], epoch0: int) -> tuple[int, int]:
     return len(stages) - 1, epoch0 - (start - int(stages[-1]["epochs"]))
 
 
-def make_optimizer(model: torch.nn.Module, stage: dict) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, stage: dict) -> "torch.optim.Optimizer | SGD":
+    """The stage's SGD: on the CPU effdstl's own (sgd.py: torch's numbers without importing
+    torch._dynamo), elsewhere torch's."""
     o = stage["optim"]
-    return torch.optim.SGD(model.parameters(), lr=float(o["lr"]), momentum=float(o.get("momentum", 0.9)),
-                           weight_decay=float(o.get("weight_decay", 0.0)), nesterov=bool(o.get("nesterov", False)))
+    params = list(model.parameters())
+    kind = SGD if all(p.device.type == "cpu" for p in params) else torch.optim.SGD
+    return kind(params, lr=float(o["lr"]), momentum=float(o.get("momentum", 0.9)),
+                weight_decay=float(o.get("weight_decay", 0.0)), nesterov=bool(o.get("nesterov", False)))
 
 
 def load_teacher(name: str, tcfg: dict, data) -> torch.nn.Module:
@@ -177,7 +183,7 @@ class Member:
     n_train: int = 0
     lock: fio.RunLock | None = None
     acc: dict = field(default_factory=dict)      # on-device sums for the epoch in flight
-    ckpt: bytes | None = None                    # its newest state (torch.save bytes) for the group checkpoint
+    snap: dict | None = None                     # its newest state (a copy), for the next group checkpoint
 
     @property
     def stages(self) -> list[dict]:
@@ -400,7 +406,7 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
         if note:
             env.log(note)
         if state is not None:
-            m.ckpt = fio.tensor_bytes(state)
+            m.snap = state
             m.failed = failed  # it failed after this state; the group goes on without it, as before the kill
             m.model.load_state_dict(state["model"])
             m.epoch, m.history, m.best = int(state["epoch"]), list(state["history"]), dict(state["best"])
@@ -449,6 +455,7 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
     steps = max(n_train // gbatch, 1)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
     start_epoch = min(m.epoch for m in members)
+    ckpt = Checkpointer(env.ckpt_share)
     if env.progress:
         for m in members:
             env.progress("start", {"run": m.hash, "epoch": m.epoch, "epochs": m.total_epochs,
@@ -514,7 +521,9 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
                 share += (time.time() - t1) / len(active)
         ended = [m for m in active if m.failed is None]
         rows = [_end_epoch(m, data, epoch, share, device, env, chl, autocast, evs.get(id(m))) for m in ended]
-        _write_epoch(members, [(m, r) for m, r in zip(ended, rows) if r is not None], env)
+        stop = env.stop_after_epochs is not None and epoch + 1 - start_epoch >= env.stop_after_epochs
+        _write_epoch(members, [(m, r) for m, r in zip(ended, rows) if r is not None], env, ckpt,
+                     final=stop or epoch + 1 == total)
         if env.rank == 0:
             for c in caches.values():
                 c.save()
@@ -754,7 +763,7 @@ def evaluate(model: torch.nn.Module, split, device, env: Env, chl: bool, autocas
 
 
 def _end_epoch(m: Member, data, epoch, share_s, device, env: Env, chl, autocast, ev: dict | None = None) -> dict | None:
-    """The epoch's metrics row of one member (None when it failed); its state -> ``m.ckpt``."""
+    """The epoch's metrics row of one member (None when it failed); a copy of its state -> ``m.snap``."""
     t0 = time.time()
     a = m.acc
     keys = sorted(a["parts"])
@@ -781,28 +790,72 @@ def _end_epoch(m: Member, data, epoch, share_s, device, env: Env, chl, autocast,
     if ev["test_top1"] > m.best["top1"]:
         m.best = {"top1": ev["test_top1"], "top5": ev["test_top5"], "epoch": m.epoch}
     if env.rank == 0:  # written by _write_epoch, with the group's other members, in one file
-        m.ckpt = fio.tensor_bytes({
-            "model": m.model.state_dict(), "optim": m.opt.state_dict(), "stage": m.stage,
-            "epoch": m.epoch, "history": m.history, "best": m.best, "wall_s": m.wall_s,
-            "hits": m.hits, "mask_epochs": m.mask_epochs,
-            "rng": m.rng, "config_hash": m.hash})
+        m.snap = _snapshot(m)
     return row
 
 
-def _write_epoch(members: list[Member], ended: list[tuple[Member, dict]], env: Env) -> None:
-    """After an epoch: one group checkpoint holding every member's newest state (failed members'
-    last good one, marked), linked into each member's run directory, then the metrics.jsonl and
-    TensorBoard row of each member that finished the epoch. One checkpoint write per epoch for the
+def _clone(obj):
+    """A copy of a state's tensors (nested in dicts/lists); training goes on changing the originals."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone(v) for v in obj]
+    return obj
+
+
+def _snapshot(m: Member) -> dict:
+    """What a checkpoint holds of a member after an epoch (copied: a member that fails later is
+    checkpointed with its last good state)."""
+    return {"model": _clone(m.model.state_dict()), "optim": _clone(m.opt.state_dict()), "stage": m.stage,
+            "epoch": m.epoch, "history": list(m.history), "best": dict(m.best), "wall_s": m.wall_s,
+            "hits": None if m.hits is None else m.hits.clone(), "mask_epochs": m.mask_epochs,
+            "rng": m.rng, "config_hash": m.hash}
+
+
+@dataclass
+class Checkpointer:
+    """When the group checkpoint is written: after an epoch when the training since the last one
+    took at least ``(1 - share) / share`` times what that write took (so writing costs at most
+    ``share`` of the time: every epoch when epochs are long, every second or so for the digits
+    demo's 0.1 s epochs), always after the first and the last epoch of the call; ``share`` 0 or
+    None: every epoch. Lost work is bounded by time: at most an epoch, or that many write times."""
+
+    share: float | None
+    last_end: float = 0.0      # when the last write ended (0: none yet)
+    last_cost: float = 0.0     # how long it took
+
+    def due(self, now: float, final: bool) -> bool:
+        if final or not self.share or not self.last_end:
+            return True
+        return now - self.last_end >= self.last_cost * (1.0 - self.share) / self.share
+
+    def wrote(self, t0: float) -> None:
+        self.last_end = time.time()
+        self.last_cost = self.last_end - t0
+
+
+def _write_epoch(members: list[Member], ended: list[tuple[Member, dict]], env: Env, ckpt: Checkpointer,
+                 final: bool) -> None:
+    """After an epoch: the metrics.jsonl line and TensorBoard row of each member that finished it
+    (appended: one line each, no fsync; a resume rewrites both from the checkpoint), then, when
+    ``ckpt`` says so, one group checkpoint holding every member's newest state (failed members'
+    last good one, marked), linked into each member's run directory. One checkpoint write for the
     whole group, fused or looped (docs/RELIABILITY.md, "Group checkpoints")."""
     if env.rank == 0:
-        held = [m for m in members if m.ckpt is not None]
-        if held and ended:
-            fio.save_group_checkpoint([m.run_dir for m in held], [(m.hash, m.ckpt, m.epoch, m.failed) for m in held])
         for m, row in ended:
-            fio.write_jsonl(m.run_dir / "metrics.jsonl", m.history)
+            fio.append_jsonl(m.run_dir / "metrics.jsonl", row)
             tblog.append(m.run_dir, m.cfg, row)
-            if m.lock:
-                m.lock.refresh()
+        held = [m for m in members if m.snap is not None]
+        t0 = time.time()
+        if held and (ended or final) and ckpt.due(t0, final):
+            fio.save_group_checkpoint([m.run_dir for m in held], [
+                (m.hash, fio.tensor_bytes(m.snap), m.snap["epoch"], m.failed) for m in held])
+            ckpt.wrote(t0)
+            for m in held:
+                if m.lock:
+                    m.lock.refresh()
     if env.world > 1:
         tdist.barrier()
     if env.progress:
@@ -829,6 +882,7 @@ def _finish(m: Member, env: Env, device) -> dict:
            "world_size": env.world, "gpu_hours": round(m.wall_s / 3600 * env.world, 6) if cuda else 0.0,
            "config_hash": m.hash, "finished_at": round(time.time(), 3)}  # survives copying the results tree
     if env.rank == 0:
+        fio.fsync_file(m.run_dir / "metrics.jsonl")  # appended without fsync each epoch; durable before the seal
         save_weights(m.model, m.run_dir / "model.pt")
         if m.hits is not None:
             fio.atomic_write_bytes(m.run_dir / "subset.pt", fio.tensor_bytes(
