@@ -56,8 +56,10 @@ def atomic_write(path: str | Path, writer: Callable[[Path], Any]) -> Path:
             os.fsync(f.fileno())
         _publish_mode(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not exc.filename:  # a failed write() names no file: name it
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
         raise
     return path
 
@@ -192,24 +194,6 @@ def tensor_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def save_checkpoint(run_dir: Path, state: dict) -> None:
-    blob = checked_blob(tensor_bytes(state))
-    last, prev = run_dir / "ckpt-last.pt", run_dir / "ckpt-prev.pt"
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt.", suffix=".tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-            _publish_mode(f.fileno())
-        if last.exists():
-            os.replace(last, prev)
-        os.replace(tmp, last)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def checked_blob(payload: bytes) -> bytes:
     """MAGIC + sha256(payload) in hex + payload: the layout of every checksummed binary file."""
     return CKPT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + payload
@@ -268,29 +252,38 @@ def save_group_checkpoint(run_dirs: list[Path], entries: list[tuple[str, bytes, 
     first = Path(run_dirs[0])
     fd, tmp = tempfile.mkstemp(prefix=".ckpt.", suffix=".tmp", dir=first)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-            _publish_mode(f.fileno())
-        for d in map(Path, run_dirs):
-            fd2, here = tempfile.mkstemp(prefix=".ckpt.", suffix=".tmp", dir=d)
-            os.close(fd2)
-            try:
-                os.unlink(here)
-                try:
-                    os.link(tmp, here)
-                except OSError:  # another filesystem, or none with hard links
-                    atomic_write_bytes(here, blob)
-                last = d / "ckpt-last.pt"
-                if last.exists():
-                    os.replace(last, d / "ckpt-prev.pt")
-                os.replace(here, last)
-            except BaseException:
-                Path(here).unlink(missing_ok=True)
-                raise
+        _link_group(blob, tmp, fd, run_dirs)
+    except OSError as exc:  # disk full: no temp file is left (below), and the message names the file
+        if exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(first / "ckpt-last.pt")) from None
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _link_group(blob: bytes, tmp: str, fd: int, run_dirs: list[Path]) -> None:
+    """Write ``blob`` to the temp file ``tmp`` (open as ``fd``), then link it in as each directory's ckpt-last.pt."""
+    with os.fdopen(fd, "wb") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+        _publish_mode(f.fileno())
+    for d in map(Path, run_dirs):
+        fd2, here = tempfile.mkstemp(prefix=".ckpt.", suffix=".tmp", dir=d)
+        os.close(fd2)
+        try:
+            os.unlink(here)
+            try:
+                os.link(tmp, here)
+            except OSError:  # another filesystem, or none with hard links
+                atomic_write_bytes(here, blob)
+            last = d / "ckpt-last.pt"
+            if last.exists():
+                os.replace(last, d / "ckpt-prev.pt")
+            os.replace(here, last)
+        except BaseException:
+            Path(here).unlink(missing_ok=True)
+            raise
 
 
 def _torch_state(payload: bytes) -> dict:

@@ -142,7 +142,8 @@ def test_corrupt_last_checkpoint_falls_back(damage, uninterrupted_teacher, tmp_p
     cfg = yaml.safe_load((ref / "config.yaml").read_text())
     rd = tmp_path / "results" / "t" / "runs" / ref.name
     # 3 of 4 epochs, then stop (as a preempted job would): ckpt-last = epoch 3, ckpt-prev = epoch 2
-    (rec,) = train_group([(cfg, rd)], Env(device="cpu", stop_after_epochs=3, log=lambda m: None))
+    # (ckpt_share 0: a checkpoint every epoch; by default tiny epochs are checkpointed on a time cadence)
+    (rec,) = train_group([(cfg, rd)], Env(device="cpu", stop_after_epochs=3, ckpt_share=0, log=lambda m: None))
     assert rec["status"] == "partial" and [r["epoch"] for r in rows(rd)] == [1, 2, 3]
     assert (rd / "ckpt-prev.pt").exists()
 
@@ -355,9 +356,90 @@ def test_stale_locks_are_taken_over(tmp_path):
     (teacher_dirs[1] / "lock").write_text('{"pid": 12')                # half-written by a killed writer
     old = time.time() - 60
     os.utime(teacher_dirs[1] / "lock", (old, old))
-    ok(cli(["run", "-s", f, "--results", res, "-x", "debug"], tmp_path))
-    for d in teacher_dirs:
+    # a lock naming a live process that is not its holder (the PID was reused after a kill -9, an
+    # OOM kill or a reboot): issue 19, the CLI waited for it forever
+    reused = subprocess.Popen(["sleep", "300"])
+    try:
+        student_dirs = [d for j in p.jobs if not j.name.startswith("teacher-") for _, d in j.runs]
+        student_dirs[0].mkdir(parents=True)
+        (student_dirs[0] / "lock").write_text(json.dumps({"pid": reused.pid, "host": socket.gethostname(),
+                                                          "started": time.time() - 60}))  # before that process began
+        p2 = ok(cli(["run", "-s", f, "--results", res, "-x", "debug"], tmp_path, timeout=120))
+        assert "waiting for it" not in p2.stdout + p2.stderr
+    finally:
+        reused.kill()
+        reused.wait()
+    for d in teacher_dirs + student_dirs[:1]:
         assert (d / "final.json").exists() and not (d / "lock").exists()
-        assert [r["epoch"] for r in read_jsonl(d / "metrics.jsonl")] == [1]
+        assert [r["epoch"] for r in read_jsonl(d / "metrics.jsonl")] == ([1] if d in teacher_dirs else [1, 2])
     no_debris(res / "s")
-    REPORT["stale_locks"] = ["dead pid", "half-written lock file"]
+    # kill -9 right after a run finished left its lock: the next look (status, a sweep) removes it
+    dead_lock = {"pid": dead.pid, "host": socket.gethostname(), "started": time.time() - 60}
+    (teacher_dirs[0] / "lock").write_text(json.dumps(dead_lock))
+    ok(cli(["status", "s", "--results", res], tmp_path))
+    assert not (teacher_dirs[0] / "lock").exists()
+    REPORT["stale_locks"] = ["dead pid", "half-written lock file", "reused pid", "finished run"]
+
+
+def test_lock_knows_its_holder(tmp_path):
+    """A lock records its holder's PID, start time (/proc/<pid>/stat) and boot id: the same PID in
+    another process, or a lock from before a reboot, is not a live holder; the real holder is."""
+    from effdstl_cli.files import RunLock, boot_id, proc_start
+
+    lock = RunLock(tmp_path).acquire()
+    me = lock.holder()
+    assert me["pid"] == os.getpid() and me["pid_start"] == proc_start(os.getpid()) and me["boot_id"] == boot_id()
+    assert RunLock(tmp_path).alive()                                    # the live holder
+    lock.release()
+    other = subprocess.Popen(["sleep", "300"])
+    try:
+        for fake in ({"pid_start": proc_start(other.pid) - 1},         # the PID now names another process
+                     {"pid_start": proc_start(other.pid), "boot_id": "0" * 8 + "-before-a-reboot"},
+                     {"started": time.time() - 3600}):                  # older lock: written before it began
+            (tmp_path / "lock").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(),
+                                                       "started": time.time(), **fake}))
+            assert not RunLock(tmp_path).alive(), fake
+            assert not (tmp_path / "lock").exists(), fake              # removed on that look
+        (tmp_path / "lock").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "started": time.time(),
+                                                   "pid_start": proc_start(other.pid), "boot_id": boot_id()}))
+        assert RunLock(tmp_path).alive()                                # the true holder holds it
+    finally:
+        other.kill()
+        other.wait()
+
+
+RELEASE_UNDER_SIGINT = """\
+import json, os, signal, sys
+from pathlib import Path
+from effdstl_cli import files as fio
+dirs = [Path(sys.argv[1]) / f"r{i}" for i in range(4)]
+for d in dirs:
+    d.mkdir()
+locks = [fio.RunLock(d).acquire() for d in dirs]
+holder, sent = fio.RunLock.holder, []
+def holder_then_sigint(self):  # the terminal's second Ctrl-C arrives inside RunLock.release()
+    if not sent:
+        sent.append(1)
+        os.kill(os.getpid(), signal.SIGINT)
+    return holder(self)
+fio.RunLock.holder = holder_then_sigint
+interrupted = False
+try:
+    fio.release_all(locks)
+except KeyboardInterrupt:
+    interrupted = True
+print(json.dumps({"interrupted": interrupted, "left": [str(d) for d in dirs if (d / "lock").exists()]}))
+"""
+
+
+def test_second_sigint_inside_release_leaves_no_lock(tmp_path):
+    """Ctrl-C reaches a local job twice (the terminal's and the launcher's SIGINT); the second
+    used to land inside RunLock.release() and leave the other runs' locks (issue 19: four). The
+    locks are given back with signals held: all go, then the interrupt goes on."""
+    script = tmp_path / "release.py"
+    script.write_text(RELEASE_UNDER_SIGINT)
+    p = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                       env=env_for(), timeout=120)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got == {"interrupted": True, "left": []}
