@@ -851,7 +851,7 @@ def _write_epoch(members: list[Member], ended: list[tuple[Member, dict]], env: E
         t0 = time.time()
         if held and (ended or final) and ckpt.due(t0, final):
             fio.save_group_checkpoint([m.run_dir for m in held], [
-                (m.hash, fio.tensor_bytes(m.snap), m.snap["epoch"], m.failed) for m in held])
+                (m.hash, m.snap, m.snap["epoch"], m.failed) for m in held])
             ckpt.wrote(t0)
             for m in held:
                 if m.lock:

@@ -210,39 +210,30 @@ def checked_payload(blob: bytes) -> bytes:
     return payload
 
 
-# A group checkpoint (the engine's, one per epoch for every run a job trains together) is one
-# checksummed file, hard-linked into each run directory as its ckpt-last.pt: one write per epoch
-# instead of one per run, and every member's state in each link. Payload: GROUP_MAGIC, 8 bytes
-# little-endian length of a JSON index [[run hash, bytes, epoch, failed reason or null], ...],
-# the index, then each run's torch.save'd state in index order.
+# A group checkpoint (the engine's, written for every run a job trains together) is one
+# checksummed file, hard-linked into each run directory as its ckpt-last.pt: one write instead of
+# one per run, and every member's state in each link. Payload: GROUP_MAGIC + one torch.save of
+# {"members": {run hash: {"epoch", "failed" (a reason or None), "state"}}} (one pickling for the
+# group: a torch.save's fixed cost is most of a small model's).
 GROUP_MAGIC = b"EFFDSTLG"
 
 
-def group_payload(entries: list[tuple[str, bytes, int, str | None]]) -> bytes:
-    """(run hash, its state as torch.save bytes, its epoch, why it failed or None) -> a payload."""
-    head = json.dumps([[h, len(b), int(e), f] for h, b, e, f in entries]).encode()
-    return GROUP_MAGIC + len(head).to_bytes(8, "little") + head + b"".join(b for _, b, _, _ in entries)
+def group_payload(entries: list[tuple[str, dict, int, str | None]]) -> bytes:
+    """(run hash, its state, its epoch, why it failed or None) -> a payload."""
+    return GROUP_MAGIC + tensor_bytes({"members": {h: {"epoch": int(e), "failed": f, "state": st}
+                                                   for h, st, e, f in entries}})
 
 
-def group_entries(payload: bytes) -> dict[str, tuple[int, str | None, bytes]] | None:
-    """{run hash: (epoch, failed reason, state bytes)} of a group payload; None for a one-run
-    checkpoint (the layout before group checkpoints); ValueError when garbled."""
+def group_entries(payload: bytes) -> dict[str, tuple[int, str | None, dict]] | None:
+    """{run hash: (epoch, failed reason, state)} of a group payload; None for a one-run
+    checkpoint (the layout before group checkpoints); an exception when garbled."""
     if not payload.startswith(GROUP_MAGIC):
         return None
-    n = int.from_bytes(payload[len(GROUP_MAGIC):len(GROUP_MAGIC) + 8], "little")
-    at = len(GROUP_MAGIC) + 8
-    head = json.loads(payload[at:at + n].decode())
-    at += n
-    out = {}
-    for h, size, epoch, failed in head:
-        out[str(h)] = (int(epoch), failed, payload[at:at + size])
-        at += size
-    if at != len(payload):
-        raise ValueError("group checkpoint index does not match its length")
-    return out
+    members = _torch_state(payload[len(GROUP_MAGIC):])["members"]
+    return {str(h): (int(m["epoch"]), m["failed"], m["state"]) for h, m in members.items()}
 
 
-def save_group_checkpoint(run_dirs: list[Path], entries: list[tuple[str, bytes, int, str | None]]) -> None:
+def save_group_checkpoint(run_dirs: list[Path], entries: list[tuple[str, dict, int, str | None]]) -> None:
     """Write one group checkpoint and make it each run directory's ckpt-last.pt (the old one
     becomes ckpt-prev.pt): written and fsynced once, then a hard link per directory (a copy where
     links are not possible), each put in place by an atomic rename. A kill between two directories
@@ -300,7 +291,7 @@ def _read_checkpoint(path: Path) -> dict:
         return _torch_state(payload)
     if path.parent.name not in entries:
         raise ValueError(f"the group checkpoint holds no state of run {path.parent.name}")
-    return _torch_state(entries[path.parent.name][2])
+    return entries[path.parent.name][2]
 
 
 def load_checkpoint(run_dir: Path) -> tuple[dict | None, str | None]:
@@ -369,16 +360,16 @@ def load_group_checkpoints(run_dirs: list[Path]) -> dict[str, tuple[dict | None,
         if isinstance(got, Exception):
             continue
         entries, group_epoch = got
-        for h, (epoch, failed, blob) in entries.items():
+        for h, (epoch, failed, state) in entries.items():
             if h in notes and (h not in best or (epoch, group_epoch) > best[h][:2]):
-                best[h] = (epoch, group_epoch, failed, blob)
+                best[h] = (epoch, group_epoch, failed, state)
     out = {}
     for d in map(Path, run_dirs):
         if d.name not in best:
             out[d.name] = (None, notes[d.name], None)
             continue
-        _, _, failed, blob = best[d.name]
-        out[d.name] = (blob if isinstance(blob, dict) else _torch_state(blob), notes[d.name], failed)
+        _, _, failed, state = best[d.name]
+        out[d.name] = (state, notes[d.name], failed)
     return out
 
 

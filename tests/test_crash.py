@@ -289,6 +289,9 @@ import effdstl_cli.engine as engine
 _end_epoch = engine._end_epoch
 def slow(*a, **k):  # test aid: a slow epoch without burning CPU
     time.sleep(float(os.environ.get("EFFDSTL_TEST_EPOCH_SLEEP", "0")))
+    gate, t0 = os.environ.get("EFFDSTL_TEST_GATE"), time.time()
+    while gate and not os.path.exists(gate) and time.time() - t0 < 120:  # held until the test opens it
+        time.sleep(0.05)
     return _end_epoch(*a, **k)
 engine._end_epoch = slow
 from effdstl_cli.cli import main
@@ -303,17 +306,31 @@ def test_two_sweeps_at_once_do_not_train_a_run_twice(tmp_path):
     res = tmp_path / "results"
     sd = res / "c"
     cmd = ["sweep", "replacement", "-s", f, "--results", res, "-x", "debug"]
+    # The first sweep's epochs wait at a gate the test opens once the second sweep has said it
+    # waits: the second meets a live holder however slowly it starts on a busy machine (it took
+    # longer than the first's whole training at load 10).
+    gate = tmp_path / "gate"
     first = subprocess.Popen([sys.executable, str(slow)] + [str(a) for a in cmd], cwd=tmp_path,
-                             env=env_for(EFFDSTL_TEST_EPOCH_SLEEP="0.7"), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+                             env=env_for(EFFDSTL_TEST_EPOCH_SLEEP="0.2", EFFDSTL_TEST_GATE=str(gate)),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log2 = tmp_path / "second.log"
     try:
         t0 = time.time()
         while first.poll() is None and not list(sd.glob("runs/*/lock")) and time.time() - t0 < 60:
             time.sleep(0.05)
         assert first.poll() is None, first.communicate()
-        second = cli(cmd, tmp_path)                                   # the same command, meanwhile
+        with open(log2, "w") as fh:                                    # the same command, meanwhile
+            sec = subprocess.Popen(CLI + [str(a) for a in cmd], cwd=tmp_path, env=env_for(), stdout=fh,
+                                   stderr=subprocess.STDOUT, text=True)
+            t0 = time.time()
+            while sec.poll() is None and "waiting for it" not in log2.read_text() and time.time() - t0 < 110:
+                time.sleep(0.05)
+            gate.touch()
+            sec.wait(timeout=240)
+        second = subprocess.CompletedProcess(sec.args, sec.returncode, log2.read_text(), "")
         out1, err1 = first.communicate(timeout=240)
     finally:
+        gate.touch()
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
             first.wait()
