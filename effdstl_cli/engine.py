@@ -184,6 +184,7 @@ class Member:
     lock: fio.RunLock | None = None
     acc: dict = field(default_factory=dict)      # on-device sums for the epoch in flight
     snap: dict | None = None                     # its newest state (a copy), for the next group checkpoint
+    unwritten: list = field(default_factory=list)  # metrics rows not yet in metrics.jsonl / TensorBoard
 
     @property
     def stages(self) -> list[dict]:
@@ -838,20 +839,25 @@ class Checkpointer:
 
 def _write_epoch(members: list[Member], ended: list[tuple[Member, dict]], env: Env, ckpt: Checkpointer,
                  final: bool) -> None:
-    """After an epoch: the metrics.jsonl line and TensorBoard row of each member that finished it
-    (appended: one line each, no fsync; a resume rewrites both from the checkpoint), then, when
-    ``ckpt`` says so, one group checkpoint holding every member's newest state (failed members'
-    last good one, marked), linked into each member's run directory. One checkpoint write for the
-    whole group, fused or looped (docs/RELIABILITY.md, "Group checkpoints")."""
+    """After an epoch, when ``ckpt`` says so (every epoch when epochs are long; see Checkpointer):
+    one group checkpoint holding every member's newest state (failed members' last good one,
+    marked), linked into each member's run directory, then the metrics.jsonl lines and TensorBoard
+    rows of the epochs since the last one (appended: no fsync; a resume rewrites both from the
+    checkpoint, so they never hold an epoch the checkpoint lacks). One write for the whole group,
+    fused or looped (docs/RELIABILITY.md, "Group checkpoints")."""
     if env.rank == 0:
         for m, row in ended:
-            fio.append_jsonl(m.run_dir / "metrics.jsonl", row)
-            tblog.append(m.run_dir, m.cfg, row)
+            m.unwritten.append(row)
         held = [m for m in members if m.snap is not None]
         t0 = time.time()
         if held and (ended or final) and ckpt.due(t0, final):
             fio.save_group_checkpoint([m.run_dir for m in held], [
                 (m.hash, m.snap, m.snap["epoch"], m.failed) for m in held])
+            for m in members:
+                if m.unwritten:
+                    fio.append_jsonl(m.run_dir / "metrics.jsonl", m.unwritten)
+                    tblog.append(m.run_dir, m.cfg, m.unwritten)
+                    m.unwritten = []
             ckpt.wrote(t0)
             for m in held:
                 if m.lock:

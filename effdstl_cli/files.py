@@ -90,13 +90,13 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
-def append_jsonl(path: str | Path, row: dict) -> None:
-    """One line at the end of a JSONL file, not fsynced: the engine's per-epoch metrics line. A
-    writer killed mid-line leaves a torn last line, which :func:`read_jsonl` drops, and the run's
-    resume rewrites the file whole from its checkpoint; ``fsync_file`` makes it durable before the
-    run is sealed."""
+def append_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Lines at the end of a JSONL file, not fsynced: the engine's metrics lines. A writer killed
+    mid-line leaves a torn last line, which :func:`read_jsonl` drops, and the run's resume
+    rewrites the file whole from its checkpoint; ``fsync_file`` makes it durable before the run is
+    sealed."""
     with open(path, "a") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
 def fsync_file(path: str | Path) -> None:

@@ -87,15 +87,16 @@ def _named(exc: OSError, path: Path) -> OSError:
     return exc if exc.filename else OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
-def append(run_dir: str | Path, cfg: dict, row: dict) -> None:
-    """One finished epoch's scalars, appended (a killed writer leaves at most a torn last record,
-    which TensorBoard skips and the next ``rewrite`` replaces)."""
+def append(run_dir: str | Path, cfg: dict, rows: list[dict] | dict) -> None:
+    """Finished epochs' scalars (one row or several), appended (a killed writer leaves at most a
+    torn last record, which TensorBoard skips and the next ``rewrite`` replaces)."""
+    rows = [rows] if isinstance(rows, dict) else rows
     path = log_dir(run_dir, cfg) / EVENTS
     if not path.exists():
-        rewrite(run_dir, cfg, [row])
+        rewrite(run_dir, cfg, rows)
         return
     try:
         with open(path, "ab") as f:
-            f.write(_framed(_events([row], time.time())))
+            f.write(_framed(_events(rows, time.time())))
     except OSError as exc:
         raise _named(exc, path) from None
