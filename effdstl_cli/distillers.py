@@ -145,6 +145,30 @@ class KD(Distiller):
         z_t = t[self.p["teacher"]].logits.float()
         return self._soft(z_s, y, F.softmax(z_t / float(self.p["tau"]), dim=1)), None
 
+    def batch_key(self):
+        # a sweep of tau and lam from one teacher; the same loss terms (lam 0 / 1 omit one)
+        lam = float(self.p["lam"])
+        return (self.p["teacher"], lam < 1.0, lam > 0.0)
+
+    @classmethod
+    def losses_many(cls, ds, z_s, f_s, t, y):
+        """R KD students of one teacher at once, each with its own tau and lam ((R, 1, 1) and (R,)
+        factors computed in double precision as the one-student path does, then float32)."""
+        z_t = t[ds[0].p["teacher"]].logits.float()
+        taus = [float(d.p["tau"]) for d in ds]
+        lams = [float(d.p["lam"]) for d in ds]
+        f32 = lambda v: torch.tensor(v, dtype=torch.float32, device=z_s.device)  # noqa: E731
+        tau = f32(taus).view(-1, 1, 1)
+        out = {}
+        if lams[0] < 1.0:
+            ce = F.cross_entropy(z_s.transpose(1, 2), y.expand(z_s.shape[0], -1), reduction="none")
+            out["ce"] = f32([1.0 - lam for lam in lams]) * ce.mean(1)
+        if lams[0] > 0.0:
+            q = F.softmax(z_t / tau, dim=-1)
+            kd = -(q * F.log_softmax(z_s / tau, dim=-1)).sum(-1).mean(-1) * f32([x ** 2 for x in taus])
+            out["kd"] = f32(lams) * kd
+        return out, None
+
 
 class WSL(Distiller):
     """EffDstl's stage-1 variant of WSL: ``w_ce * CE_LS(ls) + w_wsl * L_WSL(T)``, the weights'

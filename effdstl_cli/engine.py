@@ -41,6 +41,7 @@ from .errors import EffdstlError
 from .fused import FusedStudents, NotFusable, fuse, part
 from .fusion import fusion_key, fusion_plan, policy  # noqa: F401 - fusion_plan: re-exported
 from .models import load_checkpoint, model_for, save_weights
+from .sgd import SGD
 
 Progress = Callable[[str, dict], None]
 
@@ -68,6 +69,7 @@ class Env:
     nan_check_every: int = 50     # steps between non-finite checks on CUDA (each one syncs)
     fuse: str = "auto"            # auto | on | off: students of one architecture as one fused model
     stop_after_epochs: int | None = None  # testing/preemption aid: return after N epochs
+    ckpt_share: float | None = 0.05  # group checkpoints cost at most this share of training (Checkpointer); 0: every epoch
     progress: Progress | None = None
     log: Callable[[str], None] = print
 
@@ -121,10 +123,14 @@ def _stage_of(stages: list[dict], epoch0: int) -> tuple[int, int]:
     return len(stages) - 1, epoch0 - (start - int(stages[-1]["epochs"]))
 
 
-def make_optimizer(model: torch.nn.Module, stage: dict) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, stage: dict) -> "torch.optim.Optimizer | SGD":
+    """The stage's SGD: on the CPU effdstl's own (sgd.py: torch's numbers without importing
+    torch._dynamo), elsewhere torch's."""
     o = stage["optim"]
-    return torch.optim.SGD(model.parameters(), lr=float(o["lr"]), momentum=float(o.get("momentum", 0.9)),
-                           weight_decay=float(o.get("weight_decay", 0.0)), nesterov=bool(o.get("nesterov", False)))
+    params = list(model.parameters())
+    kind = SGD if all(p.device.type == "cpu" for p in params) else torch.optim.SGD
+    return kind(params, lr=float(o["lr"]), momentum=float(o.get("momentum", 0.9)),
+                weight_decay=float(o.get("weight_decay", 0.0)), nesterov=bool(o.get("nesterov", False)))
 
 
 def load_teacher(name: str, tcfg: dict, data) -> torch.nn.Module:
@@ -178,6 +184,8 @@ class Member:
     n_train: int = 0
     lock: fio.RunLock | None = None
     acc: dict = field(default_factory=dict)      # on-device sums for the epoch in flight
+    snap: dict | None = None                     # its newest state (a copy), for the next group checkpoint
+    unwritten: list = field(default_factory=list)  # metrics rows not yet in metrics.jsonl / TensorBoard
 
     @property
     def stages(self) -> list[dict]:
@@ -327,6 +335,7 @@ def train_group(members_in: list[tuple[dict, Path]], env: Env | None = None) -> 
         run_dir = Path(run_dir)
         h = config_hash(cfg)
         if (run_dir / "final.json").exists():
+            fio.RunLock(run_dir).alive()  # a lock its trainer left when killed right after finishing goes
             out.append(fio.read_record(run_dir / "final.json"))
             continue
         if (run_dir / "failed.json").exists():
@@ -340,9 +349,7 @@ def train_group(members_in: list[tuple[dict, Path]], env: Env | None = None) -> 
             try:
                 m.lock = fio.RunLock(run_dir).acquire()
             except BaseException:  # another process holds it: give back the locks taken so far
-                for other in members:
-                    if other.lock:
-                        other.lock.release()
+                fio.release_all(other.lock for other in members)
                 raise
             done = next((run_dir / f for f in ("final.json", "failed.json") if (run_dir / f).exists()), None)
             if done is not None and env.world == 1:  # finished by another process meanwhile
@@ -358,24 +365,25 @@ def train_group(members_in: list[tuple[dict, Path]], env: Env | None = None) -> 
 
     try:
         return out + _train(members, data, env, device, amp, chl, seed, gbatch, total)
-    finally:
-        for m in members:
-            if m.lock:
-                m.lock.release()
+    finally:  # every lock goes, even when a second Ctrl-C arrives meanwhile (fio.release_all)
+        fio.release_all(m.lock for m in members)
 
 
 def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> list[dict]:
     cuda = device.type == "cuda"
+    saved = fio.load_group_checkpoints([m.run_dir for m in members])
     for m in members:
         # Same seed -> same init for every student of an architecture: paired comparisons.
         torch.manual_seed(seed)
         m.model = model_for(m.cfg["model"], data, pretrained=bool(m.cfg.get("pretrained", False)))
         m.rng = torch.get_rng_state()
         m.n_train = len(data.train)
-        state, note = fio.load_checkpoint(m.run_dir)
+        state, note, failed = saved[m.run_dir.name]
         if note:
             env.log(note)
         if state is not None:
+            m.snap = state
+            m.failed = failed  # it failed after this state; the group goes on without it, as before the kill
             m.model.load_state_dict(state["model"])
             m.epoch, m.history, m.best = int(state["epoch"]), list(state["history"]), dict(state["best"])
             m.wall_s, m.rng = float(state["wall_s"]), state["rng"]
@@ -423,6 +431,7 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
     steps = max(n_train // gbatch, 1)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
     start_epoch = min(m.epoch for m in members)
+    ckpt = Checkpointer(env.ckpt_share)
     if env.progress:
         for m in members:
             env.progress("start", {"run": m.hash, "epoch": m.epoch, "epochs": m.total_epochs,
@@ -486,9 +495,11 @@ def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> li
                 for m, ev in zip(g.members, evaluate(g.net, data.test, device, env, chl, autocast)):
                     evs[id(m)] = ev
                 share += (time.time() - t1) / len(active)
-        for m in active:
-            if m.failed is None:
-                _end_epoch(m, data, epoch, share, device, env, chl, autocast, evs.get(id(m)))
+        ended = [m for m in active if m.failed is None]
+        rows = [_end_epoch(m, data, epoch, share, device, env, chl, autocast, evs.get(id(m))) for m in ended]
+        stop = env.stop_after_epochs is not None and epoch + 1 - start_epoch >= env.stop_after_epochs
+        _write_epoch(members, [(m, r) for m, r in zip(ended, rows) if r is not None], env, ckpt,
+                     final=stop or epoch + 1 == total)
         if env.rank == 0:
             for c in caches.values():
                 c.save()
@@ -524,9 +535,12 @@ def _fuse_members(members: list[Member], data, env: Env, device, chl: bool) -> l
     """Fuse every set of >= 2 members that share a fusion key and that ``--fuse`` (env.fuse) fuses
     on this device; members that cannot be fused (fused.fuse says why) stay in the loop."""
     sets: dict[tuple, list[Member]] = {}
+    # A member that failed before a resume keeps its slot (the fused shape decides the rounding of
+    # the others' numbers, as in the uninterrupted run): it joins at the epoch of the live ones.
+    now = min((m.epoch for m in members if m.failed is None), default=0)
     for m in members:
         if m.epoch < m.total_epochs:
-            sets.setdefault(fusion_key(m.cfg, m.epoch), []).append(m)
+            sets.setdefault(fusion_key(m.cfg, now if m.failed else m.epoch), []).append(m)
     out = []
     for key, ms in sets.items():
         if len(ms) < 2:
@@ -536,6 +550,12 @@ def _fuse_members(members: list[Member], data, env: Env, device, chl: bool) -> l
             continue
         probe = torch.rand(2, data.in_chans, data.image_size, data.image_size, device=device)
         feats = any(build_distiller(s["distiller"]).needs_features for m in ms for s in m.stages)
+        live = next((m for m in ms if m.failed is None), ms[0])
+        for m in ms:  # a failed member's slot is never read: its shared scalars (BN's step count) follow the live ones
+            if m.failed:
+                for name, t in m.model.state_dict().items():
+                    if t.dim() == 0:
+                        t.copy_(live.model.state_dict()[name])
         try:
             net = fuse([m.model for m in ms], probe, features=feats)
         except NotFusable as exc:
@@ -718,7 +738,8 @@ def evaluate(model: torch.nn.Module, split, device, env: Env, chl: bool, autocas
     return out if isinstance(model, FusedStudents) else out[0]
 
 
-def _end_epoch(m: Member, data, epoch, share_s, device, env: Env, chl, autocast, ev: dict | None = None) -> None:
+def _end_epoch(m: Member, data, epoch, share_s, device, env: Env, chl, autocast, ev: dict | None = None) -> dict | None:
+    """The epoch's metrics row of one member (None when it failed); a copy of its state -> ``m.snap``."""
     t0 = time.time()
     a = m.acc
     keys = sorted(a["parts"])
@@ -728,7 +749,7 @@ def _end_epoch(m: Member, data, epoch, share_s, device, env: Env, chl, autocast,
     if vec[4] > 0 or not all(math.isfinite(v) for v in vec):
         m.failed = m.failed or f"non-finite loss in epoch {epoch + 1}"
     if m.failed is not None:
-        return
+        return None
     n = max(vec[2], 1.0)
     if a["hits"] is not None:
         hits = _reduce(a["hits"], env).cpu()
@@ -744,20 +765,83 @@ def _end_epoch(m: Member, data, epoch, share_s, device, env: Env, chl, autocast,
     m.history.append(row)
     if ev["test_top1"] > m.best["top1"]:
         m.best = {"top1": ev["test_top1"], "top5": ev["test_top5"], "epoch": m.epoch}
+    if env.rank == 0:  # written by _write_epoch, with the group's other members, in one file
+        m.snap = _snapshot(m)
+    return row
+
+
+def _clone(obj):
+    """A copy of a state's tensors (nested in dicts/lists); training goes on changing the originals."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone(v) for v in obj]
+    return obj
+
+
+def _snapshot(m: Member) -> dict:
+    """What a checkpoint holds of a member after an epoch (copied: a member that fails later is
+    checkpointed with its last good state)."""
+    return {"model": _clone(m.model.state_dict()), "optim": _clone(m.opt.state_dict()), "stage": m.stage,
+            "epoch": m.epoch, "history": list(m.history), "best": dict(m.best), "wall_s": m.wall_s,
+            "hits": None if m.hits is None else m.hits.clone(), "mask_epochs": m.mask_epochs,
+            "rng": m.rng, "config_hash": m.hash}
+
+
+@dataclass
+class Checkpointer:
+    """When the group checkpoint is written: after an epoch when the training since the last one
+    took at least ``(1 - share) / share`` times what that write took (so writing costs at most
+    ``share`` of the time: every epoch when epochs are long, every second or so for the digits
+    demo's 0.1 s epochs), always after the first and the last epoch of the call; ``share`` 0 or
+    None: every epoch. Lost work is bounded by time: at most an epoch, or that many write times."""
+
+    share: float | None
+    last_end: float = 0.0      # when the last write ended (0: none yet)
+    last_cost: float = 0.0     # how long it took
+
+    def due(self, now: float, final: bool) -> bool:
+        if final or not self.share or not self.last_end:
+            return True
+        return now - self.last_end >= self.last_cost * (1.0 - self.share) / self.share
+
+    def wrote(self, t0: float) -> None:
+        self.last_end = time.time()
+        self.last_cost = self.last_end - t0
+
+
+def _write_epoch(members: list[Member], ended: list[tuple[Member, dict]], env: Env, ckpt: Checkpointer,
+                 final: bool) -> None:
+    """After an epoch, when ``ckpt`` says so (every epoch when epochs are long; see Checkpointer):
+    one group checkpoint holding every member's newest state (failed members' last good one,
+    marked), linked into each member's run directory, then the metrics.jsonl lines and TensorBoard
+    rows of the epochs since the last one (appended: no fsync; a resume rewrites both from the
+    checkpoint, so they never hold an epoch the checkpoint lacks). One write for the whole group,
+    fused or looped (docs/RELIABILITY.md, "Group checkpoints")."""
     if env.rank == 0:
-        fio.save_checkpoint(m.run_dir, {
-            "model": m.model.state_dict(), "optim": m.opt.state_dict(), "stage": m.stage,
-            "epoch": m.epoch, "history": m.history, "best": m.best, "wall_s": m.wall_s,
-            "hits": m.hits, "mask_epochs": m.mask_epochs,
-            "rng": m.rng, "config_hash": m.hash})
-        fio.write_jsonl(m.run_dir / "metrics.jsonl", m.history)
-        tblog.append(m.run_dir, m.cfg, row)
-        if m.lock:
-            m.lock.refresh()
+        for m, row in ended:
+            m.unwritten.append(row)
+        held = [m for m in members if m.snap is not None]
+        t0 = time.time()
+        if held and (ended or final) and ckpt.due(t0, final):
+            fio.save_group_checkpoint([m.run_dir for m in held], [
+                (m.hash, m.snap, m.snap["epoch"], m.failed) for m in held])
+            for m in members:
+                if m.unwritten:
+                    fio.append_jsonl(m.run_dir / "metrics.jsonl", m.unwritten)
+                    tblog.append(m.run_dir, m.cfg, m.unwritten)
+                    m.unwritten = []
+            ckpt.wrote(t0)
+            for m in held:
+                if m.lock:
+                    m.lock.refresh()
     if env.world > 1:
         tdist.barrier()
     if env.progress:
-        env.progress("epoch", {"run": m.hash, **row})
+        for m, row in ended:
+            env.progress("epoch", {"run": m.hash, **row})
 
 
 def _finish(m: Member, env: Env, device) -> dict:
@@ -779,9 +863,12 @@ def _finish(m: Member, env: Env, device) -> dict:
            "world_size": env.world, "gpu_hours": round(m.wall_s / 3600 * env.world, 6) if cuda else 0.0,
            "config_hash": m.hash, "finished_at": round(time.time(), 3)}  # survives copying the results tree
     if env.rank == 0:
+        fio.fsync_file(m.run_dir / "metrics.jsonl")  # appended without fsync each epoch; durable before the seal
         save_weights(m.model, m.run_dir / "model.pt")
         if m.hits is not None:
             fio.atomic_write_bytes(m.run_dir / "subset.pt", fio.tensor_bytes(
                 {"hits": m.hits, "epochs": torch.tensor(m.mask_epochs)}))
         fio.write_final(m.run_dir / "final.json", rec)  # written last, sealed: the run is done
+        if m.lock:  # at once, not after the whole group: a kill now leaves no lock in a finished run
+            m.lock.release()
     return rec

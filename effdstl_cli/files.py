@@ -14,6 +14,7 @@ import os
 import socket
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,8 +56,10 @@ def atomic_write(path: str | Path, writer: Callable[[Path], Any]) -> Path:
             os.fsync(f.fileno())
         _publish_mode(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not exc.filename:  # a failed write() names no file: name it
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
         raise
     return path
 
@@ -85,6 +88,20 @@ def read_json(path: str | Path) -> Any:
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     """Rewrite a whole JSONL file atomically (files are small: one line per epoch)."""
     atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def append_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Lines at the end of a JSONL file, not fsynced: the engine's metrics lines. A writer killed
+    mid-line leaves a torn last line, which :func:`read_jsonl` drops, and the run's resume
+    rewrites the file whole from its checkpoint; ``fsync_file`` makes it durable before the run is
+    sealed."""
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def fsync_file(path: str | Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -181,24 +198,6 @@ def tensor_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def save_checkpoint(run_dir: Path, state: dict) -> None:
-    blob = checked_blob(tensor_bytes(state))
-    last, prev = run_dir / "ckpt-last.pt", run_dir / "ckpt-prev.pt"
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt.", suffix=".tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-            _publish_mode(f.fileno())
-        if last.exists():
-            os.replace(last, prev)
-        os.replace(tmp, last)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def checked_blob(payload: bytes) -> bytes:
     """MAGIC + sha256(payload) in hex + payload: the layout of every checksummed binary file."""
     return CKPT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + payload
@@ -215,11 +214,88 @@ def checked_payload(blob: bytes) -> bytes:
     return payload
 
 
-def _read_checkpoint(path: Path) -> dict:
-    payload = checked_payload(path.read_bytes())
+# A group checkpoint (the engine's, written for every run a job trains together) is one
+# checksummed file, hard-linked into each run directory as its ckpt-last.pt: one write instead of
+# one per run, and every member's state in each link. Payload: GROUP_MAGIC + one torch.save of
+# {"members": {run hash: {"epoch", "failed" (a reason or None), "state"}}} (one pickling for the
+# group: a torch.save's fixed cost is most of a small model's).
+GROUP_MAGIC = b"EFFDSTLG"
+
+
+def group_payload(entries: list[tuple[str, dict, int, str | None]]) -> bytes:
+    """(run hash, its state, its epoch, why it failed or None) -> a payload."""
+    return GROUP_MAGIC + tensor_bytes({"members": {h: {"epoch": int(e), "failed": f, "state": st}
+                                                   for h, st, e, f in entries}})
+
+
+def group_entries(payload: bytes) -> dict[str, tuple[int, str | None, dict]] | None:
+    """{run hash: (epoch, failed reason, state)} of a group payload; None for a one-run
+    checkpoint (the layout before group checkpoints); an exception when garbled."""
+    if not payload.startswith(GROUP_MAGIC):
+        return None
+    members = _torch_state(payload[len(GROUP_MAGIC):])["members"]
+    return {str(h): (int(m["epoch"]), m["failed"], m["state"]) for h, m in members.items()}
+
+
+def save_group_checkpoint(run_dirs: list[Path], entries: list[tuple[str, dict, int, str | None]]) -> None:
+    """Write one group checkpoint and make it each run directory's ckpt-last.pt (the old one
+    becomes ckpt-prev.pt): written and fsynced once, then a hard link per directory (a copy where
+    links are not possible), each put in place by an atomic rename. A kill between two directories
+    leaves some of them one epoch behind; the engine resumes every member from the newest group
+    checkpoint that holds it (:func:`load_group_checkpoints`), so the group keeps its epoch."""
+    blob = checked_blob(group_payload(entries))
+    first = Path(run_dirs[0])
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt.", suffix=".tmp", dir=first)
+    try:
+        _link_group(blob, tmp, fd, run_dirs)
+    except OSError as exc:  # disk full: no temp file is left (below), and the message names the file
+        if exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(first / "ckpt-last.pt")) from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _link_group(blob: bytes, tmp: str, fd: int, run_dirs: list[Path]) -> None:
+    """Write ``blob`` to the temp file ``tmp`` (open as ``fd``), then link it in as each directory's ckpt-last.pt."""
+    with os.fdopen(fd, "wb") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+        _publish_mode(f.fileno())
+    for d in map(Path, run_dirs):
+        fd2, here = tempfile.mkstemp(prefix=".ckpt.", suffix=".tmp", dir=d)
+        os.close(fd2)
+        try:
+            os.unlink(here)
+            try:
+                os.link(tmp, here)
+            except OSError:  # another filesystem, or none with hard links
+                atomic_write_bytes(here, blob)
+            last = d / "ckpt-last.pt"
+            if last.exists():
+                os.replace(last, d / "ckpt-prev.pt")
+            os.replace(here, last)
+        except BaseException:
+            Path(here).unlink(missing_ok=True)
+            raise
+
+
+def _torch_state(payload: bytes) -> dict:
     import torch
 
     return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """The state of the run ``path`` belongs to (its directory is named by the run's hash)."""
+    payload = checked_payload(path.read_bytes())
+    entries = group_entries(payload)
+    if entries is None:
+        return _torch_state(payload)
+    if path.parent.name not in entries:
+        raise ValueError(f"the group checkpoint holds no state of run {path.parent.name}")
+    return entries[path.parent.name][2]
 
 
 def load_checkpoint(run_dir: Path) -> tuple[dict | None, str | None]:
@@ -241,6 +317,66 @@ def load_checkpoint(run_dir: Path) -> tuple[dict | None, str | None]:
     return None, (f"{'; '.join(bad)}; no intact checkpoint left: the run starts over" if bad else None)
 
 
+def load_group_checkpoints(run_dirs: list[Path]) -> dict[str, tuple[dict | None, str | None, str | None]]:
+    """For each run directory (named by its run's hash): (state, note, failed reason).
+
+    Every intact checkpoint in these directories is read once (the links of one group checkpoint
+    are one file), and a run resumes from the newest state of it found in any of them: a kill
+    between the links of one epoch's group checkpoint leaves no member an epoch behind the others
+    (the group resumes with its shape, so fused members round as in an uninterrupted run). A state
+    marked failed (a non-finite loss in an epoch after it) keeps that mark. ``note`` says when a
+    run's own newest checkpoint was corrupt, as :func:`load_checkpoint` does."""
+    read: dict[tuple, Any] = {}
+
+    def entries_of(path: Path):
+        st = path.stat()
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in read:
+            try:
+                payload = checked_payload(path.read_bytes())
+                got = group_entries(payload)
+                if got is None:  # a one-run checkpoint: its run is the directory's
+                    state = _torch_state(payload)
+                    got = {path.parent.name: (int(state.get("epoch", 0)), None, state)}
+                read[key] = (got, max((e for e, _, _ in got.values()), default=0))
+            except Exception as exc:  # noqa: BLE001 - corrupt/truncated: fall back
+                read[key] = exc
+        return read[key]
+
+    notes: dict[str, str | None] = {}
+    for d in map(Path, run_dirs):
+        bad, ok = [], None
+        for name in ("ckpt-last.pt", "ckpt-prev.pt"):
+            p = d / name
+            if not p.exists():
+                continue
+            got = entries_of(p)
+            if isinstance(got, Exception) or d.name not in got[0]:
+                why = got if isinstance(got, Exception) else ValueError(f"it holds no state of run {d.name}")
+                bad.append(f"{p} is corrupt ({type(why).__name__}: {why})")
+                continue
+            ok = name
+            break
+        notes[d.name] = ((f"{'; '.join(bad)}; fell back to the previous checkpoint {ok}" if ok else
+                          f"{'; '.join(bad)}; no intact checkpoint left: the run starts over") if bad else None)
+    best: dict[str, tuple] = {}
+    for got in read.values():
+        if isinstance(got, Exception):
+            continue
+        entries, group_epoch = got
+        for h, (epoch, failed, state) in entries.items():
+            if h in notes and (h not in best or (epoch, group_epoch) > best[h][:2]):
+                best[h] = (epoch, group_epoch, failed, state)
+    out = {}
+    for d in map(Path, run_dirs):
+        if d.name not in best:
+            out[d.name] = (None, notes[d.name], None)
+            continue
+        _, _, failed, state = best[d.name]
+        out[d.name] = (state, notes[d.name], failed)
+    return out
+
+
 # -- locks ---------------------------------------------------------------------------------
 
 def _alive(pid: int) -> bool:
@@ -257,6 +393,62 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def boot_id() -> str | None:
+    """This boot's id (Linux): a lock written before a reboot names no live process."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def proc_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (field 22 of /proc/<pid>/stat), or
+    None where /proc cannot say. With the boot id it names one process: a reused PID differs."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _proc_start_wall(ticks: int) -> float | None:
+    """``proc_start`` as wall-clock seconds (to within a second: /proc/stat's btime is whole seconds)."""
+    try:
+        btime = next(int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines()
+                     if ln.startswith("btime "))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
+@contextmanager
+def signals_deferred():
+    """Hold SIGINT/SIGTERM/SIGHUP until the block ends: a second Ctrl-C arriving while locks are
+    given back (the terminal's and the launcher's SIGINT) waits until every lock is gone, then
+    interrupts as usual. Only the main thread receives Python's signal handlers; elsewhere a no-op."""
+    import signal
+    import threading
+
+    sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def release_all(locks) -> None:
+    """Give back several locks with signals held (``signals_deferred``): all of them go, or none
+    was held."""
+    with signals_deferred():
+        for lock in locks:
+            if lock is not None:
+                lock.release()
+
+
 class LockBusy(EffdstlError):
     """The run is locked by a live process (``holder``: its {pid, host, started})."""
 
@@ -269,13 +461,17 @@ HALF_WRITTEN_S = 5.0  # a lock file still unreadable after this long was left by
 
 
 class RunLock:
-    """An exclusive lock on a run directory: ``lock`` holds {pid, host, started}.
+    """An exclusive lock on a run directory: ``lock`` holds {pid, host, started, boot_id, pid_start}.
 
     A second process asking for it gets ``LockBusy`` (an ``EffdstlError``) naming the holder. A lock
-    whose process is dead (same host), or whose file was not refreshed for ``stale_s`` (another
-    host), is taken over. The file appears with its content in one step (a hard link of a written
-    temp file), so a reader never sees it half-written; one left so by an older version or a dead
-    writer counts as held for ``HALF_WRITTEN_S``, then as stale.
+    on this host is stale when its process is gone, when the machine rebooted since (``boot_id``),
+    or when its PID now belongs to another process (``pid_start``, the holder's start time from
+    /proc/<pid>/stat, differs; a lock without it, from an older version: a process that started
+    after the lock was written cannot hold it). Another host's lock is stale when its file was not
+    refreshed for ``stale_s``. A stale lock is removed by whoever looks at it next (``alive``,
+    ``acquire``), so no command waits on it. The file appears with its content in one step (a hard
+    link of a written temp file), so a reader never sees it half-written; one left so by an older
+    version or a dead writer counts as held for ``HALF_WRITTEN_S``, then as stale.
     """
 
     def __init__(self, run_dir: Path, stale_s: float = 6 * 3600):
@@ -305,16 +501,45 @@ class RunLock:
             return age > HALF_WRITTEN_S
         if info.get("host") == socket.gethostname():
             try:
-                return not _alive(int(info.get("pid", -1)))
+                pid = int(info.get("pid", -1))
             except (TypeError, ValueError, OverflowError):
                 return True
+            if info.get("boot_id") and boot_id() and info["boot_id"] != boot_id():
+                return True   # written before a reboot: nothing of that boot runs
+            if not _alive(pid):
+                return True
+            now = proc_start(pid)
+            if now is None:
+                return False
+            if info.get("pid_start") is not None:
+                return info["pid_start"] != now   # the PID was reused by another process
+            began, started = _proc_start_wall(now), info.get("started")
+            # an older lock (no pid_start): its holder began before it wrote the lock
+            return isinstance(started, (int, float)) and began is not None and began > started + 2.0
         return age > self.stale_s
 
     _stale = is_stale  # the old private name
 
     def alive(self) -> bool:
-        """A live process (another one, or this one) holds the lock now."""
-        return self.path.exists() and not self.is_stale(self.holder())
+        """A live process (another one, or this one) holds the lock now; a stale lock is removed."""
+        if not self.path.exists():
+            return False
+        try:
+            ino = self.path.stat().st_ino
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        if not self.is_stale(self.holder()):
+            return True
+        self._remove_stale(ino)
+        return False
+
+    def _remove_stale(self, ino: int) -> None:
+        """Remove the stale lock file ``ino`` (not a fresh one another process made meanwhile)."""
+        try:
+            if self.path.stat().st_ino == ino:
+                self.path.unlink()
+        except OSError:  # gone already, or a read-only results folder: it stays stale, and says so
+            pass
 
     def _create(self, me: dict) -> bool:
         """Create the lock file with its content in one step; False if it exists."""
@@ -342,7 +567,8 @@ class RunLock:
             Path(tmp).unlink(missing_ok=True)
 
     def acquire(self) -> "RunLock":
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+              "boot_id": boot_id(), "pid_start": proc_start(os.getpid())}
         deadline = time.time() + HALF_WRITTEN_S + 5
         while True:
             if self._create(me):
@@ -357,11 +583,7 @@ class RunLock:
                 self.held = True
                 return self
             if self.is_stale(info):
-                try:  # the same file still (not a fresh lock another process just made): remove it
-                    if self.path.stat().st_ino == ino:
-                        self.path.unlink()
-                except FileNotFoundError:
-                    pass
+                self._remove_stale(ino)  # the same file still (not a fresh lock another process just made)
             elif info is None:  # being written right now, or half-written and still young: look again
                 if time.time() > deadline:
                     raise EffdstlError(f"could not take the lock {self.path} (unreadable); delete it if no "
@@ -377,11 +599,13 @@ class RunLock:
             os.utime(self.path)
 
     def release(self) -> None:
+        """Give the lock back; a signal arriving meanwhile waits until it is gone (Ctrl-C twice)."""
         if self.held:
-            info = self.holder()
-            if info and info.get("pid") == os.getpid():
-                self.path.unlink(missing_ok=True)
-            self.held = False
+            with signals_deferred():
+                info = self.holder()
+                if info and info.get("pid") == os.getpid():
+                    self.path.unlink(missing_ok=True)
+                self.held = False
 
     def __enter__(self):
         return self.acquire()

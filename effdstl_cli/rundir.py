@@ -247,6 +247,8 @@ class RunDir:
     def state(self) -> str:
         """done | damaged | failed | running | partial | pending (see the module doc)."""
         if self.file("final.json").exists():
+            if self.file("lock").exists():
+                self.lock.alive()  # a stale lock in a finished run (its trainer killed right after) goes
             return "damaged" if self.problem() else "done"
         if self.identity_problem():  # its config was edited: never resumed
             return "damaged"

@@ -72,17 +72,31 @@ def rewrite(run_dir: str | Path, cfg: dict, history: list[dict]) -> Path:
     path = d / EVENTS
     t0 = time.time()
     tmp = d / f".{EVENTS}.{os.getpid()}.tmp"
-    tmp.write_bytes(_framed([_header(t0), *_events(history, t0)]))
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(_framed([_header(t0), *_events(history, t0)]))
+        os.replace(tmp, path)
+    except OSError as exc:  # disk full, quota: no temp file left behind, and the message names the file
+        tmp.unlink(missing_ok=True)
+        raise _named(exc, path) from None
     return path
 
 
-def append(run_dir: str | Path, cfg: dict, row: dict) -> None:
-    """One finished epoch's scalars, appended (a killed writer leaves at most a torn last record,
-    which TensorBoard skips and the next ``rewrite`` replaces)."""
+def _named(exc: OSError, path: Path) -> OSError:
+    """``exc`` with ``path`` as its file name (a failed write() carries none): the CLI's one line
+    then says which file could not be written."""
+    return exc if exc.filename else OSError(exc.errno, exc.strerror or str(exc), str(path))
+
+
+def append(run_dir: str | Path, cfg: dict, rows: list[dict] | dict) -> None:
+    """Finished epochs' scalars (one row or several), appended (a killed writer leaves at most a
+    torn last record, which TensorBoard skips and the next ``rewrite`` replaces)."""
+    rows = [rows] if isinstance(rows, dict) else rows
     path = log_dir(run_dir, cfg) / EVENTS
     if not path.exists():
-        rewrite(run_dir, cfg, [row])
+        rewrite(run_dir, cfg, rows)
         return
-    with open(path, "ab") as f:
-        f.write(_framed(_events([row], time.time())))
+    try:
+        with open(path, "ab") as f:
+            f.write(_framed(_events(rows, time.time())))
+    except OSError as exc:
+        raise _named(exc, path) from None

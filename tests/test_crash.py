@@ -142,7 +142,8 @@ def test_corrupt_last_checkpoint_falls_back(damage, uninterrupted_teacher, tmp_p
     cfg = yaml.safe_load((ref / "config.yaml").read_text())
     rd = tmp_path / "results" / "t" / "runs" / ref.name
     # 3 of 4 epochs, then stop (as a preempted job would): ckpt-last = epoch 3, ckpt-prev = epoch 2
-    (rec,) = train_group([(cfg, rd)], Env(device="cpu", stop_after_epochs=3, log=lambda m: None))
+    # (ckpt_share 0: a checkpoint every epoch; by default tiny epochs are checkpointed on a time cadence)
+    (rec,) = train_group([(cfg, rd)], Env(device="cpu", stop_after_epochs=3, ckpt_share=0, log=lambda m: None))
     assert rec["status"] == "partial" and [r["epoch"] for r in rows(rd)] == [1, 2, 3]
     assert (rd / "ckpt-prev.pt").exists()
 
@@ -198,7 +199,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
                                 start_new_session=True)
         try:
             t0 = time.time()
-            while proc.poll() is None and on_disk() < target and time.time() - t0 < 120:
+            while proc.poll() is None and on_disk() < target and time.time() - t0 < 600:  # a busy machine starts slowly
                 time.sleep(0.005)
             time.sleep(rng.uniform(0.0, 0.06))
             alive = proc.poll() is None
@@ -288,6 +289,9 @@ import effdstl_cli.engine as engine
 _end_epoch = engine._end_epoch
 def slow(*a, **k):  # test aid: a slow epoch without burning CPU
     time.sleep(float(os.environ.get("EFFDSTL_TEST_EPOCH_SLEEP", "0")))
+    gate, t0 = os.environ.get("EFFDSTL_TEST_GATE"), time.time()
+    while gate and not os.path.exists(gate) and time.time() - t0 < 120:  # held until the test opens it
+        time.sleep(0.05)
     return _end_epoch(*a, **k)
 engine._end_epoch = slow
 from effdstl_cli.cli import main
@@ -302,17 +306,31 @@ def test_two_sweeps_at_once_do_not_train_a_run_twice(tmp_path):
     res = tmp_path / "results"
     sd = res / "c"
     cmd = ["sweep", "replacement", "-s", f, "--results", res, "-x", "debug"]
+    # The first sweep's epochs wait at a gate the test opens once the second sweep has said it
+    # waits: the second meets a live holder however slowly it starts on a busy machine (it took
+    # longer than the first's whole training at load 10).
+    gate = tmp_path / "gate"
     first = subprocess.Popen([sys.executable, str(slow)] + [str(a) for a in cmd], cwd=tmp_path,
-                             env=env_for(EFFDSTL_TEST_EPOCH_SLEEP="0.7"), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+                             env=env_for(EFFDSTL_TEST_EPOCH_SLEEP="0.2", EFFDSTL_TEST_GATE=str(gate)),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log2 = tmp_path / "second.log"
     try:
         t0 = time.time()
         while first.poll() is None and not list(sd.glob("runs/*/lock")) and time.time() - t0 < 60:
             time.sleep(0.05)
         assert first.poll() is None, first.communicate()
-        second = cli(cmd, tmp_path)                                   # the same command, meanwhile
+        with open(log2, "w") as fh:                                    # the same command, meanwhile
+            sec = subprocess.Popen(CLI + [str(a) for a in cmd], cwd=tmp_path, env=env_for(), stdout=fh,
+                                   stderr=subprocess.STDOUT, text=True)
+            t0 = time.time()
+            while sec.poll() is None and "waiting for it" not in log2.read_text() and time.time() - t0 < 110:
+                time.sleep(0.05)
+            gate.touch()
+            sec.wait(timeout=240)
+        second = subprocess.CompletedProcess(sec.args, sec.returncode, log2.read_text(), "")
         out1, err1 = first.communicate(timeout=240)
     finally:
+        gate.touch()
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
             first.wait()
@@ -355,9 +373,90 @@ def test_stale_locks_are_taken_over(tmp_path):
     (teacher_dirs[1] / "lock").write_text('{"pid": 12')                # half-written by a killed writer
     old = time.time() - 60
     os.utime(teacher_dirs[1] / "lock", (old, old))
-    ok(cli(["run", "-s", f, "--results", res, "-x", "debug"], tmp_path))
-    for d in teacher_dirs:
+    # a lock naming a live process that is not its holder (the PID was reused after a kill -9, an
+    # OOM kill or a reboot): issue 19, the CLI waited for it forever
+    reused = subprocess.Popen(["sleep", "300"])
+    try:
+        student_dirs = [d for j in p.jobs if not j.name.startswith("teacher-") for _, d in j.runs]
+        student_dirs[0].mkdir(parents=True)
+        (student_dirs[0] / "lock").write_text(json.dumps({"pid": reused.pid, "host": socket.gethostname(),
+                                                          "started": time.time() - 60}))  # before that process began
+        p2 = ok(cli(["run", "-s", f, "--results", res, "-x", "debug"], tmp_path, timeout=120))
+        assert "waiting for it" not in p2.stdout + p2.stderr
+    finally:
+        reused.kill()
+        reused.wait()
+    for d in teacher_dirs + student_dirs[:1]:
         assert (d / "final.json").exists() and not (d / "lock").exists()
-        assert [r["epoch"] for r in read_jsonl(d / "metrics.jsonl")] == [1]
+        assert [r["epoch"] for r in read_jsonl(d / "metrics.jsonl")] == ([1] if d in teacher_dirs else [1, 2])
     no_debris(res / "s")
-    REPORT["stale_locks"] = ["dead pid", "half-written lock file"]
+    # kill -9 right after a run finished left its lock: the next look (status, a sweep) removes it
+    dead_lock = {"pid": dead.pid, "host": socket.gethostname(), "started": time.time() - 60}
+    (teacher_dirs[0] / "lock").write_text(json.dumps(dead_lock))
+    ok(cli(["status", "s", "--results", res], tmp_path))
+    assert not (teacher_dirs[0] / "lock").exists()
+    REPORT["stale_locks"] = ["dead pid", "half-written lock file", "reused pid", "finished run"]
+
+
+def test_lock_knows_its_holder(tmp_path):
+    """A lock records its holder's PID, start time (/proc/<pid>/stat) and boot id: the same PID in
+    another process, or a lock from before a reboot, is not a live holder; the real holder is."""
+    from effdstl_cli.files import RunLock, boot_id, proc_start
+
+    lock = RunLock(tmp_path).acquire()
+    me = lock.holder()
+    assert me["pid"] == os.getpid() and me["pid_start"] == proc_start(os.getpid()) and me["boot_id"] == boot_id()
+    assert RunLock(tmp_path).alive()                                    # the live holder
+    lock.release()
+    other = subprocess.Popen(["sleep", "300"])
+    try:
+        for fake in ({"pid_start": proc_start(other.pid) - 1},         # the PID now names another process
+                     {"pid_start": proc_start(other.pid), "boot_id": "0" * 8 + "-before-a-reboot"},
+                     {"started": time.time() - 3600}):                  # older lock: written before it began
+            (tmp_path / "lock").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(),
+                                                       "started": time.time(), **fake}))
+            assert not RunLock(tmp_path).alive(), fake
+            assert not (tmp_path / "lock").exists(), fake              # removed on that look
+        (tmp_path / "lock").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "started": time.time(),
+                                                   "pid_start": proc_start(other.pid), "boot_id": boot_id()}))
+        assert RunLock(tmp_path).alive()                                # the true holder holds it
+    finally:
+        other.kill()
+        other.wait()
+
+
+RELEASE_UNDER_SIGINT = """\
+import json, os, signal, sys
+from pathlib import Path
+from effdstl_cli import files as fio
+dirs = [Path(sys.argv[1]) / f"r{i}" for i in range(4)]
+for d in dirs:
+    d.mkdir()
+locks = [fio.RunLock(d).acquire() for d in dirs]
+holder, sent = fio.RunLock.holder, []
+def holder_then_sigint(self):  # the terminal's second Ctrl-C arrives inside RunLock.release()
+    if not sent:
+        sent.append(1)
+        os.kill(os.getpid(), signal.SIGINT)
+    return holder(self)
+fio.RunLock.holder = holder_then_sigint
+interrupted = False
+try:
+    fio.release_all(locks)
+except KeyboardInterrupt:
+    interrupted = True
+print(json.dumps({"interrupted": interrupted, "left": [str(d) for d in dirs if (d / "lock").exists()]}))
+"""
+
+
+def test_second_sigint_inside_release_leaves_no_lock(tmp_path):
+    """Ctrl-C reaches a local job twice (the terminal's and the launcher's SIGINT); the second
+    used to land inside RunLock.release() and leave the other runs' locks (issue 19: four). The
+    locks are given back with signals held: all go, then the interrupt goes on."""
+    script = tmp_path / "release.py"
+    script.write_text(RELEASE_UNDER_SIGINT)
+    p = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                       env=env_for(), timeout=120)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got == {"interrupted": True, "left": []}

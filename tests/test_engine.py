@@ -150,3 +150,133 @@ def test_non_finite_student_fails_alone(tmp_path):
     # Running the group again keeps the failure and does not retrain the finished run.
     again = train_group(pairs, Env(device="cpu", log=lambda m: None))
     assert [r["status"] for r in again] == ["failed", "done"]
+
+
+# -- issue 19: a fused group resumes with its shape; issue 20: group checkpoints, fixed costs ----
+
+def _kd_group(tref, n=4, epochs=4):
+    return [run_cfg(stages=[stage(epochs, {"name": "kd", "teacher": "weak", "tau": t, "lam": 0.5})],
+                    teachers={"weak": tref}, label=f"kd{t}") for t in (1.0, 2.0, 4.0, 8.0)[:n]]
+
+
+def test_fused_resume_after_a_torn_group_checkpoint_is_bit_identical(teacher, tmp_path):
+    """A kill between the links of one epoch's group checkpoint leaves some members' run
+    directories an epoch behind. Resuming each from its own directory made two fused models of
+    other sizes (the float rounding differs: test_loss in the 8th digit, issue 19); every member
+    now resumes from the newest group checkpoint that holds it, so the group keeps its shape and
+    the numbers equal an uninterrupted run's bit for bit."""
+    tref, _ = teacher
+    cfgs = _kd_group(tref)
+    full, _ = train(cfgs, tmp_path / "a", fuse="on")
+    part, recs = train(cfgs, tmp_path / "b", fuse="on", stop_after_epochs=2, ckpt_share=0)
+    assert [r["status"] for r in recs] == ["partial"] * 4
+    inodes = {(d / "ckpt-last.pt").stat().st_ino for _, d in part}
+    assert len(inodes) == 1                                  # one write for the group, linked into each run
+    for _, d in part[2:]:                                    # the kill came before these links were made
+        (d / "ckpt-prev.pt").replace(d / "ckpt-last.pt")     # epoch 1's group checkpoint is their newest
+        rows = (d / "metrics.jsonl").read_text().splitlines(keepends=True)
+        (d / "metrics.jsonl").write_text("".join(rows[:1]))
+    train(cfgs, tmp_path / "b", fuse="on")
+    for (_, a), (_, b) in zip(full, part):
+        assert history(b) == history(a), b
+        wa, wb = weights(a), weights(b)
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), (b, k)
+
+
+def test_group_checkpoints_follow_their_cadence(teacher, tmp_path):
+    """ckpt_share 0: one group checkpoint per epoch; the default: at most 5 % of the training
+    time, always after the first and the last epoch (lost work bounded by time)."""
+    from effdstl_cli.engine import Checkpointer
+
+    c = Checkpointer(0.05)
+    assert c.due(100.0, final=False)                         # nothing written yet
+    c.last_end, c.last_cost = 100.0, 0.2
+    assert not c.due(103.0, final=False) and c.due(103.9, final=False) and c.due(100.1, final=True)
+    assert Checkpointer(0).due(100.0, final=False)
+    tref, _ = teacher
+    pairs, _ = train(_kd_group(tref, n=2, epochs=3), tmp_path, fuse="on", ckpt_share=0)
+    for _, d in pairs:
+        state, note = __import__("effdstl_cli.files", fromlist=["x"]).load_checkpoint(d)
+        assert note is None and state["epoch"] == 3 and state["config_hash"] == d.name
+        prev = __import__("effdstl_cli.files", fromlist=["x"])._read_checkpoint(d / "ckpt-prev.pt")
+        assert prev["epoch"] == 2                            # one write per epoch: the one before is epoch 2
+
+
+def test_own_sgd_equals_torch_sgd():
+    """The CPU SGD (no torch._dynamo import) steps bit for bit as torch.optim.SGD, and their
+    state dicts load into each other (checkpoints of either resume with the other)."""
+    from effdstl_cli.sgd import SGD
+
+    for kw in ({"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}, {"lr": 0.05, "momentum": 0.9, "nesterov": True},
+               {"lr": 0.2, "momentum": 0.0, "weight_decay": 1e-3}):
+        torch.manual_seed(0)
+        a = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+        b = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+        b.load_state_dict(a.state_dict())
+        oa, ob = torch.optim.SGD(a.parameters(), **kw), SGD(b.parameters(), **kw)
+        for step in range(6):
+            x, y = torch.randn(8, 16), torch.randint(0, 10, (8,))
+            for m, o in ((a, oa), (b, ob)):
+                o.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(m(x), y).backward()
+                o.step()
+            if step == 2:  # swap the optimizers' states across the two classes midway
+                sa, sb = oa.state_dict(), ob.state_dict()
+                oa.load_state_dict(sb)
+                ob.load_state_dict(sa)
+        for k, v in a.state_dict().items():
+            assert torch.equal(v, b.state_dict()[k]), (kw, k)
+        assert oa.state_dict()["param_groups"][0].keys() == ob.state_dict()["param_groups"][0].keys()
+
+
+def test_training_imports_neither_dynamo_nor_sklearn(tmp_path):
+    """The fixed cost of a CPU training command on digits: torch._dynamo (pulled in by
+    torch.optim) and scikit-learn (for the digits arrays) are not imported; the digits arrays equal
+    scikit-learn's load_digits + train_test_split(test_size=0.4, stratify, random_state=0)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, json\n"
+            "from effdstl_cli.engine import Env, train_group\n"
+            f"cfg = {run_cfg()!r}\n"
+            "cfg['dataset'] = 'digits'; cfg['epochs'] = 1; cfg['stages'][0]['epochs'] = 1\n"
+            f"train_group([(cfg, __import__('pathlib').Path({str(tmp_path / 'r')!r}))], Env(device='cpu', log=lambda m: None))\n"
+            "print(json.dumps(sorted(m for m in ('torch._dynamo', 'sklearn') if m in sys.modules)))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == []
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from effdstl_cli.data import build_data
+
+    d, ref = build_data("digits"), load_digits()
+    x = torch.tensor(ref.images / 16.0, dtype=torch.float32)[:, None]
+    tr, te = train_test_split(np.arange(len(ref.target)), test_size=0.4, stratify=ref.target, random_state=0)
+    assert torch.equal(d.train.images, x[tr]) and torch.equal(d.test.images, x[te])
+    assert d.train.labels.tolist() == ref.target[tr].tolist() and d.test.labels.tolist() == ref.target[te].tolist()
+
+
+def test_tensorboard_disk_full_names_the_file_and_leaves_no_temp(tmp_path):
+    """A write that fails for want of room (here: a file-size limit, EFBIG, as a full disk gives
+    ENOSPC) raises an OSError naming the event file, and leaves no tb/.events….tmp."""
+    import subprocess
+    import sys
+
+    code = ("import resource, signal, json\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+            "from effdstl_cli import tblog\n"
+            "rows = [{'epoch': i + 1, 'train_loss': 0.5, 'losses': {f'l{j}': 0.1 for j in range(30)}} for i in range(40)]\n"
+            "try:\n"
+            f"    tblog.rewrite({str(tmp_path)!r}, {{'meta': {{'label': 'x'}}}}, rows)\n"
+            "except OSError as exc:\n"
+            "    print(json.dumps([exc.errno, exc.filename]))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    errno_, name = json.loads(p.stdout.strip().splitlines()[-1])
+    assert errno_ == 27 and name.endswith("tb/x-seed0/events.out.tfevents.0.effdstl"), name   # EFBIG
+    assert not list(tmp_path.rglob(".*.tmp"))
