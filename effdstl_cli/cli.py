@@ -673,7 +673,11 @@ def main() -> None:
     except _CLICK.ClickException as exc:  # a usage error: the project's one line, and where to read more
         msg = " ".join(exc.format_message().split())
         ctx = getattr(exc, "ctx", None)
-        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        names = []  # the subcommands' names: the program is `effdstl` however it was started (python -m, a test)
+        while ctx is not None and ctx.parent is not None:
+            names.append(ctx.info_name)
+            ctx = ctx.parent
+        hint = f" (see `{' '.join(['effdstl', *reversed(names)])} --help`)" if getattr(exc, "ctx", None) is not None else ""
         console.print(f"error: {msg}{hint}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except typer.Abort:

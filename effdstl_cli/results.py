@@ -98,6 +98,10 @@ def collect(study_dir: str | Path, study: dict | None = None, stale: bool = Fals
     if not runs:
         raise EffdstlError(f"no runs under {study_dir / 'runs'} (no */config.yaml): launch the study first")
     planned = None if stale else _planned(study_dir, study)
+    if planned is not None and not any(rd.name in planned for rd in runs):
+        # the study file plans none of these folders (runs made by hand or by other code, or a study
+        # file replaced wholesale): nothing to tell stale from current, so every folder counts
+        planned = None
     rows = [_run_row(rd) for rd in runs if planned is None or rd.name in planned]
     if planned is not None:
         for r in rows:   # the study's labels as it is now (a run's config.yaml keeps those it was made with)

@@ -197,9 +197,12 @@ class RunDir:
         return _checked[key]
 
     def _problem(self, deep: bool) -> str | None:
-        why = self.identity_problem()
-        if why:
-            return why
+        # A finished run's config.yaml is guarded by its seal (final.json's checksums); the hash-to-name
+        # check is for unfinished runs, the ones that could be resumed with values never used.
+        if not self.file("final.json").exists():
+            why = self.identity_problem()
+            if why:
+                return why
         rec, why = self._read_final()
         if why:
             return why
@@ -250,10 +253,10 @@ class RunDir:
             if self.file("lock").exists():
                 self.lock.alive()  # a stale lock in a finished run (its trainer killed right after) goes
             return "damaged" if self.problem() else "done"
+        if self.file("failed.json").exists():  # terminal until --rerun: never resumed as it is
+            return "failed"
         if self.identity_problem():  # its config was edited: never resumed
             return "damaged"
-        if self.file("failed.json").exists():
-            return "failed"
         if self.running():
             return "running"
         if any(self.file(n).exists() for n in ("ckpt-last.pt", "ckpt-prev.pt", "metrics.jsonl")):

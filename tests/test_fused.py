@@ -200,7 +200,7 @@ def test_stage_switch_after_the_first_student_failed(teacher, tmp_path):
     net = build_model("mlp:16", 10, in_chans=1, image_size=8)
     with torch.no_grad():
         for p in net.parameters():
-            p.fill_(float("nan"))
+            p.fill_(1e30)  # finite weights (a NaN checkpoint is refused on load) whose logits overflow: inf/NaN targets
     save_weights(net, tmp_path / "nan.pt")
     ts = {"bad": {"model": "mlp:16", "ckpt": str(tmp_path / "nan.pt")}, "weak": teacher}
     two = lambda d1: [stage(1, d1), stage(1, {"name": "none"}, lr=0.02, wd=0.0)]  # noqa: E731
@@ -223,7 +223,7 @@ def test_a_failing_student_fails_alone_in_a_fused_group(tmp_path):
     net = build_model("mlp:16", 10, in_chans=1, image_size=8)
     with torch.no_grad():
         for p in net.parameters():
-            p.fill_(float("nan"))
+            p.fill_(1e30)  # finite weights (a NaN checkpoint is refused on load) whose logits overflow: inf/NaN targets
     save_weights(net, tmp_path / "nan.pt")
     nan_teacher = {"bad": {"model": "mlp:16", "ckpt": str(tmp_path / "nan.pt")}}
     ok = run_cfg("mlp:32", [stage(2, {"name": "none"})], teachers=nan_teacher, label="fine")

@@ -214,7 +214,11 @@ def test_half_written_lock_is_waited_for_then_taken_over(tmp_path):
     lock.release()
     holder = subprocess.Popen(["sleep", "30"])
     try:
-        (tmp_path / "lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": 0}))
+        from effdstl_cli.files import boot_id, proc_start
+
+        # a lock as a live holder writes it: its pid, this boot, and that process's start time
+        (tmp_path / "lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": time.time(),
+                                                   "boot_id": boot_id(), "pid_start": proc_start(holder.pid)}))
         with pytest.raises(LockBusy, match=f"being trained by pid {holder.pid}"):
             RunLock(tmp_path).acquire()
     finally:

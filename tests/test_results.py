@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import math
 import os
 from pathlib import Path
@@ -46,7 +47,9 @@ def make_run(study_dir: Path, *, role: str = "student", state: str = "done", bes
                        "sched": {"warmup_epochs": 0, "min_lr": 0.0}}],
            "teachers": {"weak": {"model": m["weak"], "run": "abc"}} if role == "student" else {},
            "meta": m}
-    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    # named unlike a config hash: a hand-made run is not the engine's, so the name-to-config check
+    # (rundir.identity_problem) leaves it alone; its meta makes the name unique
+    h = "hand-" + hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
     rd = study_dir / "runs" / h
     assert not rd.exists(), "two hand-made runs with one config"
     rd.mkdir(parents=True)
@@ -72,7 +75,11 @@ def make_run(study_dir: Path, *, role: str = "student", state: str = "done", bes
     elif state == "failed":
         (rd / "failed.json").write_text(json.dumps({"reason": "NaN loss", "epoch": len(metrics)}))
     elif state == "running":
-        (rd / "lock").write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": 0}))
+        from effdstl_cli.files import boot_id, proc_start
+
+        # held by this live process, as a lock is written now (pid, this boot, the pid's start time)
+        (rd / "lock").write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": time.time(),
+                                             "boot_id": boot_id(), "pid_start": proc_start(os.getpid())}))
     return rd
 
 
