@@ -192,13 +192,14 @@ def _check_writable(d: Path, run_dirs: list[Path] = ()) -> None:
     runs (in a job it would surface as the job's failure, or as a lock it could not take)."""
     import tempfile
 
-    for where in [d, *(r for r in run_dirs if r.is_dir() and not (r / "final.json").exists())]:
+    runs = [d / "runs"] if (d / "runs").is_dir() else []  # where each new run's folder is made
+    for where in [d, *runs, *(r for r in run_dirs if r.is_dir() and not (r / "final.json").exists())]:
         try:
             where.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=where):
                 pass
         except OSError as exc:
-            what = "results directory" if where == d else "run directory"
+            what = "results directory" if where == d or where in runs else "run directory"
             raise EffdstlError(f"{what} {where} is not writable ({exc.strerror or exc})") from None
 
 

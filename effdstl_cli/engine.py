@@ -72,6 +72,8 @@ class Env:
     ckpt_share: float | None = 0.05  # group checkpoints cost at most this share of training (Checkpointer); 0: every epoch
     progress: Progress | None = None
     log: Callable[[str], None] = print
+    job: dict | None = None       # the launcher's record of the job this process is (job.json's
+                                  # fields); written into each run it takes the lock of
 
     def stream(self) -> StreamOptions:
         """How batches are read and decoded (data.stream): the data side of these options."""
@@ -351,6 +353,7 @@ def train_group(members_in: list[tuple[dict, Path]], env: Env | None = None) -> 
             except BaseException:  # another process holds it: give back the locks taken so far
                 fio.release_all(other.lock for other in members)
                 raise
+            _claim(run_dir, env.job)
             done = next((run_dir / f for f in ("final.json", "failed.json") if (run_dir / f).exists()), None)
             if done is not None and env.world == 1:  # finished by another process meanwhile
                 m.lock.release()
@@ -367,6 +370,21 @@ def train_group(members_in: list[tuple[dict, Path]], env: Env | None = None) -> 
         return out + _train(members, data, env, device, amp, chl, seed, gbatch, total)
     finally:  # every lock goes, even when a second Ctrl-C arrives meanwhile (fio.release_all)
         fio.release_all(m.lock for m in members)
+
+
+def _claim(run_dir: Path, job: dict | None) -> None:
+    """job.json names the job that trains the run, the lock holder: a second command whose job
+    was recorded while the first one trained (and then waited for it) is not the one `status`
+    shows once the first one has the run."""
+    if not job:
+        return
+    p = run_dir / "job.json"
+    try:
+        had = fio.read_json(p) if p.exists() else {}
+    except (OSError, ValueError):
+        had = {}
+    if not isinstance(had, dict) or str(had.get("job_id")) != str(job.get("job_id")):
+        fio.write_json(p, {**(had if isinstance(had, dict) else {}), **job, "started_at": time.time()})
 
 
 def _train(members, data, env: Env, device, amp, chl, seed, gbatch, total) -> list[dict]:

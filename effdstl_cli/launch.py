@@ -135,7 +135,7 @@ class TrainJob:
 
         folder.SKIP_BAD_IMAGES = bool(getattr(self, "skip_bad_images", False))
 
-        env = Env(**self.env_kw, progress=self.progress)
+        env = Env(**self.env_kw, progress=self.progress, job=_this_job(self.progress is not None))
         rank, world = _init_distributed(self.world, self.backend)
         env.rank, env.world = rank, world
         if rank == 0 and self.progress is None:  # a submitit job: say which one, in its log
@@ -260,6 +260,20 @@ def _squeue_lists(jid: str) -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return out.returncode == 0 and bool(out.stdout.strip())
+
+
+def _this_job(debug: bool) -> dict:
+    """This process's job as job.json records it (the same id `_record` writes at submission)."""
+    rec = {"host": socket.gethostname()}
+    if debug:
+        return {"job_id": f"debug-{os.getpid()}", "executor": "debug", **rec}
+    try:
+        import submitit
+
+        jid = submitit.JobEnvironment().job_id
+    except Exception:  # noqa: BLE001 - not inside a submitit job: nothing to name
+        return {}
+    return {"job_id": str(jid), "executor": "slurm" if os.environ.get("SLURM_JOB_ID") else "local", **rec}
 
 
 def _record(job: Job, job_id: str, executor: str) -> None:

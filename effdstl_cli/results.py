@@ -16,7 +16,7 @@ import pandas as pd
 
 from .errors import EffdstlError
 from .files import atomic_write
-from .rundir import RunDir
+from .rundir import RunDir, is_run_hash
 
 META_KEYS = ("study", "study_kind", "dataset", "student", "weak", "strong", "triplet", "distiller",
              "scheme", "manipulation", "subset", "param", "baseline", "label", "seed", "pair", "setting", "part", "group")
@@ -98,14 +98,12 @@ def collect(study_dir: str | Path, study: dict | None = None, stale: bool = Fals
     if not runs:
         raise EffdstlError(f"no runs under {study_dir / 'runs'} (no */config.yaml): launch the study first")
     planned = None if stale else _planned(study_dir, study)
-    if planned is not None and not any(rd.name in planned for rd in runs):
-        # the study file plans none of these folders (runs made by hand or by other code, or a study
-        # file replaced wholesale): nothing to tell stale from current, so every folder counts
-        planned = None
-    rows = [_run_row(rd) for rd in runs if planned is None or rd.name in planned]
+    # A folder named like a run hash is the study's when the study plans it; one named otherwise (made
+    # by hand or by other code) has no identity to compare, so it always counts.
+    rows = [_run_row(rd) for rd in runs if planned is None or rd.name in planned or not is_run_hash(rd.name)]
     if planned is not None:
         for r in rows:   # the study's labels as it is now (a run's config.yaml keeps those it was made with)
-            for k, v in planned[r["run"]].items():
+            for k, v in planned.get(r["run"], {}).items():
                 if k in META_KEYS and k != "seed":
                     r[k] = "" if v is None and k != "param" else (v if k == "param" else str(v))
     if not rows:

@@ -263,3 +263,28 @@ def test_data_keys_leave_old_configs_hashes_alone():
     assert data_keys({**old, "seeds": [0]}) == old                       # unset subset keys: not in the config
     assert config_hash(data_keys(old)) == config_hash(old)
     assert data_keys({**old, "train_per_class": 10})["train_per_class"] == 10
+
+
+@needs_cifar
+def test_too_many_workers_said_once_in_one_line(c10_folder, capfd):
+    """More DataLoader workers than cores: torch warns twice per loader (built, then iterated), as
+    two lines with its own path each time; the stream says it once per process, in one line."""
+    import warnings
+
+    from effdstl_cli.data import stream
+
+    d = build_data(f"folder:{c10_folder}", image_size=32)
+    n = stream.cpu_cores() + 1
+    stream._WORKERS_TOLD.discard(n)
+    opts = stream.StreamOptions(workers=n, gpu_decode=False)
+    order = torch.arange(len(d.train))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")  # every warning recorded, none filtered out by others
+        for _ in range(2):  # two epochs: two train loaders, two evaluation loaders
+            got = list(stream.train_batches(d.train, order, 8, 5, _gen(0), torch.device("cpu"), opts))
+            assert [len(b[1]) for b in got] == [8] * 5
+            assert sum(len(y) for _, y in stream.eval_batches(d.test, torch.arange(len(d.test)), 8,
+                                                               torch.device("cpu"), opts)) == len(d.test)
+    err = capfd.readouterr().err
+    assert err.count(f"--workers {n} starts more DataLoader workers than the {n - 1} CPU cores") == 1, err
+    assert "This DataLoader will create" not in err and not [w for w in seen if "DataLoader" in str(w.message)]

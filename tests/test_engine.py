@@ -280,3 +280,27 @@ def test_tensorboard_disk_full_names_the_file_and_leaves_no_temp(tmp_path):
     errno_, name = json.loads(p.stdout.strip().splitlines()[-1])
     assert errno_ == 27 and name.endswith("tb/x-seed0/events.out.tfevents.0.effdstl"), name   # EFBIG
     assert not list(tmp_path.rglob(".*.tmp"))
+
+
+def test_the_lock_holder_names_itself_in_job_json(tmp_path):
+    """job.json names the job that trains the run: another command's job recorded there while it
+    was alive (that command then waits for the lock) is replaced when this job takes the lock, and
+    the record's other fields (the job's name) are kept. Without ``Env.job`` nothing is written."""
+    import subprocess
+
+    cfg = run_cfg(stages=[stage(1, {"name": "none"})])
+    d = tmp_path / config_hash(cfg)
+    d.mkdir()
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        (d / "job.json").write_text(json.dumps({"job_id": str(other.pid), "executor": "local", "job": "g"}))
+        me = {"job_id": "debug-7", "executor": "debug", "host": "h"}
+        train_group([(cfg, d)], Env(device="cpu", log=lambda m: None, job=me))
+    finally:
+        other.kill()
+        other.wait()
+    rec = json.loads((d / "job.json").read_text())
+    assert (rec["job_id"], rec["executor"], rec["job"]) == ("debug-7", "debug", "g") and rec["started_at"] > 0
+    cfg2 = run_cfg(stages=[stage(1, {"name": "none"})], seed=1)
+    train([cfg2], tmp_path)
+    assert not (tmp_path / config_hash(cfg2) / "job.json").exists()

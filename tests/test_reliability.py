@@ -485,3 +485,44 @@ def test_job_json_keeps_the_job_that_trains(tmp_path):
         holder.wait()
     _record(Job("g", "train", [({}, d)]), "424242", "local")
     assert json.loads((d / "job.json").read_text())["job_id"] == "424242"
+
+
+def _as_nobody() -> list[str] | None:
+    """A command prefix that runs as an unprivileged user (root ignores permission bits), or None."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        return None
+    pre = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    p = subprocess.run(pre + CLI + ["--help"], capture_output=True, text=True, env=cli_env(HOME="/tmp"),
+                       cwd="/tmp", timeout=120)
+    return pre if p.returncode == 0 else None
+
+
+@pytest.mark.parametrize("where", ["study", "runs"])
+def test_read_only_results_folder_one_line_for_an_unprivileged_user(request, where):
+    """A results folder the user may not write (the study folder, or its runs/): one line naming the
+    folder and the cause, exit 2, no traceback, no lock or temp file left; run as a real
+    unprivileged user, since root ignores the permission bits (tests/test_bad_inputs.py has the
+    non-root case)."""
+    pre = _as_nobody()
+    if pre is None:
+        pytest.skip("needs root and setpriv to run the CLI as an unprivileged user (or the user cannot run it)")
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="effdstl-ro-", dir="/tmp"))  # pytest's tmp_path is root's, mode 700
+    request.addfinalizer(lambda: shutil.rmtree(top, ignore_errors=True))
+    os.chmod(top, 0o755)
+    res = top / "res"
+    (res / "x" / "runs").mkdir(parents=True)
+    os.chmod(res, 0o777)
+    if where == "runs":  # the study folder is writable, its runs/ is not
+        os.chmod(res / "x", 0o777)
+        (res / "x" / "logs").mkdir(mode=0o777)
+        os.chmod(res / "x" / "logs", 0o777)
+    p = subprocess.run(pre + CLI + ["train", "teacher", "-d", "synthetic", "-m", "mlp:8", "--epochs", "1",
+                                    "--results", str(res), "--name", "x", "-x", "debug", "--device", "cpu"],
+                       capture_output=True, text=True, env=cli_env(HOME="/tmp"), cwd="/tmp", timeout=300)
+    line = one_error(p)
+    want = {"study": f"results directory {res / 'x'} is not writable (Permission denied)",
+            "runs": f"results directory {res / 'x' / 'runs'} is not writable (Permission denied)"}[where]
+    assert want in line, line
+    assert not [f for f in res.rglob("*") if f.name == "lock" or f.name.endswith(".tmp")]

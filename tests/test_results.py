@@ -274,9 +274,17 @@ def test_collect_keeps_the_study_as_it_is_now(tmp_path):
     old = {**cfg, "meta": {**cfg["meta"], "label": "an old label"}}
     (rd / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
     stale = make_run(p.study_dir, label="stale", study_kind="fig8")
+    stale = stale.rename(stale.parent / "0123456789ab")  # named like a hash, as a launch names every run
     (p.study_dir / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
     df = collect(p.study_dir)
     assert list(df["run"]) == [rd.name] and df.attrs["stale"] == 1
     assert df["label"].iloc[0] == cfg["meta"]["label"] != "an old label"
     every = collect(p.study_dir, stale=True)
     assert set(every["run"]) == {rd.name, stale.name} and "an old label" in set(every["label"])
+    hand = make_run(p.study_dir, label="by hand", study_kind="fig8")  # not named like a hash: no identity
+    assert set(collect(p.study_dir)["run"]) == {rd.name, hand.name}   # to compare, so it always counts
+    stale.rename(stale.parent / "fedcba987654")
+    hand.rename(hand.parent / "abcdefabcdef")
+    rd.rename(rd.parent / "a1b2c3d4e5f6")     # a study file that plans none of the folders now
+    with pytest.raises(EffdstlError, match="none of the 3 runs under .* belongs to the study as it is now"):
+        collect(p.study_dir)

@@ -9,13 +9,41 @@ which imports no torch, so a dry run can parse and describe it.
 
 from __future__ import annotations
 
+import os
 import queue
+import sys
 import threading
+import warnings
 
 import torch
 
 from .folder import KeyedView, MixedView, collate_mixed, decode_mixed, mixed_batches
 from .spec import DECODE, StreamOptions  # noqa: F401 - torch-free (a dry run parses --decode); re-exported
+
+_WORKERS_TOLD: set[int] = set()
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity, as torch counts them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _loader(dataset, **kw):
+    """The batches of a DataLoader. torch warns of more workers than cores twice per loader (when
+    it is built and when it is iterated), two lines with its own source path each time; here it is
+    said once per process, in one line."""
+    n, cores = int(kw.get("num_workers") or 0), cpu_cores()
+    if n > cores and n not in _WORKERS_TOLD:
+        _WORKERS_TOLD.add(n)
+        print(f"note: --workers {n} starts more DataLoader workers than the {cores} CPU cores this "
+              f"process may use; fewer may be faster", file=sys.stderr, flush=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        it = iter(torch.utils.data.DataLoader(dataset, **kw))
+    yield from it
 
 
 def train_batches(split, order, gbatch: int, steps: int, gen, device, opts: StreamOptions, rank: int = 0,
@@ -55,7 +83,7 @@ def train_batches(split, order, gbatch: int, steps: int, gen, device, opts: Stre
                 x = x.contiguous(memory_format=torch.channels_last)
             yield s, idx_l, x, y, None
         return
-    loader = torch.utils.data.DataLoader(
+    loader = _loader(
         KeyedView(split, key), batch_sampler=local, num_workers=opts.workers, pin_memory=device.type == "cuda",
         persistent_workers=False)
     for s, (x, y, idx_l) in enumerate(loader):
@@ -70,7 +98,7 @@ def decoded(split, batches: list[list[int]], epoch_key: int | None, device, opts
     of each batch with PIL), ``decode_mixed`` decodes and transforms the rest on ``device``.
     On CUDA a side thread prepares the next batches on its own stream (nvJPEG's host part and the
     launches overlap the training step); on the CPU inline."""
-    loader = torch.utils.data.DataLoader(
+    loader = _loader(
         MixedView(split, epoch_key, augment), batch_sampler=mixed_batches(batches, opts.cpu_share, epoch_key),
         num_workers=opts.workers, collate_fn=collate_mixed, pin_memory=device.type == "cuda",
         persistent_workers=False)
@@ -135,7 +163,7 @@ def eval_batches(split, idx, batch: int, device, opts: StreamOptions):
         for x, y, _ in decoded(split, [i.tolist() for i in idx.split(batch)], None, device, opts, False):
             yield x, y
     else:
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(KeyedView(split, None, False), idx.tolist()),
-                                             batch_size=batch, num_workers=opts.workers)
+        loader = _loader(torch.utils.data.Subset(KeyedView(split, None, False), idx.tolist()),
+                         batch_size=batch, num_workers=opts.workers)
         for x, y, _ in loader:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
