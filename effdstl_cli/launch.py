@@ -435,6 +435,8 @@ def _run_local(plan: Plan, pending: list[Job], opts: LaunchOptions, report: Repo
         signum = getattr(exc, "signum", 2)
         # Ctrl-C reached the jobs too (one process group): give them a grace; `kill` reached the CLI alone
         raise Interrupted(_cancel_local(running, grace_s=2.0 if signum == 2 else 0.0), signum) from None
+    finally:
+        _tidy_logs(plan)  # reading a job's results makes the folder template again
 
 
 class Interrupted(KeyboardInterrupt):

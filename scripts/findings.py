@@ -507,7 +507,25 @@ its RKD row is below no distillation in some, so RKD is not tested); each step, 
             summary.append(["Table 1", name, f"{setting + ': ' if setting else ''}{a} > {b}", nm.split(":")[0] if nm else
                             {"A > B": "holds", "A < B": "reversed"}.get(c["verdict"], c["verdict"])])
     fr = forest(name, allc, f"{name}: seed-paired differences, final epoch", "top-1 points")
-    return f"### {name}\n\n{scale_line(df)}. {teachers_line(df)}.\n\n" + "\n".join(texts) + f"\n{fr}\n", summary
+    return (f"### {name}\n\n{scale_line(df)}. {teachers_line(df)}. {schedule_line(st)}\n\n" + "\n".join(texts)
+            + f"\n{fr}\n", summary)
+
+
+def schedule_line(st: pd.DataFrame) -> str:
+    """The schedule each method of a Table 1 study trains with, read from its runs' configs."""
+    by: dict[tuple, set] = {}
+    for d, lab in zip(st["run_dir"], st["label"]):
+        try:
+            stages = RunDir(d).config.get("stages") or []
+        except EffdstlError:
+            continue
+        by.setdefault(tuple((int(g["epochs"]), float(g["optim"]["lr"])) for g in stages), set()).add(lab)
+    parts = []
+    for sched, labs in by.items():
+        steps = " then ".join(f"{e} epochs from lr {lr:g}" for e, lr in sched)
+        parts.append(f"{', '.join(sorted(labs))}: {steps}")
+    return ("Schedules, read from the runs (cosine per stage; a second stage switches to the stronger "
+            f"teacher): {'; '.join(parts)}.")
 
 
 def section_table4(name: str, df: pd.DataFrame, study_dir: Path) -> tuple[str, list[list[str]]]:

@@ -15,12 +15,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+# A test run started in the background by a shell without job control (`make test &` in a script,
+# some CI runners) inherits SIGINT ignored, and exec keeps it ignored in every process it starts:
+# the CLI then cannot be interrupted, Python never turns a SIGINT into KeyboardInterrupt, and the
+# Ctrl-C tests fail for a reason that is not the code's. The tests need the disposition a terminal
+# gives (a handler, not "ignored", is reset to the default by exec in each child).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_SCRIPT = ROOT / "scripts" / "local-slurm.sh"

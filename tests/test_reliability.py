@@ -250,6 +250,7 @@ def test_two_identical_sweeps_at_once_on_the_local_executor_both_succeed(tmp_pat
         assert f"run {d.name}: resumed" not in logs                # trained in one go, by one process
         jid = json.loads((d / "job.json").read_text())["job_id"]   # the job that really trained it
         assert (sd / "logs" / jid).is_dir(), jid
+    assert not (sd / "logs" / "%j").exists()                       # submitit's folder template, made literally
     waited = sum(ln.count("waiting for it") for ln in logs.splitlines())
     assert waited >= 1, logs[-3000:]                               # the second sweep waited, not failed
     ok(cli(["results", "figure5-digits", "--results", tmp_path / "r", "--format", "csv"], tmp_path))
