@@ -4,6 +4,7 @@ Every user-fixable problem reaches the user as one line ``error: ...`` and exit 
 """
 
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -178,10 +179,9 @@ def _reruns(plan, names: list[str]) -> list:
         if name not in have:
             raise unknown(f"run of study '{plan.study['name']}' for --rerun", name, have)
         run = RunDir(have[name])
-        if run.running():
-            info = run.lock.holder() or {}
-            raise EffdstlError(f"--rerun {name}: the run is being trained now by pid {info.get('pid')} on "
-                               f"{info.get('host')}; stop that process first")
+        why = run.clear_problem()  # every named run is checked before the first one is cleared
+        if why:
+            raise EffdstlError(why)
         out.append(run)
     return out
 
@@ -389,7 +389,7 @@ def train_student(dataset: str = typer.Option("digits", "--dataset", "-d", help=
     if teacher:
         teachers["weak"] = resolve_teacher(teacher)
     if strong:
-        teachers["strong"] = resolve_teacher(strong)
+        teachers["strong"] = resolve_teacher(strong, "--strong")
     sched = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "batch_size": batch_size}
     _train_single(name or f"students-{dataset.split(':')[0]}", dataset, data_root, image_size, augment, model, seed, sched,
                   [_parse_distiller(d) for d in distiller], teachers, "student", results, la, dry_run, verbose)
@@ -464,10 +464,14 @@ def _declared_study_kind(study: str, results: str) -> str | None:
     p = Path(study)
     cands = [p] if p.suffix in (".yaml", ".yml") else [p / "study.yaml", Path(results) / study / "study.yaml",
                                                        Path("studies") / f"{study}.yaml"]
+    from .config import STUDY_MAX_BYTES, read_small_file
+
     for c in cands:
-        try:
-            kind = (yaml.safe_load(c.read_text()) or {}).get("kind")
-        except (OSError, yaml.YAMLError, AttributeError):
+        if not os.path.lexists(c):
+            continue
+        try:  # a FIFO or /dev/zero named as a study: one line, never a read that does not end
+            kind = (yaml.safe_load(read_small_file(c, "study file", STUDY_MAX_BYTES).decode("utf-8")) or {}).get("kind")
+        except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
             continue
         if isinstance(kind, str):
             return kind

@@ -88,6 +88,8 @@ SECTION_KINDS = {
     "recipe": ("recipe", "ablation", "fig8"), "pairs": ("recipe",), "settings": ("recipe",),
     "baselines": ("recipe",), "ablations": ("ablation",),
 }
+# ...and the keys of a section that only some of its kinds read
+SUBKEY_KINDS = {"grid.scheme": ("replacement",), "grid.kind": ("manipulation",), "grid.params": ("manipulation",)}
 
 
 # The keys of a study or run config that say which data a run sees (one list: studies copy them into
@@ -262,6 +264,16 @@ def load_study(path: str | Path, sets: list[str] | None = None) -> dict:
     check_size(study, f"study file {path}")
     if not isinstance(study, dict):
         raise EffdstlError(f"study file {path} must be a mapping of keys (name, kind, dataset, ...)")
+    if sets:  # a problem with the file as it is is the file's; one the overrides made is theirs
+        try:
+            validate_study({**study, "name": study.get("name", path.stem)}, str(path))
+        except EffdstlError:
+            pass
+        else:
+            study = apply_sets(study, sets)
+            study.setdefault("name", path.stem)
+            validate_study(study, f"{path} with --set {' '.join(sets)}")
+            return study
     study = apply_sets(study, sets)
     study.setdefault("name", path.stem)
     validate_study(study, str(path))
@@ -357,7 +369,7 @@ def check_study_name(name: str, where: str) -> None:
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name) or ".." in name:
         raise EffdstlError(f"{where} {name!r} must be letters, digits, '.', '_' or '-', starting with a letter "
-                           "or digit (it names a folder under the results root)")
+                           "or digit, without '..', at most 100 characters (it names a folder under the results root)")
 
 
 def validate_study(study: dict, where: str) -> None:
@@ -378,6 +390,17 @@ def validate_study(study: dict, where: str) -> None:
         if study.get(k) and study["kind"] not in kinds:
             raise EffdstlError(f"{where}: '{k}' is not read by {study['kind']} studies (only by {', '.join(kinds)}); "
                                f"remove it (or use a study of that kind)")
+    for k, kinds in SUBKEY_KINDS.items():
+        sec, sub = k.split(".")
+        if isinstance(study.get(sec), dict) and study[sec].get(sub) is not None and study["kind"] not in kinds:
+            raise EffdstlError(f"{where}: '{k}' is not read by {study['kind']} studies (only by {', '.join(kinds)}); "
+                               f"remove it (or use a study of that kind)")
+    for tname, t in (study.get("teachers") or {}).items():  # a teacher that is given is not trained
+        if isinstance(t, dict) and (t.get("ckpt") or t.get("pretrained")):
+            unread = [k for k in t if k in SCHEDULE_KEYS]
+            if unread:
+                raise EffdstlError(f"{where}: teacher '{tname}' is given by {'ckpt' if t.get('ckpt') else 'pretrained'}, "
+                                   f"so it is not trained and '{unread[0]}' is never read; remove it")
     seeds = study.get("seeds", [0])
     if not seeds or not all(is_seed(s) for s in seeds):
         raise EffdstlError(f"{where}: seeds must be a non-empty list of integers in [0, 2**32), got {seeds!r}")

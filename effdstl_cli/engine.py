@@ -359,9 +359,7 @@ def train_group(members_in: list[tuple[dict, Path]], env: Env | None = None) -> 
                 m.lock.release()
                 out.append(fio.read_record(done))
                 continue
-            for f in ("ckpt", "metrics.jsonl", "model.pt", "final.json", "failed.json"):
-                for tmp in run_dir.glob(f".{f}.*.tmp"):  # a killed writer's temp files (only the lock holder writes these)
-                    tmp.unlink(missing_ok=True)
+            _remove_temp_files(run_dir)
         members.append(m)
     if not members:
         return out
@@ -370,6 +368,15 @@ def train_group(members_in: list[tuple[dict, Path]], env: Env | None = None) -> 
         return out + _train(members, data, env, device, amp, chl, seed, gbatch, total)
     finally:  # every lock goes, even when a second Ctrl-C arrives meanwhile (fio.release_all)
         fio.release_all(m.lock for m in members)
+
+
+def _remove_temp_files(run_dir: Path) -> None:
+    """A killed writer's temp files (``.NAME.*.tmp`` of atomic writes: checkpoints, metrics,
+    model.pt, subset.pt, final.json, TensorBoard's events). Only the lock holder writes these, so the
+    new holder may delete them; job.json's are a launcher's, written without the lock, so they stay."""
+    for tmp in [*run_dir.glob(".*.tmp"), *run_dir.glob("tb/*/.*.tmp")]:
+        if not tmp.name.startswith(".job.json."):
+            tmp.unlink(missing_ok=True)
 
 
 def _claim(run_dir: Path, job: dict | None) -> None:

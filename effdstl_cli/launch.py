@@ -674,4 +674,7 @@ def dry_run_lines(plan: Plan, opts: LaunchOptions, verbose: bool = False) -> lis
                          f"{describe_run(c)}")
         if j.work == "train" and len(j.runs) > len(shown):
             lines.append(f"      ... and {len(j.runs) - len(shown)} more runs (--verbose lists every run)")
+    # a dry run imports no torch (planning stays fast), so what only a forward can tell is left to the launch
+    lines.append("not checked by a dry run: each model on the data's shape (a launch runs one CPU forward of "
+                 "every model first, and stops in one line before any job when one cannot run)")
     return lines

@@ -398,15 +398,32 @@ def _read_weights(path: str | Path) -> Any:
         if found:  # a well-formed pickle of something weights_only refuses (not a corrupt file)
             raise EffdstlError(f"checkpoint {path} holds Python objects beyond tensors ({found.group(1)}), "
                                f"which are not loaded for safety; save only a state_dict") from None
-        with open(path, "rb") as f:
-            head = f.read(2)
-        if head[:1] == b"\x80" and head[1:2] >= b"\x03":  # a pickle of protocol 3+, not torch.save's zip
+        if _imports_names(path):  # a plain pickle (any protocol), not torch.save's zip
             raise EffdstlError(f"checkpoint {path} is a plain Python pickle (not written by torch.save), which is "
                                "not loaded for safety: unpickling it can run code; save a state_dict with "
                                "torch.save") from None
         raise EffdstlError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__})") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, pickle.PickleError, KeyError) as exc:
         raise EffdstlError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__})") from None
+
+
+# pickle opcodes that import a name or call one: what makes unpickling run code
+_CODE_OPS = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"}
+
+
+def _imports_names(path: Path) -> bool:
+    """Whether the file is a pickle stream, of any protocol (0-2 have no header), that imports or
+    calls a name before it ends or breaks off; read by opcodes, nothing is executed."""
+    import pickletools
+
+    try:
+        with open(path, "rb") as f:
+            for op, _, _ in pickletools.genops(f):
+                if op.name in _CODE_OPS:
+                    return True
+    except Exception:  # noqa: BLE001 - not a pickle stream (or broken before any such opcode)
+        return False
+    return False
 
 
 def saved_spec(path: str | Path) -> str | None:

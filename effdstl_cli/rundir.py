@@ -296,16 +296,23 @@ class RunDir:
         raise EffdstlError(f"{what}: run {self.name} has not finished ({st}, {self.epochs_done()} of {want} epochs); "
                            "finish it first (run the command that trained it again)")
 
-    def clear(self) -> None:
-        """Forget everything the run has trained (``--rerun``): the folder goes, config.yaml is
-        rewritten when it trains again. Refused while a live process trains it."""
+    def clear_problem(self) -> str | None:
+        """Why ``--rerun`` may not clear this run now (checked for every named run before any goes)."""
         if self.path.is_symlink():  # rmtree refuses a link, and deleting its target's files is not ours to do
-            raise EffdstlError(f"--rerun {self.name}: {self.path} is a symbolic link (to {self.path.resolve()}); "
-                               "remove the link (or replace it by a copy) and run again")
+            return (f"--rerun {self.name}: {self.path} is a symbolic link (to {self.path.resolve()}); "
+                    "remove the link (or replace it by a copy) and run again")
         if self.running():
             info = self.lock.holder() or {}
-            raise EffdstlError(f"--rerun {self.name}: the run is being trained now by pid {info.get('pid')} "
-                               f"on {info.get('host')}; stop that process first")
+            return (f"--rerun {self.name}: the run is being trained now by pid {info.get('pid')} "
+                    f"on {info.get('host')}; stop that process first")
+        return None
+
+    def clear(self) -> None:
+        """Forget everything the run has trained (``--rerun``): the folder goes, config.yaml is
+        rewritten when it trains again. Refused while a live process trains it, or for a link."""
+        why = self.clear_problem()
+        if why:
+            raise EffdstlError(why)
         if self.path.exists():
             shutil.rmtree(self.path)
         if self.path.exists():

@@ -60,11 +60,27 @@ def study_dir(results_root: str | Path, name: str) -> Path:
 
 # -- building blocks -------------------------------------------------------------------------
 
-def _file_sha(path: str) -> str:
+def _file_sha(path: str | Path, what: str) -> str:
+    """The checkpoint's sha256 (16 hex digits), or one line: a FIFO would block forever, and a
+    folder or device is no checkpoint."""
+    import os
+    import stat
+
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise EffdstlError(f"{what}: {path} cannot be read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode)
+                else "not a regular file")
+        raise EffdstlError(f"{what}: {path} is {kind}; pass a run's model.pt or its run folder")
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise EffdstlError(f"{what}: {path} cannot be read ({exc.strerror or exc})") from None
     return h.hexdigest()[:16]
 
 
@@ -81,11 +97,14 @@ class _Ctx:
             if t.get("pretrained") or t.get("ckpt"):
                 ref = {"model": t["model"], "pretrained": bool(t.get("pretrained", False))}
                 if t.get("ckpt"):
-                    ckpt = str(Path(t["ckpt"]).expanduser().resolve())
-                    run = run_of(ckpt)  # the model.pt of a run: finished and intact, or one line
+                    what = f"study {study['name']}: teacher '{name}' ckpt {t['ckpt']}"
+                    p = Path(t["ckpt"]).expanduser().resolve()
+                    if p.is_dir() and (p / "config.yaml").is_file():  # a run folder, as --teacher takes it
+                        p = p / "model.pt"
+                    run = run_of(p)  # the model.pt of a run: finished and intact, or one line
                     if run is not None:
-                        run.require_finished(f"study {study['name']}: teacher '{name}' ckpt {t['ckpt']}")
-                    ref.update(ckpt=ckpt, sha256=_file_sha(ckpt))
+                        run.require_finished(what)
+                    ref.update(ckpt=str(p), sha256=_file_sha(p, what))
                 self.teacher_refs[name] = ref
                 continue
             sched = {**ts, **{k: v for k, v in t.items() if k not in ("model", "pretrained", "ckpt")}}
@@ -569,9 +588,9 @@ def describe_run(cfg: dict) -> str:
 
 # -- single runs (effdstl train teacher / student) ----------------------------------------------
 
-def resolve_teacher(text: str) -> dict:
+def resolve_teacher(text: str, option: str = "--teacher") -> dict:
     """A teacher reference from: a model.pt, a run directory, a study folder with one teacher run,
-    or a hub model ``timm:NAME`` / ``tv:NAME`` (pretrained)."""
+    or a hub model ``timm:NAME`` / ``tv:NAME`` (pretrained). Messages name ``option``."""
     if text.startswith(("timm:", "tv:")):
         return {"model": text, "pretrained": True}
     from .rundir import RunDir, run_of
@@ -585,15 +604,15 @@ def resolve_teacher(text: str) -> dict:
                      and RunDir(d).config.get("role") == "teacher"]
             if len(cands) != 1:
                 shown = f" ({', '.join(d.name for d in cands[:6])}: pass one run directory)" if cands else ""
-                raise EffdstlError(f"--teacher {text}: expected one teacher run under it, found {len(cands)}{shown}")
+                raise EffdstlError(f"{option} {text}: expected one teacher run under it, found {len(cands)}{shown}")
             p = cands[0] / "model.pt"
     run = run_of(p)
     if run is not None:  # the model.pt of a run: that run must be finished and intact (the seal)
-        run.require_finished(f"--teacher {text}")
+        run.require_finished(f"{option} {text}")
     if not p.exists():
-        raise EffdstlError(f"--teacher {text}: no such checkpoint or run directory")
+        raise EffdstlError(f"{option} {text}: no such checkpoint or run directory")
     if not p.is_file():
-        raise EffdstlError(f"--teacher {text}: {p} is not a regular file; pass a run's model.pt or its folder")
+        raise EffdstlError(f"{option} {text}: {p} is not a regular file; pass a run's model.pt or its folder")
     from .modelspec import read_saved_spec
 
     spec = read_saved_spec(p)  # our own model.pt, without torch (a dry run); else torch reads it
@@ -602,7 +621,7 @@ def resolve_teacher(text: str) -> dict:
 
         spec = saved_spec(p)
     if not spec:
-        raise EffdstlError(f"--teacher {text}: the checkpoint does not say its model; pass a run's model.pt")
+        raise EffdstlError(f"{option} {text}: the checkpoint does not say its model; pass a run's model.pt")
     return {"model": spec, "ckpt": str(p.resolve())}
 
 

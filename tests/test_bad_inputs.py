@@ -24,6 +24,7 @@ import ast
 import hashlib
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -396,6 +397,18 @@ CASES: list[Case] = [
     Case("study-ckpt-damaged", "a study's `teachers.weak.ckpt:` naming a flipped model.pt of a run",
          lambda c: c.run(tiny("c3", **{"teachers.weak": {"model": "mlp:8", "ckpt": str(_teacher_copy(c, "flip") / "model.pt")}})),
          ("teacher 'weak' ckpt", "is damaged", "model.pt does not match")),
+    Case("study-ckpt-rundir-unfinished", "a study's `teachers.weak.ckpt:` naming the folder of an unfinished run",
+         lambda c: c.run(tiny("c4", **{"teachers.weak": {"model": "mlp:8", "ckpt": str(_teacher_copy(c, "unfinished"))}})),
+         ("teacher 'weak' ckpt", "has not finished")),
+    Case("study-ckpt-final-truncated", "a study's `teachers.weak.ckpt:` naming a run whose final.json is cut short",
+         lambda c: c.run(tiny("c5", **{"teachers.weak": {"model": "mlp:8", "ckpt": str(_teacher_copy(c, "final") / "model.pt")}})),
+         ("teacher 'weak' ckpt", "final.json is unreadable")),
+    Case("study-ckpt-fifo", "a study's `teachers.weak.ckpt:` naming a FIFO (would block forever)",
+         lambda c: c.run(tiny("c6", **{"teachers.weak": {"model": "mlp:8", "ckpt": str(_fifo(c, "t.pt"))}})),
+         ("teacher 'weak' ckpt", "is a FIFO (named pipe)", "pass a run's model.pt")),
+    Case("strong-flipped", "`--strong RUN_DIR` whose model.pt has 64 flipped bytes (named as --strong)",
+         lambda c: c.student_cmd(c.teacher, "--strong", _teacher_copy(c, "flip"), "-x", "debug"),
+         ("--strong ", "is damaged", "model.pt does not match its checksum")),
     Case("teacher-nan-weights", "`--teacher` a model.pt (no run folder) holding a NaN weight",
          lambda c: c.student_cmd(_nan_teacher(c), "-x", "debug"), ("holds non-finite weights (NaN or inf in",)),
     # -- issue 19: the preflight (every model, one batch of the data's shape) and numbers' domains --
@@ -431,8 +444,14 @@ CASES: list[Case] = [
          ("--distiller kd:tau=2,tau=3: 'tau' is given twice",)),
     Case("set-irrelevant-section", "`--set recipe.stage1.epochs=2` on a replacement study",
          lambda c: c.run(tiny(), "--set", "recipe.stage1.epochs=2"), ("'recipe' is not read by replacement studies",)),
+    Case("set-irrelevant-subkey", "`--set grid.scheme=[partial]` on a manipulation study (grid.scheme is replacement's)",
+         lambda c: c.run(manip("m9"), "--set", "grid.scheme=[partial]"),
+         ("'grid.scheme' is not read by manipulation studies (only by replacement)",)),
+    Case("teacher-ckpt-with-epochs", "a teacher given by `ckpt:` that also sets `epochs` (it is not trained)",
+         lambda c: c.run(tiny("c7", **{"teachers.weak": {"model": "mlp:8", "ckpt": str(c.teacher), "epochs": 3}})),
+         ("teacher 'weak' is given by ckpt", "'epochs' is never read")),
     Case("batch-1e9-set", "`--set batch_size=1e9` (YAML reads it as text)", lambda c: c.run(tiny(), "--set", "batch_size=1e9"),
-         ("'batch_size'", "must be an integer", "YAML reads 1e9 as text; write 1000000000")),
+         ("with --set batch_size=1e9: 'batch_size'", "must be an integer", "YAML reads 1e9 as text; write 1000000000")),
     # -- issue 19: identity ----------------------------------------------------------------------
     Case("config-edited-resume", "an unfinished run whose config.yaml was edited (lr), then resumed",
          lambda c: _edited_unfinished(c), ("is damaged", "config.yaml is not the config the run is named after")),
@@ -457,6 +476,10 @@ CASES: list[Case] = [
     # -- issue 19: bounded reads -----------------------------------------------------------------
     Case("study-fifo", "`--study` a FIFO (would block forever)", lambda c: ["run", "-s", _fifo(c, "fifo.yaml"),
                                                                             "--results", c.results], ("is a FIFO",)),
+    Case("plot-fifo", "`effdstl plot figure5` of a FIFO named as its study file", lambda c: [
+        "plot", "figure5", _fifo(c, "p.yaml"), "--results", c.results], ("study file", "is a FIFO")),
+    Case("table-fifo", "`effdstl table table1` of a FIFO named as its study file", lambda c: [
+        "table", "table1", _fifo(c, "t.yaml"), "--results", c.results], ("study file", "is a FIFO")),
     Case("study-dev-zero", "`--study /dev/zero`", lambda c: ["run", "-s", "/dev/zero", "--results", c.results],
          ("study file /dev/zero is a character device",)),
     Case("study-huge", "a 2 MB study file", lambda c: ["run", "-s", c.raw("huge.yaml", "# x\n" * 700_000), "--results", c.results],
@@ -470,6 +493,10 @@ CASES: list[Case] = [
          ("--set seeds=[0,1: the value is not valid YAML", "unclosed")),
     Case("ckpt-evil-pickle", "`--teacher` a pickle that would run os.system", lambda c: c.student_cmd(_evil_pickle(c), "-x", "debug"),
          ("is a plain Python pickle", "not loaded for safety", "can run code")),
+    Case("ckpt-evil-pickle-proto0", "`--teacher` a protocol-0 (text) pickle that would run os.system",
+         lambda c: c.student_cmd(_evil_pickle(c, 0), "-x", "debug"), ("is a plain Python pickle", "can run code")),
+    Case("ckpt-evil-pickle-proto2", "`--teacher` a protocol-2 pickle that would run os.system",
+         lambda c: c.student_cmd(_evil_pickle(c, 2), "-x", "debug"), ("is a plain Python pickle", "can run code")),
     Case("ckpt-fifo", "`--teacher` a FIFO", lambda c: c.student_cmd(_fifo(c, "fifo.pt"), "-x", "debug"),
          ("is not a regular file",)),
     Case("npz-object-array", "an npz whose y_train is an object array",
@@ -533,16 +560,16 @@ def _nan_teacher(ctx: Ctx) -> Path:
     return p
 
 
-def _evil_pickle(ctx: Ctx) -> Path:
-    """A pickle (not a torch zip) that would call os.system when unpickled without weights_only."""
-    import pickle
+def _evil_pickle(ctx: Ctx, protocol: int = pickle.DEFAULT_PROTOCOL) -> Path:
+    """A pickle (not a torch zip) that would call os.system when unpickled without weights_only
+    (protocols 0-2 have no header byte to tell them by)."""
 
     class Evil:
         def __reduce__(self):
             return (os.system, ("echo pwned",))
 
-    p = ctx.tmp / "evil.pt"
-    p.write_bytes(pickle.dumps({"model": Evil()}))
+    p = ctx.tmp / f"evil{protocol}.pt"
+    p.write_bytes(pickle.dumps({"model": Evil()}, protocol=protocol))
     return p
 
 
@@ -578,15 +605,18 @@ def _edited_unfinished(ctx: Ctx) -> list:
 
 
 def _symlinked_rerun(ctx: Ctx) -> list:
-    """runs/<hash> of the finished study replaced by a symbolic link to a copy; --rerun it."""
+    """runs/<hash> of the finished study replaced by a symbolic link to a copy; --rerun another
+    run, then it (the other run must not be cleared before the link is refused: the catalogue
+    checks that no file of the results changed)."""
     import shutil
 
     run = ctx.teacher.parent
+    other = next(d for d in sorted(run.parent.iterdir()) if d != run)
     target = ctx.tmp / "elsewhere" / run.name
     shutil.copytree(run, target)
     shutil.rmtree(run)
     run.symlink_to(target, target_is_directory=True)
-    return ctx.run(tiny(), "--rerun", run.name)
+    return ctx.run(tiny(), "--rerun", other.name, "--rerun", run.name)
 
 
 def _recipe_study(name: str) -> dict:
@@ -701,7 +731,8 @@ def outcomes(request, finished, tmp_path_factory):
                               .replace(str(o["ctx"].tmp), "$TMP"))
         rows.append({"id": case.id, "what": case.what, "phase": case.phase, "rc": o["p"].returncode,
                      "command": "effdstl " + " ".join(rel(a) for a in o["args"]),
-                     "error": rel(errs[0]) if len(errs) == 1 else None})
+                     "error": rel(errs[0]) if len(errs) == 1 else None,
+                     "skipped": case.skip() if case.skip else None})
     dest = os.environ.get("EFFDSTL_CATALOGUE_OUT")
     if dest:
         Path(dest).write_text(json.dumps(rows, indent=1) + "\n")
@@ -774,6 +805,21 @@ def _calls(tree: ast.AST):
             yield node, owner, name
 
 
+_SAFE_LOADERS = {"yaml.SafeLoader", "yaml.CSafeLoader", 'getattr(yaml, "CSafeLoader", yaml.SafeLoader)'}
+
+
+def _safe_yaml_loader(node, tree) -> bool:
+    """``Loader=`` is PyYAML's safe loader (the C one where it is built): written out, or a
+    module-level name assigned exactly one of those."""
+    if node is None:
+        return False
+    if isinstance(node, ast.Name):
+        found = [a.value for a in tree.body if isinstance(a, ast.Assign)
+                 and any(isinstance(t, ast.Name) and t.id == node.id for t in a.targets)]
+        return len(found) == 1 and ast.unparse(found[0]).replace("'", '"') in _SAFE_LOADERS
+    return ast.unparse(node) in _SAFE_LOADERS
+
+
 def test_package_loads_nothing_unsafely():
     """No shell strings, no unsafe YAML or pickle, every torch.load with weights_only=True."""
     problems = []
@@ -789,7 +835,8 @@ def test_package_loads_nothing_unsafely():
                 problems.append(f"{where(node)}: shell=")
             if owner == "os" and name in ("system", "popen", "execl", "execlp", "execv", "execvp", "spawnl"):
                 problems.append(f"{where(node)}: os.{name}")
-            if owner == "yaml" and name in ("load", "load_all", "unsafe_load", "full_load", "unsafe_load_all"):
+            if owner == "yaml" and name in ("load", "load_all", "unsafe_load", "full_load", "unsafe_load_all") \
+                    and not (name == "load" and _safe_yaml_loader(kw.get("Loader"), tree)):
                 problems.append(f"{where(node)}: yaml.{name} (use yaml.safe_load)")
             if owner in ("pickle", "dill", "cloudpickle", "marshal") and name in ("load", "loads"):
                 problems.append(f"{where(node)}: {owner}.{name}")

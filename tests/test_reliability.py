@@ -426,6 +426,9 @@ def test_preflight_refuses_in_seconds_and_dry_run_stays_torch_free(tmp_path):
     p = run_cli_inproc("run", "-s", f, "--results", tmp_path / "r", "-x", "debug", cwd=tmp_path)
     assert p.returncode == 2 and "cannot run" in p.stderr and "3x1x1 images" in p.stderr, p.stderr
     assert time.time() - t0 < 60 and not (tmp_path / "r").exists()
+    d = run_cli_inproc("run", "-s", f, "--results", tmp_path / "r", "--dry-run", cwd=tmp_path)
+    assert d.returncode == 0 and d.stdout.strip().splitlines()[-1].startswith(   # says what it did not check
+        "not checked by a dry run: each model on the data's shape"), d.stdout
     src = (ROOT / "effdstl_cli" / "studies.py").read_text()
     top = src[:src.index("\ndef ")]
     assert "import torch" not in top  # torch only inside preflight_models
@@ -527,3 +530,25 @@ def test_read_only_results_folder_one_line_for_an_unprivileged_user(request, whe
             "runs": f"results directory {res / 'x' / 'runs'} is not writable (Permission denied)"}[where]
     assert want in line, line
     assert not [f for f in res.rglob("*") if f.name == "lock" or f.name.endswith(".tmp")]
+
+
+def test_disk_full_during_training_one_line_naming_the_file_then_resume(tmp_path):
+    """A write that fails for want of room while a run trains (a file-size limit: EFBIG, as a full
+    disk gives ENOSPC) ends the command with one line naming the file, exit 2, no temp file and no
+    lock left; the same command with room again trains the run to its end."""
+    import resource
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))   # below one checkpoint of mlp:256-256
+
+    args = ["train", "teacher", "-d", "digits", "-m", "mlp:256-256", "--epochs", "2", "--results", tmp_path / "r",
+            "--name", "x", "-x", "debug", "--device", "cpu"]
+    p = subprocess.run(CLI + [str(a) for a in args], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                       timeout=300, preexec_fn=limited)
+    line = one_error(p)
+    assert line.startswith("error: File too large: ") and str(tmp_path / "r" / "x" / "runs") in line, line
+    assert not [f for f in (tmp_path / "r").rglob("*") if f.name.endswith(".tmp") or f.name == "lock"]
+    (rd,) = run_dirs(tmp_path / "r" / "x")
+    assert not (rd / "final.json").exists() and not (rd / "failed.json").exists()
+    ok(cli(args, tmp_path))
+    assert json.loads((rd / "final.json").read_text())["status"] == "done" and metrics_epochs(rd) == [1, 2]
