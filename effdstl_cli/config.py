@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -191,10 +192,9 @@ STUDY_MAX_BYTES = 1 << 20   # the largest study file read (the paper's studies a
 MAX_VALUES = 100_000        # the most values a study may expand to (YAML aliases share, then multiply)
 
 
-def read_small_file(path: Path, what: str, limit: int) -> bytes:
-    """The bytes of a regular file of at most ``limit`` bytes, else one line: a FIFO would block
-    forever, /dev/zero never ends, and a huge file is no study (checked before anything is read)."""
-    import os
+def regular_file_stat(path: str | Path, what: str, cure: str) -> os.stat_result:
+    """``os.stat`` of a regular file, else one line naming what it is and the ``cure``: reading a
+    FIFO blocks forever and a device never ends, so nothing is opened before this says yes."""
     import stat
 
     try:
@@ -202,10 +202,18 @@ def read_small_file(path: Path, what: str, limit: int) -> bytes:
     except OSError as exc:
         raise EffdstlError(f"{what} {path} cannot be read ({exc.strerror or exc})") from None
     if not stat.S_ISREG(st.st_mode):
-        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a character device" if stat.S_ISCHR(st.st_mode)
-                else "a block device" if stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
-                else "not a regular file")
-        raise EffdstlError(f"{what} {path} is {kind}; pass a regular YAML file (e.g. studies/figure5-digits.yaml)")
+        m = st.st_mode
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(m) else "a character device" if stat.S_ISCHR(m)
+                else "a block device" if stat.S_ISBLK(m) else "a socket" if stat.S_ISSOCK(m)
+                else "a folder" if stat.S_ISDIR(m) else "not a regular file")
+        raise EffdstlError(f"{what} {path} is {kind}; {cure}")
+    return st
+
+
+def read_small_file(path: Path, what: str, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes, else one line: a FIFO would block
+    forever, /dev/zero never ends, and a huge file is no study (checked before anything is read)."""
+    st = regular_file_stat(path, what, "pass a regular YAML file (e.g. studies/figure5-digits.yaml)")
     if st.st_size > limit:
         raise EffdstlError(f"{what} {path} has {st.st_size} bytes, more than the {limit} a study may have; "
                            "is it the right file?")

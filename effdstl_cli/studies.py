@@ -63,17 +63,9 @@ def study_dir(results_root: str | Path, name: str) -> Path:
 def _file_sha(path: str | Path, what: str) -> str:
     """The checkpoint's sha256 (16 hex digits), or one line: a FIFO would block forever, and a
     folder or device is no checkpoint."""
-    import os
-    import stat
+    from .config import regular_file_stat
 
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise EffdstlError(f"{what}: {path} cannot be read ({exc.strerror or exc})") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode)
-                else "not a regular file")
-        raise EffdstlError(f"{what}: {path} is {kind}; pass a run's model.pt or its run folder")
+    regular_file_stat(path, f"{what}:", "pass a run's model.pt or its run folder")
     h = hashlib.sha256()
     try:
         with open(path, "rb") as f:
