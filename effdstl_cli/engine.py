@@ -370,13 +370,21 @@ def train_group(members_in: list[tuple[dict, Path]], env: Env | None = None) -> 
         fio.release_all(m.lock for m in members)
 
 
+# The files only a run's lock holder writes (atomically: ``.NAME.*.tmp``, then a rename or link).
+# Others write there without the lock (config.yaml, job.json: launchers; lock: a contender's temp
+# file, linked in as ``lock`` when free), so their temp files may be in flight and are never touched.
+_HOLDER_FILES = ("ckpt", "ckpt-last.pt", "ckpt-prev.pt", "metrics.jsonl", "model.pt", "subset.pt",
+                 "final.json", "failed.json")
+
+
 def _remove_temp_files(run_dir: Path) -> None:
-    """A killed writer's temp files (``.NAME.*.tmp`` of atomic writes: checkpoints, metrics,
-    model.pt, subset.pt, final.json, TensorBoard's events). Only the lock holder writes these, so the
-    new holder may delete them; job.json's are a launcher's, written without the lock, so they stay."""
-    for tmp in [*run_dir.glob(".*.tmp"), *run_dir.glob("tb/*/.*.tmp")]:
-        if not tmp.name.startswith(".job.json."):
+    """A killed writer's temp files of the holder's files (above) and of its TensorBoard events:
+    the new holder deletes them."""
+    for name in _HOLDER_FILES:
+        for tmp in run_dir.glob(f".{name}.*.tmp"):
             tmp.unlink(missing_ok=True)
+    for tmp in run_dir.glob("tb/*/.*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def _claim(run_dir: Path, job: dict | None) -> None:

@@ -307,16 +307,18 @@ def test_the_lock_holder_names_itself_in_job_json(tmp_path):
 
 
 def test_a_killed_writers_temp_files_go_when_the_run_is_taken_again(tmp_path):
-    """Temp files of atomic writes a kill interrupted (any of the run's files: subset.pt, the group
-    checkpoint, TensorBoard's events) are deleted by the next lock holder; a launcher's job.json temp
-    file (written without the lock) is not its to delete."""
+    """Temp files of atomic writes a kill interrupted (the holder's files: subset.pt, the group
+    checkpoint, TensorBoard's events) are deleted by the next lock holder; those of files written
+    without the lock are not its to delete: a launcher's job.json or config.yaml, and a lock
+    contender's, in flight until it links it in as ``lock`` (deleting it failed that contender)."""
     cfg = run_cfg(stages=[stage(1, {"name": "none"})])
     d = tmp_path / config_hash(cfg)
     (d / "tb" / "x-seed0").mkdir(parents=True)
     debris = [d / ".subset.pt.ab12cd.tmp", d / ".ckpt.ef34gh.tmp", d / ".model.pt.x.tmp",
               d / "tb" / "x-seed0" / ".events.out.tfevents.0.effdstl.123.tmp"]
-    for f in debris + [d / ".job.json.zz.tmp"]:
+    others = [d / ".job.json.zz.tmp", d / ".lock.yy.tmp", d / ".config.yaml.xx.tmp"]
+    for f in debris + others:
         f.write_bytes(b"half")
     train_group([(cfg, d)], Env(device="cpu", log=lambda m: None))
     assert json.loads((d / "final.json").read_text())["status"] == "done"
-    assert not [f for f in debris if f.exists()] and (d / ".job.json.zz.tmp").exists()
+    assert not [f for f in debris if f.exists()] and all(f.exists() for f in others)
